@@ -1,0 +1,93 @@
+"""Previous-token, duplicate-token and induction head scores on repeated random tokens.
+
+The classic probe (Olsson et al. 2022; TransformerLens' ``detect_head``): feed
+``[BOS] r r`` where ``r`` is ``n`` uniformly random token ids, and read three diagonals of
+each head's attention:
+
+- previous-token: mean over every query ``t`` (after the first content token) of ``A[t, t-1]``;
+- duplicate-token: mean over second-half queries of ``A[t, t-n]`` (the same token, earlier);
+- induction: mean over second-half queries of ``A[t, t-n+1]`` (the token *after* the earlier
+  copy), which is what lets the model predict the repeat.
+
+Sequences are short by construction, so the full pattern rows are captured. The second half's
+next-token accuracy is stored as a sanity check (an induction-capable model gets it high).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from headscope.kernels import StatsSpec
+
+from .base import Analysis, Example, ExampleOutput, Finalized, Option, ScoreMeta, register
+
+
+def repeated_tokens(vocab_size: int, n: int, seed: int, bos: int | None, exclude: set[int]) -> torch.Tensor:
+    """``[1, (bos) + 2n]`` ids: BOS (if any) + r + r, r drawn without special tokens."""
+    g = torch.Generator().manual_seed(seed)
+    allowed = torch.tensor(sorted(set(range(vocab_size)) - exclude))
+    r = allowed[torch.randint(len(allowed), (n,), generator=g)]
+    head = [bos] if bos is not None else []
+    return torch.tensor(head + r.tolist() + r.tolist())[None]
+
+
+def diagonal_scores(pattern: torch.Tensor, n: int, offset: int) -> dict[str, np.ndarray]:
+    """Scores from patterns ``[L, H, T, T]`` of one sequence whose content starts at ``offset``."""
+    T = pattern.shape[-1]
+    t_all = torch.arange(offset + 1, T)
+    t_second = torch.arange(offset + n, T)
+
+    def diag(t: torch.Tensor, d: int) -> np.ndarray:  # mean of A[t, t-d] over queries t -> [L, H]
+        return pattern[:, :, t, t - d].mean(-1).numpy()
+
+    return {"previous_token": diag(t_all, 1), "duplicate_token": diag(t_second, n),
+            "induction": diag(t_second, n - 1)}
+
+
+@register
+class InductionAnalysis(Analysis):
+    name = "induction"
+    description = "Previous-token, duplicate-token and induction heads on repeated random tokens."
+    options = (
+        Option("n_examples", int, 20, "number of random sequences"),
+        Option("seq_len", int, 50, "length n of the random block (the sequence is BOS + 2n tokens)"),
+        Option("prepend_bos", bool, True, "prepend the model's BOS token when it has one"),
+    )
+
+    def examples(self, ctx):
+        for i in range(ctx.options["n_examples"]):
+            yield Example(id=f"seq{i:04d}", data=ctx.seed * 100_003 + i)
+
+    def process(self, ctx, ex):
+        n = ctx.options["seq_len"]
+        tok = ctx.lm.tokenizer
+        bos = ctx.info.bos_token_id if ctx.options["prepend_bos"] else None
+        exclude = set(getattr(tok, "all_special_ids", []) or [])
+        ids = repeated_tokens(ctx.info.vocab_size, n, ex.data, bos, exclude)
+        T = ids.shape[1]
+        with ctx.probe.capture(stats=StatsSpec(pattern_rows=(0, T)), activations=["logits"]) as cap:
+            ctx.probe.forward(ids)
+        pattern = torch.stack([cap.stats[l]["pattern"][0] for l in range(ctx.info.n_layers)])  # [L, H, T, T]
+        offset = 1 if bos is not None else 0
+        scores = diagonal_scores(pattern, n, offset)
+        logits = cap.acts["logits"][0]  # [T, vocab]
+        pred = logits[offset + n - 1: T - 1].argmax(-1)
+        acc = float((pred == ids[0, offset + n:]).float().mean())
+        return ExampleOutput(arrays=scores, details={"second_half_accuracy": acc})
+
+    def finalize(self, ctx, agg, records):
+        scores = {k: agg[k].mean for k in ("previous_token", "duplicate_token", "induction")}
+        meta = {
+            "previous_token": ScoreMeta("mean attention from token t to t-1", higher_is="previous-token head"),
+            "duplicate_token": ScoreMeta("mean attention from a repeated token to its earlier copy",
+                                         higher_is="duplicate-token head"),
+            "induction": ScoreMeta("mean attention from a repeated token to the token after its earlier copy",
+                                   higher_is="induction head", threshold=0.4),
+        }
+        acc = [r["second_half_accuracy"] for r in records if not r.get("skip")]
+        summary = {"second_half_accuracy": float(np.mean(acc)) if acc else None}
+        for k, v in scores.items():
+            flat = np.argsort(v, axis=None)[::-1][:5]
+            summary[f"top_{k}"] = [f"L{i // v.shape[1]}H{i % v.shape[1]}" for i in flat]
+        std = {f"{k}_std": agg[k].std for k in scores}
+        return Finalized(scores=scores, score_meta=meta, summary=summary, arrays=std)

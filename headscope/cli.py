@@ -1,0 +1,215 @@
+"""``headscope`` command line: models, score, runs, report, app.
+
+Every user error ends in one line on stderr and exit status 2 (1 for an unexpected crash, whose
+traceback is kept in the run's ``run.json``), never a traceback on the terminal.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from headscope.errors import HeadscopeError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+EPILOG = """examples:
+  headscope models
+  headscope score induction --model smollm2-135m --out runs/induction
+  headscope score sinks --model smollm2-135m --data texts.jsonl --limit 20
+  headscope runs                      # list runs in ./runs (or $HEADSCOPE_RUNS)
+  headscope runs show RUN --json
+  headscope report RUN [RUN...] --format html --out report.html
+  headscope app                       # dashboard on http://localhost:8501
+"""
+
+
+def _runs_dir(args) -> Path:
+    from headscope.analyses.store import default_runs_dir
+    return Path(args.runs_dir) if getattr(args, "runs_dir", None) else default_runs_dir()
+
+
+# --------------------------------------------------------------------------- commands
+def cmd_models(args) -> int:
+    from headscope.probe.models import list_models
+    rows = list_models()
+    if args.json:
+        print(json.dumps(rows, indent=1, default=str))
+        return 0
+    print(f"{'name':<22} {'installed':<10} {'cached':<7} description")
+    for r in rows:
+        print(f"{r['name']:<22} {'yes' if r['installed'] else 'no':<10} {'yes' if r['cached'] else 'no':<7} "
+              f"{r['description']}")
+        if not r["installed"]:
+            print(f"{'':<22} install: {r['install']}")
+    print("\nAny local model directory (HF format, safetensors) also works: --model /path/to/dir")
+    return 0
+
+
+def cmd_score(args, extra: dict) -> int:
+    from headscope.analyses.base import run_analysis
+    run = run_analysis(args.analysis, args.model, data=args.data, options=extra, out=args.out,
+                       resume=args.resume, progress=not args.quiet)
+    print(f"run {run.meta['status']}: {run.path}")
+    _print_summary(run, top=5)
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from headscope.analyses.store import list_runs, resolve_run
+    if args.action == "show":
+        if not args.run:
+            raise HeadscopeError("runs show needs a RUN (id or folder)")
+        run = resolve_run(args.run, _runs_dir(args))
+        if args.json:
+            print(json.dumps(run.meta, indent=1))
+        else:
+            _print_summary(run, top=10)
+        return 0
+    runs = list_runs(_runs_dir(args))
+    if args.analysis:
+        runs = [r for r in runs if r.analysis == args.analysis]
+    if args.json:
+        print(json.dumps([{"id": r.id, "path": str(r.path), "analysis": r.analysis, "status": r.status,
+                           "model": r.meta.get("model", {}).get("id"), "created": r.meta.get("created")}
+                          for r in runs], indent=1))
+        return 0
+    if not runs:
+        print(f"no runs in {_runs_dir(args)}")
+        return 0
+    print(f"{'id':<52} {'analysis':<11} {'status':<9} {'model':<16} created")
+    for r in runs:
+        print(f"{r.id:<52} {r.analysis:<11} {r.status:<9} {str(r.meta.get('model', {}).get('id')):<16} "
+              f"{r.meta.get('created', '')}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from headscope.analyses.store import resolve_run
+    from headscope.app.report import write_report
+    runs = [resolve_run(r, _runs_dir(args)) for r in args.runs]
+    out = write_report(runs, fmt=args.format, out=Path(args.out) if args.out else None)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_app(args) -> int:
+    import subprocess
+
+    from headscope.app import APP_MAIN
+    env = dict(os.environ, HEADSCOPE_RUNS=str(_runs_dir(args).resolve()), HEADSCOPE_MODEL=args.model)
+    cmd = [sys.executable, "-m", "streamlit", "run", str(APP_MAIN),
+           "--server.address", args.host, "--server.port", str(args.port),
+           "--server.headless", "true" if args.headless else "false",
+           "--browser.gatherUsageStats", "false"]
+    print(f"headscope dashboard on http://{args.host}:{args.port}  (runs: {env['HEADSCOPE_RUNS']})")
+    return subprocess.call(cmd, env=env)
+
+
+def _print_summary(run, top: int = 5) -> None:
+    import numpy as np
+    m = run.meta
+    model = m.get("model", {})
+    print(f"{run.id}: {m['analysis']} on {model.get('id')} ({model.get('n_layers')} layers x "
+          f"{model.get('n_heads')} heads, {model.get('n_kv_heads')} KV) - {m.get('status')}")
+    if m.get("error"):
+        print(f"  error: {m['error']}")
+    if "n_examples" in m:
+        print(f"  examples: {m['n_examples']} processed, {m.get('n_used')} used")
+    for name, arr in run.scores().items():
+        meta = m.get("score_meta", {}).get(name, {})
+        if arr.ndim != 2:
+            continue
+        flat = np.argsort(arr, axis=None)[::-1][:top]
+        unit = "KV head" if meta.get("index") == "kv_head" else "head"
+        best = ", ".join(f"L{i // arr.shape[1]}{unit[0].upper()}{i % arr.shape[1]}={arr.flat[i]:.3g}" for i in flat)
+        print(f"  {name}: top {best}")
+    for k, v in (m.get("summary") or {}).items():
+        if isinstance(v, (int, float, str)) or v is None:
+            print(f"  {k}: {v}")
+
+
+# --------------------------------------------------------------------------- parser
+def _score_parser(sub) -> None:
+    from headscope.analyses.base import list_analyses
+    p = sub.add_parser("score", help="run a head-scoring analysis and write a run folder",
+                       description="Run a registered analysis; `headscope score NAME --help` lists its options.")
+    an = p.add_subparsers(dest="analysis", metavar="ANALYSIS", required=True)
+    for name, cls in list_analyses().items():
+        q = an.add_parser(name, help=cls.description, description=cls.description,
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        q.add_argument("--model", default=DEFAULT_MODEL, help="registry name (see `headscope models`) or local path")
+        q.add_argument("--data", default=None, help=cls.data_help or "dataset file (.jsonl with 'text' or .txt)")
+        q.add_argument("--out", default=None, help="run folder (default: $HEADSCOPE_RUNS/<analysis>-<model>-<time>)")
+        q.add_argument("--resume", action="store_true", help="continue a partial run in --out")
+        q.add_argument("--quiet", action="store_true", help="no progress bar")
+        for o in cls.all_options():
+            flag = "--" + o.name.replace("_", "-")
+            kw = {"dest": f"opt_{o.name}", "default": None,
+                  "help": f"{o.help} (default: {o.default})" + (f"; one of {', '.join(map(str, o.choices))}" if o.choices else "")}
+            q.add_argument(flag, metavar=o.type.__name__.upper() if o.type is not bool else "BOOL", **kw)
+
+
+def build_parser(with_score: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="headscope", description="headscope: a workbench for attention heads.",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs-dir", default=None, help="runs folder (default: ./runs or $HEADSCOPE_RUNS)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    m = sub.add_parser("models", help="list the offline model registry and what is installed/cached")
+    m.add_argument("--json", action="store_true")
+    if with_score:
+        _score_parser(sub)
+    else:
+        sub.add_parser("score", help="run a head-scoring analysis and write a run folder", add_help=False)
+    r = sub.add_parser("runs", help="list runs, or `runs show RUN`")
+    r.add_argument("action", nargs="?", choices=["list", "show"], default="list")
+    r.add_argument("run", nargs="?", help="run id or folder (for show)")
+    r.add_argument("--analysis", default=None, help="only runs of this analysis")
+    r.add_argument("--json", action="store_true", help="machine-readable output (run.json for show)")
+    rep = sub.add_parser("report", help="export runs as a circuit report (html, md or json)")
+    rep.add_argument("runs", nargs="+", help="run ids or folders (several runs of one model form a circuit view)")
+    rep.add_argument("--format", choices=["html", "md", "json"], default="html")
+    rep.add_argument("--out", default=None, help="output file (default: report.<format>)")
+    a = sub.add_parser("app", help="launch the Streamlit dashboard (localhost only by default)")
+    a.add_argument("--host", default="127.0.0.1", help="bind address (keep localhost unless you know why)")
+    a.add_argument("--port", type=int, default=8501)
+    a.add_argument("--model", default=DEFAULT_MODEL, help="model the dashboard opens on")
+    a.add_argument("--headless", action="store_true", help="do not try to open a browser")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        parser = build_parser(with_score="score" in argv)
+        args = parser.parse_args(argv)
+        if args.command == "models":
+            return cmd_models(args)
+        if args.command == "score":
+            extra = {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
+            return cmd_score(args, extra)
+        if args.command == "runs":
+            return cmd_runs(args)
+        if args.command == "report":
+            return cmd_report(args)
+        if args.command == "app":
+            return cmd_app(args)
+    except HeadscopeError as e:
+        print(f"headscope: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("headscope: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the UI is one line; HEADSCOPE_DEBUG=1 shows the trace
+        if os.environ.get("HEADSCOPE_DEBUG"):
+            raise
+        print(f"headscope: internal error: {type(e).__name__}: {e} (set HEADSCOPE_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+"""One exception type for every user-facing failure: the CLI prints its message, no traceback."""
+
+
+class HeadscopeError(Exception):
+    """A problem with the user's input or environment, explained in one line."""
