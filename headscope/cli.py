@@ -88,8 +88,8 @@ def cmd_runs(args) -> int:
 
 def cmd_report(args) -> int:
     from headscope.analyses.store import resolve_run
-    from headscope.app.report import write_report
     runs = [resolve_run(r, _runs_dir(args)) for r in args.runs]
+    from headscope.app.report import write_report
     out = write_report(runs, fmt=args.format, out=Path(args.out) if args.out else None)
     print(f"wrote {out}")
     return 0

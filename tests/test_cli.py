@@ -1,0 +1,68 @@
+"""The CLI as a user meets it: help texts, one-line errors with non-zero exit, run listing."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from headscope.cli import main
+
+from .test_framework import FAKE_LM  # registers the _toy analysis
+
+
+def test_entry_point_help():
+    exe = shutil.which("headscope") or str(__import__("pathlib").Path(sys.executable).with_name("headscope"))
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0
+    for cmd in ("models", "score", "runs", "report", "app"):
+        assert cmd in out.stdout
+
+
+def test_score_help_lists_analyses_and_options(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["score", "--help"])
+    assert e.value.code == 0
+    assert "induction" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["score", "induction", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--model", "--data", "--out", "--resume", "--limit", "--seed", "--device", "--dtype",
+                 "--batch-size", "--seq-len"):
+        assert flag in text
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["runs", "show", "does-not-exist"], "no run 'does-not-exist'"),
+    (["score", "_toy", "--data", "/nonexistent/file.jsonl"], "data file not found"),
+    (["score", "_toy", "--n", "many"], "expected int"),
+    (["report", "no-such-run"], "no run"),
+])
+def test_errors_are_one_line(argv, msg, capsys, tmp_path):
+    code = main(["--runs-dir", str(tmp_path)] + argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert msg in err and "\n" not in err and "Traceback" not in err
+
+
+def test_unknown_analysis_is_argparse_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["score", "nope"])
+    assert e.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_runs_list_and_show(tmp_path, capsys):
+    from headscope.analyses.base import run_analysis
+    run_analysis("_toy", lm=FAKE_LM, probe=object(), out=tmp_path / "toy-run", progress=False)
+    assert main(["--runs-dir", str(tmp_path), "runs"]) == 0
+    assert "toy-run" in capsys.readouterr().out
+    assert main(["--runs-dir", str(tmp_path), "runs", "show", "toy-run", "--json"]) == 0
+    meta = json.loads(capsys.readouterr().out)
+    assert meta["status"] == "complete" and meta["analysis"] == "_toy"
+    assert main(["--runs-dir", str(tmp_path), "runs", "show", "toy-run"]) == 0
+    assert "top L" in capsys.readouterr().out
+    assert main(["--runs-dir", str(tmp_path / "empty"), "runs"]) == 0
+    assert "no runs" in capsys.readouterr().out
