@@ -1,0 +1,328 @@
+"""Model-facing work for the dashboard: capture on a prompt, interventions, example inputs.
+
+Everything goes through the Probe API (docs/PROBE_API.md) and returns numpy/plain data, so the
+Streamlit layer only draws. Memory stays bounded at long context: row statistics come from the
+streaming kernels ([L, H, T] per statistic), full pattern rows only for the chosen layers and a
+window of at most ``MAX_ROWS`` queries.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from headscope.errors import HeadscopeError
+
+from .views import column_means, head_label, kl_divergence, softmax, split_local_global
+
+MAX_ROWS = 512       # query rows of full attention pattern captured at once
+WAAD_W = 10          # Li et al.'s window W for WAAD
+
+
+# --------------------------------------------------------------------------- tokens
+def encode(lm, text: str, prepend_bos: bool = True) -> list[int]:
+    """Token ids of ``text``; BOS is prepended unless the tokenizer adds it (SCIENCE.md: keep BOS)."""
+    if not text.strip():
+        raise HeadscopeError("the prompt is empty")
+    ids = list(lm.tokenizer(text, add_special_tokens=True)["input_ids"])
+    bos = lm.info.bos_token_id
+    if prepend_bos and bos is not None and (not ids or ids[0] != bos):
+        ids = [bos] + ids
+    lm.info.check_length(len(ids))
+    return ids
+
+
+def token_strings(tokenizer, ids: Sequence[int]) -> list[str]:
+    """Each token as the text it decodes to (byte-level 'Ġ' shown as a space)."""
+    return [tokenizer.decode([int(i)]) for i in ids]
+
+
+def parse_heads(labels: Sequence[str], info) -> list[tuple[int, int]]:
+    from .views import parse_head
+    out = []
+    for lab in labels:
+        l, h = parse_head(lab)
+        info.check_head(l, h)
+        out.append((l, h))
+    return out
+
+
+# --------------------------------------------------------------------------- capture
+@dataclass
+class PromptCapture:
+    """What the Inspect page shows for one prompt. Arrays are [L, H, T] unless noted."""
+
+    ids: list[int]
+    tokens: list[str]
+    alpha: np.ndarray          # attention each key receives, averaged over the queries that see it
+    entropy: np.ndarray
+    mean_dist: np.ndarray      # sum_s p[t,s] (t - s): the head's span at query t
+    win_dist: np.ndarray       # sum_s p[t,s] min(t - s, WAAD_W)
+    topk_idx: np.ndarray       # [L, H, T, k]
+    topk_prob: np.ndarray      # [L, H, T, k]
+    next_probs: np.ndarray     # [vocab] at the last position
+    rows: tuple[int, int]      # query rows kept in ``patterns``
+    patterns: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)  # (l, h) -> [R, T]
+
+
+def capture_prompt(probe, lm, ids: Sequence[int], heads: Sequence[tuple[int, int]], *,
+                   rows: tuple[int, int] | None = None, topk: int = 5) -> PromptCapture:
+    """Two forwards: row/column statistics for every head, then full pattern rows for ``heads``.
+
+    ``rows`` (default: the last ``MAX_ROWS`` queries) bounds the pattern memory at
+    ``len(layers) * H * R * T`` floats.
+    """
+    import torch
+
+    from headscope.kernels import StatsSpec
+    T = len(ids)
+    x = torch.tensor([list(ids)], dtype=torch.long)
+    a, b = rows if rows is not None else (max(0, T - MAX_ROWS), T)
+    a, b = max(0, min(a, T - 1)), max(1, min(b, T))
+    if b - a > MAX_ROWS:
+        raise HeadscopeError(f"pattern window of {b - a} rows is too large (at most {MAX_ROWS})")
+    spec = StatsSpec(topk=max(1, min(topk, T)), entropy=True, mean_dist=True, window_dist=WAAD_W, col_mass=True)
+    with probe.capture(stats=spec) as cap:
+        out = probe.forward(x, logits_to_keep=1)
+    L = len(cap.stats)
+    st = {k: np.stack([cap.stats[l][k][0].float().numpy() for l in range(L)])
+          for k in ("entropy", "mean_dist", "win_dist", "col_mass", "topk_idx", "topk_prob")}
+    count = cap.stats[0]["col_count"][0].float().numpy()
+    layers = sorted({l for l, _ in heads})
+    patterns = {}
+    if layers:
+        with probe.capture(stats=StatsSpec(pattern_rows=(a, b)), layers=layers) as pc:
+            probe.forward(x, logits_to_keep=1)
+        for l, h in heads:
+            patterns[(l, h)] = pc.stats[l]["pattern"][0, h].float().numpy()
+    return PromptCapture(
+        ids=list(ids), tokens=token_strings(lm.tokenizer, ids), alpha=column_means(st["col_mass"], count),
+        entropy=st["entropy"], mean_dist=st["mean_dist"], win_dist=st["win_dist"],
+        topk_idx=st["topk_idx"].astype(np.int64), topk_prob=st["topk_prob"],
+        next_probs=softmax(out.logits[0, -1].float().numpy()), rows=(a, b), patterns=patterns)
+
+
+def fai_waad(cap: PromptCapture, frac: float = 0.3) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """FAI and WAAD over the prompt's tokens (Li et al., SCIENCE.md section 5), plus the head masks.
+
+    Heads are split by their mean span over the prompt: the ``frac`` shortest are local, the
+    ``frac`` longest global. WAAD_t is the mean over local heads of sum_s A[t,s] min(t-s, W), which
+    is linear in A, so averaging the heads' streamed ``win_dist`` equals using the mean map.
+    FAI_s uses the analysis default (H_lo = 0, H_hi = end): the mean over global heads of the
+    attention key s receives from all later queries, i.e. the column mean ``alpha``.
+    """
+    span = cap.mean_dist.mean(-1)                       # [L, H]
+    loc, glob = split_local_global(span, frac)
+    waad = cap.win_dist[loc].mean(0)                    # [T]
+    fai = cap.alpha[glob].mean(0)                       # [T]
+    return {"WAAD (local heads)": waad, "FAI (global heads)": fai}, loc, glob
+
+
+# --------------------------------------------------------------------------- interventions
+KINDS = ("zero", "uniform", "scale", "mean", "patch")
+
+
+def head_z(probe, ids: Sequence[int], layers: Sequence[int]) -> dict[int, "torch.Tensor"]:
+    """``blocks.{l}.attn.hook_z`` [1, T, H, d_head] of ``ids`` for each layer."""
+    import torch
+    names = [f"blocks.{l}.attn.hook_z" for l in sorted(set(layers))]
+    with probe.capture(activations=names) as cap:
+        probe.forward(torch.tensor([list(ids)]), logits_to_keep=1)
+    return {int(n.split(".")[1]): cap.acts[n] for n in names}
+
+
+def make_ops(probe, ids: Sequence[int], heads: Sequence[tuple[int, int]], kind: str, *, scale: float = 0.0,
+             source_ids: Sequence[int] | None = None) -> list:
+    """Probe operators for ``kind`` on ``heads``.
+
+    zero / scale: the head output times 0 / ``scale``; uniform: the head attends uniformly to its
+    prefix (Ships' UA, retrieval masking); mean: the head output replaced by its mean over this
+    prompt's positions; patch: the head output at each position replaced by its value on
+    ``source_ids`` (positions that both prompts have, from the start).
+    """
+    from headscope.probe import HeadAblation, Patch
+    if kind not in KINDS:
+        raise HeadscopeError(f"unknown intervention {kind!r}; choose one of {', '.join(KINDS)}")
+    if not heads:
+        raise HeadscopeError("pick at least one head to intervene on")
+    if kind in ("zero", "uniform"):
+        return [HeadAblation(l, h, kind) for l, h in heads]
+    if kind == "scale":
+        return [HeadAblation(l, h, "scale", float(scale)) for l, h in heads]
+    if kind == "mean":
+        z = head_z(probe, ids, [l for l, _ in heads])
+        return [HeadAblation(l, h, "mean", z[l][0, :, h].mean(0)) for l, h in heads]
+    if not source_ids:
+        raise HeadscopeError("patching needs a source prompt")
+    z = head_z(probe, source_ids, [l for l, _ in heads])
+    n = min(len(ids), len(source_ids))
+    by_layer: dict[int, list[int]] = {}
+    for l, h in heads:
+        by_layer.setdefault(l, []).append(h)
+    return [Patch(f"blocks.{l}.attn.hook_z", positions=list(range(n)), heads=hs, value=z[l]) for l, hs in by_layer.items()]
+
+
+def intervention_effect(probe, lm, ids: Sequence[int], ops: list, *, max_new_tokens: int = 0,
+                        target: str | None = None, k: int = 10) -> dict:
+    """Next-token distribution, metrics and (optionally) greedy continuations without/with ``ops``.
+
+    Metrics: KL(p || p_ablated) at the last position (Ships' direction), the top-1 token and its
+    probability before/after, the entropy change, and log p(target) before/after when the target's
+    first token is given.
+    """
+    import torch
+    x = torch.tensor([list(ids)])
+    base = probe.forward(x, logits_to_keep=1).logits[0, -1].float().numpy()
+    with probe.intervene(ops, phase="all"):
+        after = probe.forward(x, logits_to_keep=1).logits[0, -1].float().numpy()
+        gen_after = probe.generate(x, max_new_tokens=max_new_tokens) if max_new_tokens else None
+    gen_before = probe.generate(x, max_new_tokens=max_new_tokens) if max_new_tokens else None
+    p, q = softmax(base), softmax(after)
+    top_b, top_a = int(p.argmax()), int(q.argmax())
+    ent = lambda d: float(-(d * np.log(d + 1e-30)).sum())  # noqa: E731
+    metrics = {"kl": kl_divergence(p, q), "p_top1_before": float(p[top_b]), "p_top1_after": float(q[top_b]),
+               "top1_changed": float(top_b != top_a), "entropy_before": ent(p), "entropy_after": ent(q)}
+    if target:
+        tid = lm.tokenizer(target, add_special_tokens=False)["input_ids"]
+        if not tid:
+            raise HeadscopeError(f"target {target!r} has no tokens")
+        metrics["logp_target_before"] = float(np.log(p[tid[0]] + 1e-30))
+        metrics["logp_target_after"] = float(np.log(q[tid[0]] + 1e-30))
+    dec = lambda i: lm.tokenizer.decode([i])  # noqa: E731
+    return {"p_before": p, "p_after": q, "metrics": metrics, "top1_before": dec(top_b), "top1_after": dec(top_a),
+            "text_before": gen_before.text if gen_before else None, "text_after": gen_after.text if gen_after else None}
+
+
+# --------------------------------------------------------------------------- examples of stored runs
+class _GotInput(BaseException):
+    """Raised by the recording probe at the first model call; BaseException so that an analysis's
+    own ``except Exception`` cannot swallow it."""
+
+    def __init__(self, ids):
+        self.ids = ids
+
+
+class _RecordingProbe:
+    """Probe stand-in that records the input of the first model call and stops the analysis there."""
+
+    def __init__(self, probe):
+        self._probe = probe
+
+    def __getattr__(self, name):
+        if name in ("forward", "generate", "sweep_heads"):
+            def call(input_ids, *a, **kw):
+                raise _GotInput(input_ids)
+            return call
+        if name == "patch_sweep":
+            def sweep(clean_ids, *a, **kw):
+                raise _GotInput(clean_ids)
+            return sweep
+        return getattr(self._probe, name)
+
+
+def run_context(run, lm, probe):
+    """The analysis and a RunContext rebuilt from a stored run's config (same examples, same seed)."""
+    from headscope.analyses.base import RunContext, get_analysis
+    cls = get_analysis(run.analysis)
+    cfg = dict(run.meta.get("config", {}))
+    data = cfg.pop("data", None)
+    known = {o.name for o in cls.all_options()}
+    opts = cls.parse_options({k: v for k, v in cfg.items() if k in known})
+    if data and not Path(data).is_file():
+        raise HeadscopeError(f"the run's data file {data} is no longer there")
+    return cls(), RunContext(lm=lm, probe=probe, options=opts, data_path=Path(data) if data else None,
+                             log=lambda *_: None)
+
+
+def _examples(analysis, ctx, limit: int | None = None) -> list:
+    exs = list(analysis.examples(ctx))
+    lim = ctx.options.get("limit")
+    exs = exs[:lim] if lim is not None else exs
+    return exs[:limit] if limit is not None else exs
+
+
+def example_ids(run, lm, probe) -> list[str]:
+    analysis, ctx = run_context(run, lm, probe)
+    return [ex.id for ex in _examples(analysis, ctx)]
+
+
+def example_input_ids(run, example_id: str, lm, probe) -> list[int]:
+    """The token ids the analysis feeds the model for one example of a stored run.
+
+    Uses the analysis's ``example_input(ctx, ex)`` if it has one; otherwise runs its ``process``
+    with a recording probe that stops at the first model call, so it costs no forward pass and
+    works for any analysis that calls the probe.
+    """
+    analysis, ctx = run_context(run, lm, probe)
+    ex = next((e for e in _examples(analysis, ctx) if e.id == example_id), None)
+    if ex is None:
+        raise HeadscopeError(f"{run.id} has no example {example_id!r}")
+    if hasattr(analysis, "example_input"):
+        ids = analysis.example_input(ctx, ex)
+    else:
+        ctx.probe = _RecordingProbe(probe)
+        try:
+            analysis.process(ctx, ex)
+        except _GotInput as got:
+            ids = got.ids
+        else:
+            raise HeadscopeError(f"{run.analysis} ran no model call for {example_id}")
+    ids = np.asarray(ids.cpu() if hasattr(ids, "cpu") else ids)
+    return [int(i) for i in (ids[0] if ids.ndim == 2 else ids)]
+
+
+def per_example_arrays(run, lm, probe, n: int, on_progress: Callable[[int, int], None] | None = None
+                       ) -> dict[str, list[tuple[str, np.ndarray]]]:
+    """Re-run the analysis's ``process`` on the first ``n`` examples; per-head arrays by name.
+
+    For runs that stored only the average. These are the per-example arrays *before*
+    ``finalize`` (for most analyses the score itself; the page says so).
+    """
+    analysis, ctx = run_context(run, lm, probe)
+    exs = _examples(analysis, ctx, n)
+    H = (lm.info.n_layers, lm.info.n_heads)
+    Hkv = (lm.info.n_layers, lm.info.n_kv_heads)
+    out: dict[str, list] = {}
+    for i, ex in enumerate(exs):
+        res = analysis.process(ctx, ex)
+        if not res.skip:
+            for k, v in res.arrays.items():
+                a = np.asarray(v, dtype=np.float64)
+                if a.shape in (H, Hkv):
+                    out.setdefault(k, []).append((ex.id, a))
+        if on_progress:
+            on_progress(i + 1, len(exs))
+    return out
+
+
+def heads_default(run_scores: dict[str, np.ndarray], k: int = 3) -> list[str]:
+    """Top-``k`` heads of the first per-head score: a sensible default selection."""
+    for m in run_scores.values():
+        if m.ndim == 2:
+            flat = np.argsort(-m, axis=None, kind="mergesort")[:k]
+            return [head_label(int(i) // m.shape[1], int(i) % m.shape[1]) for i in flat]
+    return ["L0H0"]
+
+
+def save_intervention(root: Path, lm, record: dict):
+    """Store one intervention and its effect as a run folder (analysis ``intervention``), so it shows
+    in the run browser and in reports (``meta['interventions']``)."""
+    import datetime as _dt
+
+    from headscope.analyses.base import _model_meta, versions
+    from headscope.analyses.store import create_run, new_run_id, safe_join
+    meta = {"analysis": "intervention", "created": _dt.datetime.now().isoformat(timespec="seconds"),
+            "model": _model_meta(lm), "config": {k: record.get(k) for k in ("kind", "heads", "scale")},
+            "versions": versions()}
+    base = new_run_id("intervention", lm.name)
+    for i in range(1, 100):
+        path = safe_join(Path(root), base if i == 1 else f"{base}-{i}")
+        if not (path / "run.json").exists():
+            break
+    run, _ = create_run(path, meta)
+    run.meta.update({"interventions": [record], "summary": {"kl": record["metrics"].get("kl")},
+                     "n_examples": 1, "n_used": 1, "status": "complete", "error": None})
+    run.save_meta()
+    return run

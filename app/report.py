@@ -1,0 +1,410 @@
+"""Circuit reports: ``headscope report RUN... --format html|md|json`` and the dashboard's export.
+
+One data model (``build_report``) is rendered three ways:
+
+- **json**: machine-readable; validated against ``report_schema.json`` (shipped beside this file)
+  before it is written, so a consumer can rely on the shape;
+- **html**: one self-contained file, plotly.js inlined once (no CDN, opens offline);
+- **md**: Markdown plus a ``<name>_files/`` folder of SVG figures drawn by ``headscope.app.svg``
+  (no kaleido/Chrome needed).
+
+Several runs of one model combine into a head-level *circuit view*: every head that stands out in
+some score becomes a node carrying its roles (induction, retrieval, safety, sink, global/local, ...),
+and ablation/patching effects (effect-type scores, interventions saved from the dashboard) are
+attached to the heads as annotations. Runs of different models give one circuit per model.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import plotly.graph_objects as go
+
+from headscope.errors import HeadscopeError
+
+from . import svg
+from .views import (descending_rank, head_label, heatmap_figure, parse_head, run_model, scalar_summary,
+                    top_heads)
+
+SCHEMA_ID = "headscope.report/1"
+SCHEMA_PATH = Path(__file__).with_name("report_schema.json")
+FORMATS = ("html", "md", "json")
+TOP_K = 10          # top heads listed per score
+ROLE_TOP_K = 5      # heads taking a role from a score that has no threshold
+
+# a score's role: by score name first, then by analysis; otherwise the score name itself
+ROLE_BY_SCORE = {"induction": "induction", "previous_token": "previous-token", "duplicate_token": "duplicate-token"}
+ROLE_BY_ANALYSIS = {"retrieval": "retrieval", "ships": "safety", "sahara": "safety", "safety": "safety",
+                    "sinks": "sink", "vhd": "vision"}
+# analyses whose scores are themselves the effect of ablating the head
+EFFECT_ANALYSES = {"ships", "sahara"}
+EFFECT_WORDS = ("ablat", "patch", "knock")
+
+
+# --------------------------------------------------------------------------- data model
+def _jsonable(x):
+    """``x`` as strict JSON data: NaN/inf -> None (JSON has no NaN), numpy -> Python, other -> str."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if x is None or isinstance(x, (bool, int, str)):
+        return x
+    return str(x)
+
+
+def _version() -> str:
+    from headscope import __version__
+    return __version__
+
+
+def _is_span(name: str, meta: dict) -> bool:
+    text = (name + " " + meta.get("description", "") + " " + meta.get("higher_is", "")).lower()
+    return "span" in name.lower() or ("global" in text and "local" in text)
+
+
+def _is_effect(analysis: str, name: str, meta: dict) -> bool:
+    text = (name + " " + meta.get("description", "")).lower()
+    return analysis in EFFECT_ANALYSES or any(w in text for w in EFFECT_WORDS)
+
+
+def _role_heads(name: str, analysis: str, m: np.ndarray, meta: dict) -> list[tuple[str, int, int]]:
+    """(role, layer, head) for the heads that stand out in score ``m``.
+
+    A threshold in the score's metadata decides when present; otherwise the top ``ROLE_TOP_K``.
+    Span-type scores (FAI head span) give ``global`` to the longest and ``local`` to the shortest.
+    """
+    H = m.shape[1]
+    flat = m.ravel()
+    finite = np.isfinite(flat)
+    if _is_span(name, meta):
+        order = [i for i in np.argsort(flat, kind="mergesort") if finite[i]]
+        return ([("global", *divmod(int(i), H)) for i in order[::-1][:ROLE_TOP_K]] +
+                [("local", *divmod(int(i), H)) for i in order[:ROLE_TOP_K]])
+    role = ROLE_BY_SCORE.get(name) or ROLE_BY_ANALYSIS.get(analysis) or name
+    thr = meta.get("threshold")
+    if thr is not None:
+        idx = [i for i in np.argsort(-np.where(finite, flat, -np.inf), kind="mergesort") if finite[i] and flat[i] >= thr]
+    else:
+        idx = [i for i in np.argsort(-np.where(finite, flat, -np.inf), kind="mergesort")[:ROLE_TOP_K] if finite[i]]
+    return [(role, *divmod(int(i), H)) for i in idx]
+
+
+def _run_entry(run) -> dict:
+    m = run.meta
+    scores_out = {}
+    smeta = m.get("score_meta", {}) or {}
+    for name, arr in run.scores().items():
+        meta = smeta.get(name, {}) or {}
+        entry = {"shape": list(arr.shape), "index": meta.get("index", "query_head"),
+                 "description": meta.get("description", ""), "higher_is": meta.get("higher_is", ""),
+                 "threshold": meta.get("threshold"), "values": _jsonable(arr), "top_heads": []}
+        if arr.ndim == 2:
+            entry["top_heads"] = [{k: r[k] for k in ("rank", "head", "layer", "index")} | {"value": r[name]}
+                                  for r in top_heads({name: np.nan_to_num(arr, nan=-np.inf)}, name, TOP_K,
+                                                     index=entry["index"]) if math.isfinite(r[name])]
+        scores_out[name] = entry
+    return {
+        "id": run.id, "analysis": run.analysis, "status": run.status, "created": m.get("created"),
+        "model": run_model(run), "config": _jsonable(m.get("config", {})),
+        "versions": _jsonable(m.get("versions", {})), "timings": _jsonable(m.get("timings", {})),
+        "n_examples": m.get("n_examples"), "n_used": m.get("n_used"),
+        "error": m.get("error"), "summary": _jsonable(m.get("summary") or {}),
+        "scores": scores_out, "arrays": {k: list(v) for k, v in (m.get("array_shapes") or {}).items()},
+    }
+
+
+def _interventions(run) -> list[dict]:
+    """Interventions a run records (the dashboard saves them as ``meta['interventions']``)."""
+    out = []
+    for it in run.meta.get("interventions", []) or []:
+        out.append({"run": run.id, "model": run_model(run), "heads": list(it.get("heads", [])),
+                    "kind": str(it.get("kind", "")), "prompt": str(it.get("prompt", "")),
+                    "metrics": {k: v for k, v in (it.get("metrics") or {}).items()
+                                if isinstance(v, (int, float)) and math.isfinite(v)},
+                    "details": _jsonable({k: v for k, v in it.items()
+                                          if k not in ("heads", "kind", "prompt", "metrics")})})
+    return out
+
+
+def build_circuit(runs: list, model: str) -> dict:
+    """The head-level circuit view of ``runs`` (all of ``model``): nodes with roles and effects."""
+    info = {}
+    nodes: dict[tuple[int, int], dict] = {}
+
+    def node(l, h):
+        return nodes.setdefault((l, h), {"head": head_label(l, h), "layer": l, "head_index": h,
+                                         "roles": [], "effects": []})
+    for run in runs:
+        info = info or run.meta.get("model", {})
+        smeta = run.meta.get("score_meta", {}) or {}
+        for name, m in run.scores().items():
+            meta = smeta.get(name, {}) or {}
+            if m.ndim != 2 or meta.get("index", "query_head") != "query_head":
+                continue  # KV-head scores would need pooling onto query heads; listed per run instead
+            ranks = descending_rank(np.nan_to_num(m, nan=-np.inf))
+            if _is_effect(run.analysis, name, meta):
+                for i in np.argsort(-np.nan_to_num(m, nan=-np.inf), axis=None, kind="mergesort")[:ROLE_TOP_K]:
+                    l, h = divmod(int(i), m.shape[1])
+                    if math.isfinite(m[l, h]):
+                        node(l, h)["effects"].append({"run": run.id, "kind": "ablation score", "metric": name,
+                                                      "value": float(m[l, h])})
+            for role, l, h in _role_heads(name, run.analysis, m, meta):
+                node(l, h)["roles"].append({"role": role, "run": run.id, "analysis": run.analysis, "score": name,
+                                            "value": float(m[l, h]), "rank": int(ranks[l, h])})
+        for it in _interventions(run):
+            for lab in it["heads"]:
+                l, h = parse_head(lab)
+                for metric, v in it["metrics"].items():
+                    node(l, h)["effects"].append({"run": run.id, "kind": it["kind"], "metric": metric, "value": v})
+    n_layers = int(info.get("n_layers") or 1 + max([k[0] for k in nodes] or [0]))
+    n_heads = int(info.get("n_heads") or 1 + max([k[1] for k in nodes] or [0]))
+    return {"model": model, "n_layers": n_layers, "n_heads": n_heads, "runs": [r.id for r in runs],
+            "nodes": [nodes[k] for k in sorted(nodes)]}
+
+
+def build_report(runs: list) -> dict:
+    """The report as a JSON-ready dict (see ``report_schema.json``)."""
+    if not runs:
+        raise HeadscopeError("a report needs at least one run")
+    by_model: dict[str, list] = {}
+    for r in runs:
+        by_model.setdefault(run_model(r), []).append(r)
+    models = []
+    for name, rs in by_model.items():
+        info = dict(rs[0].meta.get("model", {}))
+        info.setdefault("id", name)
+        models.append(_jsonable(info))
+    return {
+        "schema": SCHEMA_ID,
+        "created": _dt.datetime.now().isoformat(timespec="seconds"),
+        "versions": {"headscope": _version()},
+        "models": models,
+        "runs": [_run_entry(r) for r in runs],
+        "interventions": [it for r in runs for it in _interventions(r)],
+        "circuits": [build_circuit(rs, name) for name, rs in by_model.items()],
+    }
+
+
+def validate_report(data: dict) -> None:
+    """Raise HeadscopeError if ``data`` does not match the shipped JSON schema."""
+    import jsonschema
+    schema = json.loads(SCHEMA_PATH.read_text())
+    try:
+        jsonschema.validate(data, schema)
+    except jsonschema.ValidationError as e:
+        where = "/".join(map(str, e.absolute_path)) or "(root)"
+        raise HeadscopeError(f"report does not match {SCHEMA_PATH.name} at {where}: {e.message}") from None
+
+
+# --------------------------------------------------------------------------- figures
+def node_role(n: dict) -> str:
+    """The role a node is drawn with: its first role, or ``intervened`` for effect-only heads."""
+    return n["roles"][0]["role"] if n["roles"] else "intervened"
+
+
+def circuit_figure(circuit: dict) -> go.Figure:
+    """Plotly version of the circuit view: heads on a layer x head grid, one trace per role."""
+    fig = go.Figure()
+    by_role: dict[str, list] = {}
+    for n in circuit["nodes"]:
+        by_role.setdefault(node_role(n), []).append(n)
+    for role, ns in sorted(by_role.items()):
+        text = ["<br>".join([f"<b>{n['head']}</b>"] + [f"{r['role']}: {r['score']}={r['value']:.3g} (rank {r['rank']})"
+                                                       for r in n["roles"]] +
+                            [f"{e['kind']}: {e['metric']}={e['value']:.3g}" for e in n["effects"]]) for n in ns]
+        fig.add_trace(go.Scatter(
+            x=[n["layer"] for n in ns], y=[n["head_index"] for n in ns], mode="markers+text", name=role,
+            text=[n["head"] for n in ns], textposition="top center", hovertext=text, hoverinfo="text",
+            marker={"size": 16, "color": svg.role_color(role),
+                    "line": {"width": [3 if n["effects"] else 0 for n in ns], "color": "black"}}))
+    fig.update_layout(title={"text": f"circuit view: {circuit['model']} (ringed heads have ablation/patching effects)"},
+                      xaxis={"title": {"text": "layer"}, "range": [-1, circuit["n_layers"]]},
+                      yaxis={"title": {"text": "head"}, "range": [circuit["n_heads"], -1]},
+                      height=max(360, 40 * circuit["n_heads"] + 120), margin={"l": 50, "r": 20, "t": 60, "b": 40})
+    return fig
+
+
+def run_figures(entry: dict) -> list[tuple[str, go.Figure]]:
+    """(score name, heatmap) for each per-head score of a report run entry."""
+    figs = []
+    for name, s in entry["scores"].items():
+        if len(s["shape"]) == 2:
+            m = np.array([[np.nan if v is None else v for v in row] for row in s["values"]], dtype=np.float64)
+            figs.append((name, heatmap_figure(m, f"{entry['analysis']}: {name}", meta=s, index=s["index"])))
+    return figs
+
+
+# --------------------------------------------------------------------------- renderers
+def _esc(x) -> str:
+    return html.escape("" if x is None else str(x))
+
+
+def _html_table(rows: list[dict]) -> str:
+    if not rows:
+        return "<p><i>none</i></p>"
+    cols = list(rows[0])
+    head = "".join(f"<th>{_esc(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{_esc(_fmt(r.get(c)))}</td>" for c in cols) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(map(str, v))
+    return "" if v is None else str(v)
+
+
+def _md_table(rows: list[dict]) -> str:
+    if not rows:
+        return "_none_\n"
+    cols = list(rows[0])
+    cell = lambda v: _fmt(v).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _run_overview(e: dict) -> dict:
+    return {"run": e["id"], "analysis": e["analysis"], "model": e["model"], "status": e["status"],
+            "created": e["created"], "examples": e["n_examples"], "scores": list(e["scores"])}
+
+
+def _node_rows(c: dict) -> list[dict]:
+    return [{"head": n["head"], "roles": [f"{r['role']} ({r['score']} {r['value']:.3g}, #{r['rank']})" for r in n["roles"]],
+             "effects": [f"{e['kind']}: {e['metric']}={e['value']:.3g}" for e in n["effects"]]} for n in c["nodes"]]
+
+
+def _intervention_rows(data: dict) -> list[dict]:
+    return [{"run": i["run"], "heads": i["heads"], "kind": i["kind"], "prompt": i["prompt"][:80],
+             **{k: v for k, v in i["metrics"].items()}} for i in data["interventions"]]
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:13px}td,th{border:1px solid #ddd;padding:3px 8px;text-align:left}
+th{background:#f3f3f3}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}code{background:#f3f3f3;padding:0 3px}"""
+
+
+def render_html(data: dict) -> str:
+    """One self-contained HTML page: plotly.js is inlined with the first figure only."""
+    parts: list[str] = []
+    first = [True]
+
+    def fig_html(fig: go.Figure) -> str:
+        out = fig.to_html(full_html=False, include_plotlyjs=first[0], config={"displaylogo": False})
+        first[0] = False
+        return f'<div class="figure">{out}</div>'
+
+    models = ", ".join(m["id"] for m in data["models"])
+    parts.append(f"<h1>headscope circuit report</h1><p>model(s): <b>{_esc(models)}</b> · {len(data['runs'])} run(s) · "
+                 f"created {_esc(data['created'])} · headscope {_esc(data['versions']['headscope'])}</p>")
+    parts.append("<h2>Runs</h2>" + _html_table([_run_overview(e) for e in data["runs"]]))
+    for c in data["circuits"]:
+        parts.append(f"<h2>Circuit view: {_esc(c['model'])}</h2>")
+        parts.append(fig_html(circuit_figure(c)) if c["nodes"] else "<p><i>no heads stand out</i></p>")
+        parts.append(_html_table(_node_rows(c)))
+    if data["interventions"]:
+        parts.append("<h2>Interventions</h2>" + _html_table(_intervention_rows(data)))
+    for e in data["runs"]:
+        parts.append(f"<h2>{_esc(e['analysis'])}: {_esc(e['id'])}</h2>")
+        parts.append(f"<p>status <b>{_esc(e['status'])}</b>, model <code>{_esc(e['model'])}</code>, "
+                     f"{_esc(e['n_examples'])} examples</p>")
+        if e["error"]:
+            parts.append(f"<p>error: <code>{_esc(e['error'])}</code></p>")
+        summ = scalar_summary(e["summary"])
+        if summ:
+            parts.append(_html_table([{"key": k, "value": v} for k, v in summ.items()]))
+        for name, fig in run_figures(e):
+            parts.append(fig_html(fig))
+            parts.append(f"<p>top heads by <b>{_esc(name)}</b></p>" + _html_table(e["scores"][name]["top_heads"]))
+        parts.append("<details><summary>config and versions</summary><pre>" +
+                     _esc(json.dumps({"config": e["config"], "versions": e["versions"]}, indent=1)) + "</pre></details>")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>headscope report: {_esc(models)}</title>"
+            f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>\n")
+
+
+def _slug(s: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in s)
+
+
+def render_markdown(data: dict, files_dir: str) -> tuple[str, dict[str, str]]:
+    """Markdown text and its SVG figures ``{relative path: svg}`` under ``files_dir``."""
+    files: dict[str, str] = {}
+    md = [f"# headscope circuit report\n",
+          f"model(s): **{', '.join(m['id'] for m in data['models'])}** · {len(data['runs'])} run(s) · "
+          f"created {data['created']} · headscope {data['versions']['headscope']}\n",
+          "## Runs\n", _md_table([_run_overview(e) for e in data["runs"]])]
+    for c in data["circuits"]:
+        md.append(f"## Circuit view: {c['model']}\n")
+        if c["nodes"]:
+            rel = f"{files_dir}/circuit-{_slug(c['model'])}.svg"
+            files[rel] = svg.circuit_svg(c["nodes"], c["n_layers"], c["n_heads"], f"circuit: {c['model']}",
+                                         role_of=node_role)
+            md.append(f"![circuit view of {c['model']}]({rel})\n")
+        md.append(_md_table(_node_rows(c)))
+    if data["interventions"]:
+        md.append("## Interventions\n")
+        md.append(_md_table(_intervention_rows(data)))
+    for e in data["runs"]:
+        md.append(f"## {e['analysis']}: {e['id']}\n")
+        md.append(f"status **{e['status']}**, model `{e['model']}`, {e['n_examples']} examples\n")
+        if e["error"]:
+            md.append(f"error: `{e['error']}`\n")
+        summ = scalar_summary(e["summary"])
+        if summ:
+            md.append(_md_table([{"key": k, "value": v} for k, v in summ.items()]))
+        for name, s in e["scores"].items():
+            if len(s["shape"]) != 2:
+                continue
+            m = np.array([[np.nan if v is None else v for v in row] for row in s["values"]], dtype=np.float64)
+            rel = f"{files_dir}/{_slug(e['id'])}-{_slug(name)}.svg"
+            unit = "KV head" if s["index"] == "kv_head" else "head"
+            files[rel] = svg.heatmap_svg(m, f"{e['analysis']}: {name}", unit=unit)
+            md.append(f"### {name}\n\n{s['description']}\n\n![{e['analysis']} {name} heatmap]({rel})\n")
+            md.append(_md_table(s["top_heads"]))
+    return "\n".join(md), files
+
+
+def render(runs: list, fmt: str, stem: str = "report") -> dict[str, bytes]:
+    """The report's files as ``{relative path: bytes}``: the report first, then (md) its SVGs."""
+    if fmt not in FORMATS:
+        raise HeadscopeError(f"unknown report format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    data = build_report(runs)
+    validate_report(data)
+    if fmt == "json":
+        return {f"{stem}.json": (json.dumps(data, indent=1) + "\n").encode()}
+    if fmt == "html":
+        return {f"{stem}.html": render_html(data).encode()}
+    text, figs = render_markdown(data, f"{stem}_files")
+    return {f"{stem}.md": text.encode(), **{k: v.encode() for k, v in figs.items()}}
+
+
+def write_report(runs: list, fmt: str = "html", out: str | Path | None = None) -> Path:
+    """Write the report of ``runs`` to ``out`` (default ``report.<fmt>``); returns the main file.
+
+    Markdown figures go to ``<out stem>_files/`` beside the file. Nothing is written if the runs
+    cannot be reported (HeadscopeError) or the output folder is not writable (HeadscopeError).
+    """
+    out = Path(out) if out else Path(f"report.{fmt}")
+    files = render(runs, fmt, out.stem)
+    main = next(iter(files))  # render() puts the report itself first, figures after
+    try:
+        for rel, data in files.items():
+            p = out if rel == main else out.parent / rel
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(data)
+    except OSError as e:
+        raise HeadscopeError(f"cannot write report to {out}: {e.strerror or e}") from None
+    return out

@@ -1,0 +1,10 @@
+"""Entry point of ``headscope app`` (``streamlit run app/streamlit_app.py``): pages live in ``ui``."""
+import streamlit as st
+
+from headscope.app import ui
+
+st.set_page_config(page_title="headscope", page_icon="🔬", layout="wide")
+page = ui.navigation()
+ui.sidebar()
+ui.model_pool().start(ui.current_model())  # warm the model while the user browses runs
+page.run()

@@ -1,0 +1,726 @@
+"""The dashboard's pages: a thin Streamlit layer over ``views`` (figures, tables), ``live`` (model
+work), ``jobs`` (background runs) and ``report`` (export).
+
+Each page is a function, so ``streamlit_app.py`` can hand them to ``st.navigation`` and tests can
+run any one alone with ``AppTest.from_function``. Pages read two settings from the environment
+that ``headscope app`` sets: ``HEADSCOPE_RUNS`` (the runs folder; the only place the app writes)
+and ``HEADSCOPE_MODEL`` (the model it opens on). Every path that comes from the UI goes through
+``store.safe_join`` so it cannot leave the runs folder.
+"""
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import streamlit as st
+
+from headscope.analyses.store import STATUSES, list_runs, resolve_run, safe_join
+from headscope.errors import HeadscopeError
+
+from . import live, views
+from .jobs import JobManager, ModelPool, Tasks
+
+DEFAULT_MODEL = "smollm2-135m"
+UPLOADS = "uploads"   # user data files, inside the runs folder
+SAMPLE_PROMPTS = [
+    "The capital of France is Paris. The capital of Italy is Rome. The capital of Spain is",
+    "Alice gave Bob a book. Then Bob gave the book back to",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
+]
+
+
+# --------------------------------------------------------------------------- settings and resources
+@dataclass(frozen=True)
+class Settings:
+    runs: Path
+    model: str
+
+
+def settings() -> Settings:
+    return Settings(runs=Path(os.environ.get("HEADSCOPE_RUNS", "runs")).resolve(),
+                    model=os.environ.get("HEADSCOPE_MODEL") or DEFAULT_MODEL)
+
+
+@st.cache_resource(show_spinner=False)
+def model_pool() -> ModelPool:
+    """Models of this app process, each loaded once, shared by sessions and background jobs."""
+    return ModelPool()
+
+
+@st.cache_resource(show_spinner=False)
+def job_manager(root: str) -> JobManager:
+    return JobManager(Path(root), model_pool())
+
+
+@st.cache_resource(show_spinner=False)
+def tasks() -> Tasks:
+    return Tasks()
+
+
+def current_model() -> str:
+    return st.session_state.get("model") or settings().model
+
+
+def model_choices(launch_model: str) -> list[str]:
+    """The launch model plus the registry; no free-form paths (the app reads no arbitrary folders)."""
+    try:
+        from headscope.probe.models import REGISTRY
+        names = list(REGISTRY)
+    except Exception:  # noqa: BLE001 - without the probe only the launch model is offered
+        names = []
+    return list(dict.fromkeys([launch_model, *names]))
+
+
+def loaded_model(wait_s: float = 0.0):
+    """The session's model if it is ready; otherwise start loading, show its state, return None."""
+    name = current_model()
+    pool = model_pool()
+    pool.start(name)
+    try:
+        return pool.get(name, timeout=wait_s)
+    except HeadscopeError as e:
+        status = pool.status(name)
+        if status.startswith("error"):
+            st.error(f"model {name}: {status[7:]}")
+            if st.button("retry loading"):
+                pool.start(name)
+                st.rerun()
+        else:
+            st.info(f"loading model **{name}** in the background (first load converts and caches it; "
+                    f"the page refreshes itself)… {e if 'still loading' not in str(e) else ''}")
+            _poll_until_ready(name)
+        return None
+
+
+@st.fragment(run_every=1.0)
+def _poll_until_ready(name: str) -> None:
+    if model_pool().status(name) != "loading":
+        st.rerun()
+
+
+def sidebar() -> None:
+    s = settings()
+    st.sidebar.markdown("### headscope")
+    choices = model_choices(s.model)
+    st.sidebar.selectbox("model", choices, key="model", help="the model Inspect, Intervene and New run use")
+    status = model_pool().status(current_model())
+    st.sidebar.caption(f"model status: {status if not status.startswith('error') else 'error (see page)'}")
+    st.sidebar.caption(f"runs folder: `{s.runs}`")
+
+
+def _runs() -> list:
+    return list_runs(settings().runs)
+
+
+def _chart(fig, key: str) -> None:
+    st.plotly_chart(fig, key=key, config={"displaylogo": False})
+
+
+def _error(e: Exception) -> None:
+    st.error(str(e) if isinstance(e, HeadscopeError) else f"{type(e).__name__}: {e}")
+
+
+def _remember_run(run_id: str) -> None:
+    st.session_state["run"] = run_id
+    st.query_params["run"] = run_id
+
+
+def _run_select(runs: list, label: str, key: str, *, prefer: str | None = None):
+    """Selectbox over runs; the default is ``prefer``, then the run remembered in the session/URL."""
+    if not runs:
+        return None
+    ids = [r.id for r in runs]
+    want = prefer or st.session_state.get("run") or st.query_params.get("run")
+    if key not in st.session_state and want in ids:
+        st.session_state[key] = want
+    rid = st.selectbox(label, ids, key=key,
+                       format_func=lambda i: f"{i}  ·  {next(r for r in runs if r.id == i).status}")
+    return next(r for r in runs if r.id == rid)
+
+
+# --------------------------------------------------------------------------- Runs
+def runs_page() -> None:
+    s = settings()
+    st.title("Runs")
+    runs = _runs()
+    if not runs:
+        st.info(f"No runs in `{s.runs}` yet. Start one on the **New run** page or with "
+                f"`headscope score induction`.")
+        return
+    c1, c2, c3, c4 = st.columns(4)
+    analysis = c1.selectbox("analysis", ["(all)", *sorted({r.analysis for r in runs})], key="f_analysis")
+    model = c2.selectbox("model", ["(all)", *sorted({views.run_model(r) for r in runs})], key="f_model")
+    status = c3.selectbox("status", ["(all)", *STATUSES], key="f_status")
+    text = c4.text_input("search", key="f_text", placeholder="id, config…")
+    shown = views.filter_runs(runs, analysis=None if analysis == "(all)" else analysis,
+                              model=None if model == "(all)" else model,
+                              status=None if status == "(all)" else status, text=text)
+    st.caption(f"{len(shown)} of {len(runs)} runs")
+    st.dataframe(views.run_rows(shown), hide_index=True, key="runs_table")
+    if not shown:
+        return
+    details, compare, export = st.tabs(["Details", "Compare two runs", "Export report"])
+    with details:
+        _run_details(shown)
+    with compare:
+        _compare(runs)
+    with export:
+        _export(shown)
+
+
+def _run_details(runs: list) -> None:
+    run = _run_select(runs, "run", "details_run")
+    m = run.meta
+    info = m.get("model", {})
+    st.markdown(f"**{run.analysis}** on `{views.run_model(run)}` ({info.get('n_layers')} layers × "
+                f"{info.get('n_heads')} heads, {info.get('n_kv_heads')} KV) · status **{run.status}** · "
+                f"created {m.get('created', '?')} · {m.get('n_examples', 0)} examples")
+    if m.get("error"):
+        st.error(m["error"])
+        if m.get("traceback"):
+            with st.expander("traceback"):
+                st.code(m["traceback"])
+    summ = views.scalar_summary(m.get("summary"))
+    if summ:
+        st.dataframe([{"key": k, "value": str(v)} for k, v in summ.items()], hide_index=True, key="details_summary")
+    scores = views.matrix_scores(run)
+    if scores:
+        name = st.selectbox("score", list(scores), key="details_score")
+        _chart(views.heatmap_figure(scores[name], name, meta=m.get("score_meta", {}).get(name)), "details_heatmap")
+        if st.button("open in Heads", key="details_open"):
+            _remember_run(run.id)
+            _switch("heads")
+    with st.expander("config, versions, timings"):
+        st.json({"config": m.get("config"), "versions": m.get("versions"), "timings": m.get("timings"),
+                 "path": str(run.path)})
+
+
+def _compare(runs: list) -> None:
+    with_scores = [r for r in runs if views.matrix_scores(r)]
+    if len(with_scores) < 2:
+        st.info("Comparing needs two runs with per-head scores.")
+        return
+    a = _run_select(with_scores, "first run", "cmp_a")
+    same = [r for r in with_scores if r.analysis == a.analysis and r.id != a.id]
+    if not same:
+        st.info(f"No other {a.analysis} run to compare with.")
+        return
+    b = _run_select(same, "second run (same analysis)", "cmp_b")
+    names = views.comparable_scores(a, b)
+    if not names:
+        st.warning("These runs have no score of the same shape (different models?).")
+        return
+    name = st.selectbox("score", names, key="cmp_score")
+    k = st.slider("top-k for overlap", 1, 50, 10, key="cmp_k")
+    sa, sb = a.scores()[name], b.scores()[name]
+    res = views.compare_scores(sa, sb, k)
+    c = st.columns(4)
+    c[0].metric("Spearman ρ", f"{res['spearman']:.3f}")
+    c[1].metric("Pearson r", f"{res['pearson']:.3f}")
+    c[2].metric(f"top-{k} overlap", f"{res[f'top{k}_overlap']:.0%}")
+    c[3].metric("max |Δ|", f"{res['max_abs_diff']:.3g}")
+    index = a.meta.get("score_meta", {}).get(name, {}).get("index", "query_head")
+    _chart(views.diff_figure(res["diff"], f"{name}: second − first", index), "cmp_diff")
+
+
+def _export(runs: list) -> None:
+    from . import report
+    ids = [r.id for r in runs]
+    pick = st.multiselect("runs in the report", ids, default=ids[: min(5, len(ids))], key="exp_runs")
+    fmt = st.radio("format", report.FORMATS, horizontal=True, key="exp_fmt")
+    chosen = [r for r in runs if r.id in pick]
+    if not chosen:
+        st.info("Pick at least one run.")
+        return
+    try:
+        files = report.render(chosen, fmt, "headscope-report")
+    except HeadscopeError as e:
+        _error(e)
+        return
+    if len(files) == 1:
+        name, data = next(iter(files.items()))
+    else:  # markdown plus its figures: one zip
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+            for rel, b in files.items():
+                z.writestr(rel, b)
+        name, data = "headscope-report.zip", buf.getvalue()
+    st.download_button(f"download {name}", data, file_name=name, key="exp_download")
+    if fmt != "json":
+        data = report.build_report(chosen)
+        for c in data["circuits"]:
+            if c["nodes"]:
+                _chart(report.circuit_figure(c), f"exp_circuit_{c['model']}")
+
+
+# --------------------------------------------------------------------------- Heads
+def heads_page() -> None:
+    st.title("Heads")
+    runs = [r for r in _runs() if views.matrix_scores(r)]
+    if not runs:
+        st.info("No run with per-head scores yet. Launch one on the **New run** page.")
+        return
+    mine = [r for r in runs if views.run_model(r) == current_model()]
+    run = _run_select(runs, "run", "heads_run", prefer=(mine or runs)[0].id if "run" not in st.session_state else None)
+    _remember_run(run.id)
+    scores = views.matrix_scores(run)
+    smeta = run.meta.get("score_meta", {}) or {}
+    name = st.selectbox("score", list(scores), key="heads_score")
+    meta = smeta.get(name, {}) or {}
+    index = meta.get("index", "query_head")
+    _chart(views.heatmap_figure(scores[name], f"{run.analysis}: {name}", meta=meta), "heads_heatmap")
+    if meta.get("higher_is"):
+        st.caption(f"high value = {meta['higher_is']}" + (f"; threshold {meta['threshold']}" if meta.get("threshold") is not None else ""))
+
+    st.subheader("Top heads")
+    c1, c2 = st.columns(2)
+    k = c1.slider("how many", 5, int(scores[name].size), min(20, int(scores[name].size)), key="heads_k") \
+        if scores[name].size > 5 else int(scores[name].size)
+    asc = c2.toggle("lowest first", key="heads_asc")
+    same_shape = {n: v for n, v in scores.items() if v.shape == scores[name].shape}
+    st.dataframe(views.top_heads(same_shape, name, k, ascending=asc, index=index), hide_index=True,
+                 key="heads_top")
+
+    st.subheader("Head drill-down")
+    L, H = scores[name].shape
+    order = np.argsort(-scores[name], axis=None, kind="mergesort")
+    labels = [views.head_label(int(i) // H, int(i) % H, index) for i in order]
+    lab = st.selectbox("head (sorted by score)", labels, key="heads_head")
+    layer, head = views.parse_head(lab)
+    arrays = run.arrays()
+    st.dataframe(views.head_stats(scores, arrays, layer, head), hide_index=True, key="heads_stats")
+    _per_example(run, name, scores[name].shape, layer, head)
+    _example_pattern(run, layer, head, index)
+
+
+def _per_example(run, name: str, shape: tuple, layer: int, head: int) -> None:
+    st.markdown("**Score across examples**")
+    vals = views.per_example_values(run.examples(), run.arrays(), name, shape, layer, head)
+    key = f"perex:{run.id}"
+    if vals is None:
+        task = tasks().get(key)
+        if task is not None and task.state == "done" and name in task.result:
+            vals = [(i, float(a[layer, head])) for i, a in task.result[name]]
+            st.caption("recomputed per example with the analysis's process() (values before finalize)")
+    if vals:
+        _chart(views.values_figure(vals, f"{views.head_label(layer, head)}: {name} per example"), "heads_perex")
+        return
+    st.caption("This run stored only the average over examples.")
+    task = tasks().get(key)
+    if task is not None and task.active:
+        st.progress(task.fraction, text=f"recomputing… {task.done}/{task.total or '?'} examples")
+        _poll_task(key)
+        return
+    if task is not None and task.state == "failed":
+        st.error(task.error)
+    n = st.number_input("examples to recompute", 1, 200, min(10, int(run.meta.get("n_examples") or 10)),
+                        key="perex_n")
+    if st.button("recompute per example (background)", key="perex_go"):
+        loaded = loaded_model()
+        if loaded is None:
+            return
+        if views.run_model(run) != loaded.lm.name:
+            st.warning(f"this run is of {views.run_model(run)}; switch the model in the sidebar first")
+            return
+        tasks().start(key, lambda progress: live.per_example_arrays(run, loaded.lm, loaded.probe, int(n), progress))
+        st.rerun()
+
+
+@st.fragment(run_every=1.0)
+def _poll_task(key: str) -> None:
+    t = tasks().get(key)
+    if t is None or not t.active:
+        st.rerun()
+
+
+def _example_pattern(run, layer: int, head: int, index: str) -> None:
+    st.markdown("**Pattern on an example**")
+    records = [r for r in run.examples() if not r.get("skip")]
+    if not records:
+        st.caption("no stored examples")
+        return
+    info = run.meta.get("model", {})
+    if index == "kv_head":
+        g = max(1, int(info.get("n_heads", 1)) // max(1, int(info.get("n_kv_heads", 1))))
+        head = st.selectbox("query head of this KV group", list(range(head * g, head * g + g)), key="pat_qhead")
+    c1, c2, c3 = st.columns(3)
+    ex = c1.selectbox("example", [str(r.get("id")) for r in records], key="pat_example")
+    start = c2.number_input("first query", 0, None, 0, key="pat_start")
+    length = c3.slider("window (queries)", 4, 128, 32, key="pat_len")
+    if not st.button("show pattern", key="pat_go"):
+        cached = st.session_state.get("pat_result")
+        if not cached or cached[0] != (run.id, ex, layer, head, start, length):
+            return
+    loaded = loaded_model()
+    if loaded is None:
+        return
+    if views.run_model(run) != loaded.lm.name:
+        st.warning(f"this run is of {views.run_model(run)}; switch the model in the sidebar to see patterns")
+        return
+    try:
+        cache_key = (run.id, ex, layer, head, start, length)
+        cached = st.session_state.get("pat_result")
+        if cached and cached[0] == cache_key:
+            ids, pat, a = cached[1]
+        else:
+            with st.spinner("capturing…"):
+                ids = live.example_input_ids(run, ex, loaded.lm, loaded.probe)
+                a = min(int(start), len(ids) - 1)
+                cap = live.capture_prompt(loaded.probe, loaded.lm, ids, [(layer, head)], rows=(a, min(len(ids), a + length)))
+                pat = cap.patterns[(layer, head)]
+            st.session_state["pat_result"] = (cache_key, (ids, pat, a))
+    except HeadscopeError as e:
+        _error(e)
+        return
+    toks = live.token_strings(loaded.lm.tokenizer, ids)
+    b = a + pat.shape[0]
+    # keys beyond the window's last query get no attention (causal): cut them
+    ds = views.downsample_pattern(pat[:, :b], keep_first=4)
+    _chart(views.pattern_figure(ds, toks, q_offset=a, title=f"L{layer}H{head} on {ex}, queries {a}–{b - 1}",
+                                sink_positions=views.sink_positions(pat[:, :b].mean(0, keepdims=True), 0.3)),
+           "pat_fig")
+
+
+# --------------------------------------------------------------------------- Inspect
+def _prompt_samples() -> dict[str, str]:
+    """Built-in prompts plus the texts shipped with headscope (read-only package data)."""
+    out = {f"sample {i + 1}: {p[:40]}…": p for i, p in enumerate(SAMPLE_PROMPTS)}
+    try:
+        import json
+        from importlib import resources
+        f = resources.files("headscope.data") / "natural_texts.jsonl"
+        for line in f.read_text(encoding="utf-8").splitlines()[:20]:
+            rec = json.loads(line)
+            out[f"{rec.get('id')}: {rec['text'][:40]}…"] = rec["text"]
+    except (OSError, ValueError, KeyError, ModuleNotFoundError):
+        pass
+    return out
+
+
+def _head_options(info) -> list[str]:
+    return [views.head_label(l, h) for l in range(info.n_layers) for h in range(info.n_heads)]
+
+
+def _default_heads(model: str, valid: list[str]) -> list[str]:
+    for r in _runs():
+        if views.run_model(r) == model and r.status == "complete":
+            smeta = r.meta.get("score_meta", {}) or {}
+            q = {n: m for n, m in views.matrix_scores(r).items() if (smeta.get(n) or {}).get("index", "query_head") == "query_head"}
+            heads = [h for h in live.heads_default(q) if h in valid]
+            if heads:
+                return heads
+    return valid[:1]
+
+
+def _prompt_input(key: str, default: str) -> str:
+    samples = _prompt_samples()
+    pick = st.selectbox("sample prompt", ["(type your own)", *samples], key=f"{key}_sample")
+    if pick != "(type your own)" and st.session_state.get(f"{key}_last_pick") != pick:
+        st.session_state[f"{key}_text"] = samples[pick]
+    st.session_state[f"{key}_last_pick"] = pick
+    if f"{key}_text" not in st.session_state:
+        st.session_state[f"{key}_text"] = default
+    return st.text_area("prompt", key=f"{key}_text", height=110)
+
+
+def inspect_page() -> None:
+    st.title("Inspect")
+    loaded = loaded_model()
+    if loaded is None:
+        return
+    lm = loaded.lm
+    info = lm.info
+    text = _prompt_input("insp", SAMPLE_PROMPTS[0])
+    valid = _head_options(info)
+    if "insp_heads" not in st.session_state:
+        st.session_state["insp_heads"] = _default_heads(lm.name, valid)
+    heads_l = st.multiselect("heads", valid, key="insp_heads", max_selections=8)
+    c1, c2, c3, c4 = st.columns(4)
+    bos = c1.checkbox("prepend BOS", True, key="insp_bos")
+    eps = c2.slider("sink threshold ε", 0.05, 0.9, 0.3, 0.05, key="insp_eps",
+                    help="a key is a sink for a head when it gets more than ε of the attention on average (Gu et al.)")
+    cells = c3.slider("max cells per axis", 32, 256, 128, 16, key="insp_cells",
+                      help="longer patterns are pooled: key bins sum attention, query bins average rows")
+    topk = c4.slider("top attended tokens", 3, 20, 8, key="insp_topk")
+    try:
+        ids = live.encode(lm, text, bos)
+    except HeadscopeError as e:
+        _error(e)
+        return
+    T = len(ids)
+    a = 0
+    if T > live.MAX_ROWS:
+        a = st.slider("pattern window: first query", 0, T - 1, T - live.MAX_ROWS, key="insp_row0",
+                      help=f"full pattern rows are kept for {live.MAX_ROWS} queries at a time")
+    want = (lm.name, tuple(ids), tuple(heads_l), a)
+    if st.button("capture", type="primary", key="insp_go") or (
+            st.session_state.get("insp_result") and st.session_state["insp_result"][0] != want and heads_l):
+        try:
+            with st.spinner("capturing…"):
+                cap = live.capture_prompt(loaded.probe, lm, ids, live.parse_heads(heads_l, info),
+                                          rows=(a, min(T, a + live.MAX_ROWS)))
+            st.session_state["insp_result"] = (want, cap)
+        except HeadscopeError as e:
+            _error(e)
+            return
+    res = st.session_state.get("insp_result")
+    if not res:
+        st.caption("Press **capture** to run the model on the prompt.")
+        return
+    cap: live.PromptCapture = res[1]
+    toks = cap.tokens
+    sinks = views.sink_positions(cap.alpha, eps)
+    rate = views.sink_rate(cap.alpha, eps)
+    c = st.columns(3)
+    c[0].metric("tokens", len(toks))
+    c[1].metric("sink tokens", len(sinks), help="keys that are a sink for at least one head")
+    c[2].metric("sink rate of token 0", f"{rate[0]:.0f}%", help="percent of heads with α₀ > ε (Gu et al.'s Sink₁)")
+    st.markdown("**Tokens** (shade = share of heads using the token as a sink; red box = sink)")
+    st.html(views.tokens_html(toks, rate / 100.0, sinks))
+    for l, h in live.parse_heads(heads_l, info):
+        pat = cap.patterns.get((l, h))
+        if pat is None:
+            continue
+        st.markdown(f"#### {views.head_label(l, h)}")
+        left, right = st.columns([3, 2])
+        ds = views.downsample_pattern(pat, max_q=cells, max_k=cells)
+        with left:
+            _chart(views.pattern_figure(ds, toks, q_offset=cap.rows[0], title=f"L{l}H{h} attention",
+                                        sink_positions=views.sink_positions(cap.alpha[l, h], eps)), f"insp_pat_{l}_{h}")
+        with right:
+            st.caption("top attended tokens (mean attention received; how often a query's top-1)")
+            st.dataframe(views.top_attended(cap.alpha[l, h], toks, topk, cap.topk_idx[l, h, :, 0]), hide_index=True,
+                         key=f"insp_top_{l}_{h}")
+            st.caption(f"mean entropy {cap.entropy[l, h].mean():.3f} nats · mean span "
+                       f"{cap.mean_dist[l, h].mean():.2f} tokens")
+    st.markdown("#### FAI / WAAD over tokens")
+    series, loc, glob = live.fai_waad(cap)
+    _chart(views.series_figure(series, toks, "FAI (global heads) and WAAD (local heads)", marks={"sink": sinks}),
+           "insp_series")
+    st.caption(f"local heads: {int(loc.sum())} with the shortest mean span, global: {int(glob.sum())} with the "
+               f"longest (30% each, Li et al.); WAAD window W = {live.WAAD_W}.")
+    st.markdown("#### Next token")
+    top = np.argsort(-cap.next_probs)[:10]
+    st.dataframe([{"token": lm.tokenizer.decode([int(i)]), "id": int(i), "p": float(cap.next_probs[i])} for i in top],
+                 hide_index=True, key="insp_next")
+
+
+# --------------------------------------------------------------------------- Intervene
+def intervene_page() -> None:
+    st.title("Intervene")
+    loaded = loaded_model()
+    if loaded is None:
+        return
+    lm = loaded.lm
+    text = _prompt_input("iv", SAMPLE_PROMPTS[0])
+    valid = _head_options(lm.info)
+    if "iv_heads" not in st.session_state:
+        st.session_state["iv_heads"] = _default_heads(lm.name, valid)
+    heads_l = st.multiselect("heads", valid, key="iv_heads")
+    c1, c2, c3 = st.columns(3)
+    kind = c1.selectbox("intervention", live.KINDS, key="iv_kind",
+                        help="zero/scale: head output × 0/α · uniform: attend uniformly (Ships UA) · "
+                             "mean: output := its mean over positions · patch: output from a source prompt")
+    scale = c2.number_input("α (scale)", value=0.0, step=0.1, key="iv_scale") if kind == "scale" else 0.0
+    n_new = c3.slider("generate tokens", 0, 40, 12, key="iv_gen")
+    source = st.text_input("source prompt (patch from)", key="iv_source",
+                           value="The capital of Germany is Berlin. The capital of Japan is Tokyo. The capital of Spain is") \
+        if kind == "patch" else None
+    target = st.text_input("target token (optional, metric log p)", key="iv_target", value="")
+    try:
+        ids = live.encode(lm, text)
+        heads = live.parse_heads(heads_l, lm.info)
+        want = (lm.name, tuple(ids), tuple(heads), kind, scale, source, target, n_new)
+        memo = st.session_state.get("iv_result")
+        if memo and memo[0] == want:
+            eff = memo[1]
+        else:
+            with st.spinner("running with and without the intervention…"):
+                src = live.encode(lm, source) if source else None
+                ops = live.make_ops(loaded.probe, ids, heads, kind, scale=scale, source_ids=src)
+                eff = live.intervention_effect(loaded.probe, lm, ids, ops, max_new_tokens=n_new, target=target or None)
+            st.session_state["iv_result"] = (want, eff)
+    except HeadscopeError as e:
+        _error(e)
+        return
+    m = eff["metrics"]
+    c = st.columns(4)
+    c[0].metric("KL(p ‖ p̃)", f"{m['kl']:.4f}")
+    c[1].metric("top-1", repr(eff["top1_after"]), None if eff["top1_after"] == eff["top1_before"] else
+                f"was {eff['top1_before']!r}", delta_color="off")
+    c[2].metric("p(original top-1)", f"{m['p_top1_after']:.3f}", f"{m['p_top1_after'] - m['p_top1_before']:+.3f}")
+    if "logp_target_after" in m:
+        c[3].metric("log p(target)", f"{m['logp_target_after']:.3f}",
+                    f"{m['logp_target_after'] - m['logp_target_before']:+.3f}")
+    else:
+        c[3].metric("entropy", f"{m['entropy_after']:.3f}", f"{m['entropy_after'] - m['entropy_before']:+.3f}")
+    rows = views.distribution_change(eff["p_before"], eff["p_after"], lambda i: lm.tokenizer.decode([i]))
+    _chart(views.distribution_figure(rows), "iv_dist")
+    if n_new:
+        g1, g2 = st.columns(2)
+        g1.markdown("**generated, unmodified**")
+        g1.code(eff["text_before"] or "", language=None)
+        g2.markdown(f"**generated, with {kind}**")
+        g2.code(eff["text_after"] or "", language=None)
+    if st.button("save to run store", key="iv_save", help="saved interventions appear in reports"):
+        rec = {"heads": [views.head_label(l, h) for l, h in heads], "kind": kind, "prompt": text,
+               "metrics": m, "scale": scale if kind == "scale" else None, "source": source, "target": target,
+               "top1_before": eff["top1_before"], "top1_after": eff["top1_after"],
+               "text_before": eff["text_before"], "text_after": eff["text_after"]}
+        try:
+            run = live.save_intervention(settings().runs, lm, rec)
+            st.success(f"saved as run {run.id}")
+        except HeadscopeError as e:
+            _error(e)
+
+
+# --------------------------------------------------------------------------- New run
+def _option_widget(o, key: str):
+    """A widget for one analysis Option; returns the raw value for ``Option.parse``."""
+    label = o.name.replace("_", " ")
+    if o.choices is not None:
+        return st.selectbox(label, list(o.choices), index=list(o.choices).index(o.default) if o.default in o.choices else 0,
+                            key=key, help=o.help)
+    if o.type is bool:
+        return st.checkbox(label, bool(o.default), key=key, help=o.help)
+    if o.type is int and o.default is not None:
+        return int(st.number_input(label, value=int(o.default), step=1, key=key, help=o.help))
+    if o.type is float and o.default is not None:
+        return float(st.number_input(label, value=float(o.default), format="%g", key=key, help=o.help))
+    if o.type in (list, tuple):
+        return st.text_input(label, ",".join(map(str, o.default or [])), key=key, help=o.help + " (comma-separated)")
+    raw = st.text_input(label, "" if o.default is None else str(o.default), key=key,
+                        help=o.help + (" (empty = default)" if o.default is None else ""))
+    return raw if raw.strip() else None
+
+
+def data_files(root: Path) -> dict[str, Path]:
+    """Data files the New run page may use: shipped with headscope, or in ``<runs>/uploads``."""
+    out: dict[str, Path] = {}
+    try:
+        from importlib import resources
+        base = Path(str(resources.files("headscope.data")))
+        for p in sorted(base.glob("*")):
+            if p.suffix in (".jsonl", ".txt") or (p.is_dir() and not p.name.startswith(("_", "."))):
+                out[f"headscope data: {p.name}"] = p
+    except (ModuleNotFoundError, OSError):
+        pass
+    up = root / UPLOADS
+    if up.is_dir():
+        for p in sorted(up.iterdir()):
+            out[f"uploaded: {p.name}"] = p
+    return out
+
+
+def save_upload(root: Path, name: str, data: bytes) -> Path:
+    """Store an uploaded data file in ``<runs>/uploads`` (name sanitised, confined by safe_join)."""
+    clean = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in Path(name).name).lstrip(".") or "data.jsonl"
+    p = safe_join(root, f"{UPLOADS}/{clean}")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(data)
+    return p
+
+
+def new_run_page() -> None:
+    from headscope.analyses.base import list_analyses
+    s = settings()
+    st.title("New run")
+    analyses = list_analyses()
+    name = st.selectbox("analysis", list(analyses), key="nr_analysis")
+    cls = analyses[name]
+    st.caption(cls.description)
+    files = data_files(s.runs)
+    with st.form("nr_form"):
+        st.markdown(f"model: **{current_model()}** (change it in the sidebar)")
+        raw = {}
+        own, common = list(cls.options), [o for o in cls.all_options() if o not in cls.options]
+        cols = st.columns(2)
+        for i, o in enumerate(own):
+            with cols[i % 2]:
+                raw[o.name] = _option_widget(o, f"nr_{name}_{o.name}")
+        with st.expander("common options (limit, seed, device, dtype, batch size)"):
+            for o in common:
+                raw[o.name] = _option_widget(o, f"nr_{name}_{o.name}")
+        data_label = st.selectbox("data" + (" (required)" if cls.needs_data else ""),
+                                  ["(none)", *files], key=f"nr_{name}_data", help=cls.data_help or None)
+        upload = st.file_uploader("…or upload a data file (.jsonl / .txt)", type=["jsonl", "txt"], key=f"nr_{name}_up")
+        go = st.form_submit_button("launch", type="primary")
+    if go:
+        try:
+            data = None
+            if upload is not None:
+                data = str(save_upload(s.runs, upload.name, upload.getvalue()))
+            elif data_label != "(none)":
+                data = str(files[data_label])
+            job = job_manager(str(s.runs)).submit(name, current_model(), raw, data)
+            st.session_state["nr_last"] = job.run_id
+            st.success(f"started **{job.run_id}**; it runs in the background and lands in the run store")
+        except HeadscopeError as e:
+            _error(e)
+    st.subheader("Jobs")
+    _jobs_panel()
+
+
+@st.fragment(run_every=1.5)
+def _jobs_panel() -> None:
+    """Progress of background runs, refreshed in place; read from memory and ``<runs>/.jobs``."""
+    s = settings()
+    jm = job_manager(str(s.runs))
+    jobs = jm.recent(10)
+    if not jobs:
+        st.caption("no jobs yet")
+        return
+    for job in jobs:
+        box = st.container(border=True)
+        head = f"**{job.run_id}** · {job.analysis} · {job.model}"
+        if jm.orphaned(job):
+            box.warning(f"{head}: interrupted (the app stopped during the run); {job.done} examples saved")
+            if box.button("resume", key=f"resume_{job.run_id}"):
+                _resume(jm, job)
+            continue
+        if job.active:
+            box.progress(job.fraction, text=f"{head} · {job.state} · {job.done}/{job.total or '?'} examples")
+        elif job.state == "complete":
+            box.success(f"{head} · complete · {job.done} examples")
+            if box.button("open in Heads", key=f"open_{job.run_id}"):
+                _remember_run(job.run_id)
+                _switch("heads")
+        else:
+            box.error(f"{head} · {job.state}: {job.error}")
+            if job.state == "partial" and box.button("resume", key=f"resume_{job.run_id}"):
+                _resume(jm, job)
+
+
+def _resume(jm: JobManager, job) -> None:
+    try:
+        run = resolve_run(job.run_id, jm.root)
+        cfg = dict(run.meta.get("config", {}))
+        data = cfg.pop("data", None)
+        jm.submit(job.analysis, job.model, cfg, data, resume_run=job.run_id)
+        st.rerun()
+    except HeadscopeError as e:
+        _error(e)
+
+
+# --------------------------------------------------------------------------- navigation
+_PAGES: dict[str, object] = {}
+
+
+def _switch(name: str) -> None:
+    """Go to another page (inside the multipage app); a no-op when a page runs alone (tests)."""
+    if name in _PAGES:
+        st.switch_page(_PAGES[name])
+
+
+def navigation():
+    """The app's pages for ``st.navigation``; remembered so pages can link to each other."""
+    spec = [("runs", "Runs", runs_page, "🗂️"), ("heads", "Heads", heads_page, "🔥"),
+            ("inspect", "Inspect", inspect_page, "🔍"), ("intervene", "Intervene", intervene_page, "✂️"),
+            ("new", "New run", new_run_page, "🚀")]
+    for key, title, fn, icon in spec:
+        _PAGES[key] = st.Page(fn, title=title, url_path=key, icon=icon, default=key == "runs")
+    return st.navigation(list(_PAGES.values()))

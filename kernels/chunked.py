@@ -1,0 +1,399 @@
+"""Query-chunked attention in plain torch: statistics and interventions without [H, Tq, Tk].
+
+The CPU default backend and the fallback for anything the Triton kernels do not cover. Queries
+are processed in blocks of ``block_q`` rows; for each block the whole visible key range is scored
+at once, so every row has its exact max and normaliser and no online rescaling is needed. Memory
+is O(B * H * block_q * S) where S is the key slice a block can see (``Tk`` for causal layers,
+``window + block_q`` for sliding-window layers: a windowed layer costs O(T * W), not O(T^2)).
+
+Per block (u = unnormalised weights, Z = their row sum, p = u / Z):
+
+    s = mask(softcap(q k^T * scale)) - rowmax        # [B, H, C, S], fp32, <= 0, masked = NEG
+    u = exp(s); edits rewrite u (uniform heads: u = visible; key re-weighting: u[:, kp] *= w)
+    out = (u @ v) / Z;   row features (Z, distances, segment masses) = E^T u^T / Z
+    entropy = log Z - sum(u * s) / Z - sum_kp(u log w) / Z
+    col_mass += (1 / Z)^T u                            # a matvec, deterministic order
+
+Why it is shaped like this (measured on a 2-core CPU, see ``benchmarks/README.md``):
+- Masked logits hold a finite ``NEG`` (float32 min), not -inf: ``exp`` still gives exactly 0 and
+  ``u * s`` stays 0 instead of NaN, so entropy needs no ``where`` pass. Masks are added as
+  biases or filled on the few C-wide tiles that need them; a broadcast ``masked_fill`` over the
+  whole block costs as much as ``exp``.
+- Score buffers are allocated once per call and reused (``matmul(out=)``, ``exp(out=)``): a
+  fresh multi-MB tensor per block costs page faults comparable to the GEMM itself.
+- Row features are one skinny GEMM ``E^T @ u^T`` (``[n, S] @ [S, rows]``); ``u @ E`` with
+  ``E`` of a few columns is ~10x slower in MKL.
+- Top-k avoids ``torch.topk`` over whole rows (and ``torch.max`` with indices): group maxima
+  over 64-key groups pick candidate groups, ``topk`` runs on those only, and rows where a tie
+  could cross the top-k boundary are redone exactly (see ``_topk_lowest_index``).
+
+Failure modes: logits must be finite (an overflowing q.k gives NaN, as in any attention);
+negative ``key_scale`` values are not meaningful (entropy takes ``log w`` only where w > 0).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .spec import AttnResult, HeadEdits, StatsSpec, check_inputs
+
+NEG = torch.finfo(torch.float32).min  # finite "-inf": exp(NEG - m) == 0 and 0 * NEG == 0
+PAD_BIAS = -1e30                      # added for padded keys; NEG + PAD_BIAS still rounds to NEG
+_BLOCK_ELEMS = 1 << 22                # target fp32 elements per [B, H, C, S] score buffer (16 MB)
+_GROUP = 64                           # keys per group for the top-k candidate search
+
+
+def _auto_block(B: int, H: int, Tq: int, Tk: int, window: int | None) -> int:
+    """Largest query block whose score buffer stays near ``_BLOCK_ELEMS`` (cache-sized blocks are
+    faster on CPU than big ones, and the buffer bounds memory)."""
+    per_row = B * H * (Tk if window is None else min(Tk, window + 256))
+    return int(max(1, min(Tq, 256, _BLOCK_ELEMS // max(per_row, 1))))
+
+
+def _visible_counts(B: int, Tq: int, Tk: int, causal: bool, window: int | None,
+                    kv_valid: torch.Tensor | None, device) -> torch.Tensor:
+    """[B, Tq] number of keys each query sees, from prefix sums of the padding mask."""
+    t = torch.arange(Tk - Tq, Tk, device=device)                     # [Tq] key index of each query
+    hi = t + 1 if causal else torch.full_like(t, Tk)                 # exclusive upper key bound
+    lo = (t - window + 1).clamp_min(0) if window is not None else torch.zeros_like(t)
+    if kv_valid is None:
+        return (hi - lo).clamp_min(0)[None].expand(B, Tq)
+    cs = torch.zeros(B, Tk + 1, dtype=torch.long, device=device)
+    cs[:, 1:] = kv_valid.long().cumsum(-1)                           # [B, Tk + 1]
+    return (cs[:, hi] - cs[:, lo]).clamp_min(0)
+
+
+def _col_count(B: int, Tq: int, Tk: int, causal: bool, window: int | None, band,
+               kv_valid: torch.Tensor | None, device) -> torch.Tensor:
+    """[B, Tk] queries that see key s and lie in the column band: an interval length per key."""
+    s = torch.arange(Tk, device=device)
+    lo = torch.full_like(s, Tk - Tq)                                  # first query position
+    hi = torch.full_like(s, Tk - 1)
+    if causal:
+        lo = torch.maximum(lo, s)
+    if window is not None:
+        hi = torch.minimum(hi, s + window - 1)
+    if band is not None:
+        lo = torch.maximum(lo, s + band[0])
+        if band[1] is not None:
+            hi = torch.minimum(hi, s + band[1])
+    n = (hi - lo + 1).clamp_min(0)[None].expand(B, Tk)
+    return n * kv_valid.long() if kv_valid is not None else n.clone()
+
+
+def _lexsort_desc(val: torch.Tensor, idx: torch.Tensor):
+    """Order the last dim by value descending, then index ascending (small k only)."""
+    idx, p = idx.sort(-1)
+    val = val.gather(-1, p)
+    val, p = val.sort(dim=-1, descending=True, stable=True)
+    return val, idx.gather(-1, p)
+
+
+def _topk_lowest_index(u: torch.Tensor, k: int, k0: int, Tk: int):
+    """Top-k of rows that are ``u`` on keys [k0, k0 + S) and 0 on every other key of [0, Tk).
+
+    u: [R, S], non-negative. Returns (values [R, kk], key indices [R, kk]), kk = min(k, Tk),
+    descending, ties resolved to the lowest key index -- the order of a stable descending sort
+    of the full row, which ``torch.topk`` does not promise. Strategy: candidates from the
+    largest group maxima (every top-k entry lies in one of the k + 1 largest groups), ``topk``
+    on the candidates, then rows whose k-th value also occurs outside the chosen set (exact
+    ties: uniform heads, zero rows, duplicate keys) are redone with an index-keyed search.
+    """
+    R, S = u.shape
+    kk = min(k, Tk)
+    dev = u.device
+    n_groups = S // _GROUP
+    if n_groups >= 4 * (kk + 1):
+        S0 = n_groups * _GROUP
+        gmax = u[:, :S0].unflatten(-1, (n_groups, _GROUP)).amax(-1)      # [R, n_groups]
+        g_val, g_idx = gmax.topk(kk + 1, dim=-1)                          # [R, kk + 1]
+        cand = (g_idx[..., None] * _GROUP + torch.arange(_GROUP, device=dev)).flatten(1)
+        if S0 < S:
+            cand = torch.cat([cand, torch.arange(S0, S, device=dev).expand(R, -1)], 1)
+        outside_max = g_val[:, kk]                     # every non-candidate entry is <= this
+    else:
+        cand = torch.arange(S, device=dev).expand(R, S)
+        outside_max = None
+    c_val = u.gather(1, cand)                                             # [R, n_cand]
+    n_take = min(kk + 1, c_val.shape[1])
+    top_val, pos = c_val.topk(n_take, dim=-1)
+    top_idx = cand.gather(1, pos) + k0
+    if n_take < kk:  # fewer keys in the slice than k: the rest are zeros outside it
+        pad = kk - n_take
+        top_val = torch.cat([top_val, top_val.new_zeros(R, pad)], 1)
+        top_idx = torch.cat([top_idx, top_idx.new_full((R, pad), Tk)], 1)
+    vk = top_val[:, kk - 1]                                               # [R] k-th largest value
+    amb = (vk == 0) & (S < Tk)                     # zeros outside the slice tie with it
+    if top_val.shape[1] > kk:
+        amb |= top_val[:, kk] == vk
+    if outside_max is not None:
+        amb |= outside_max >= vk
+    val, idx = _lexsort_desc(top_val[:, :kk], top_idx[:, :kk])
+    rows = amb.nonzero().squeeze(1)
+    if rows.numel():
+        v_a = vk[rows]                                                    # [A]
+        n_gt = (val[rows] > v_a[:, None]).sum(-1, keepdim=True)           # [A, 1] strictly above
+        big = torch.iinfo(torch.long).max
+        keyed = torch.where(u[rows] == v_a[:, None], torch.arange(k0, k0 + S, device=dev), big)
+        zero_row = (v_a == 0)[:, None]
+        outside = torch.cat([torch.arange(0, min(k0, kk), device=dev),
+                             torch.arange(k0 + S, min(Tk, k0 + S + kk), device=dev)])
+        keyed = torch.cat([keyed, torch.where(zero_row, outside, big)], 1)
+        ties = keyed.topk(kk, dim=-1, largest=False).values               # [A, kk] ascending
+        j = torch.arange(kk, device=dev)
+        take_top = j < n_gt
+        idx[rows] = torch.where(take_top, idx[rows], ties.gather(1, (j - n_gt).clamp_min(0)))
+        val[rows] = torch.where(take_top, val[rows], v_a[:, None])
+    return val, idx
+
+
+class _Edits:
+    """HeadEdits resolved once per call into per-head tensors on the compute device."""
+
+    def __init__(self, edits: HeadEdits | None, H: int, Tk: int, Dv: int, device):
+        self.uniform_heads: list[int] = []
+        self.kp_cols = None      # [P'] sorted key indices whose weight differs from 1 for some head
+        self.kp_w = None         # [H, P'] weights at those keys
+        self.replace = None      # ([H] bool, value broadcastable to [B, H, Tq, Dv])
+        self.out_scale = None    # [H]
+        if edits is None or edits.empty:
+            return
+        edits.validate(H)
+        if edits.uniform is not None:
+            self.uniform_heads = edits.uniform.bool().nonzero().flatten().tolist()
+        if edits.key_pos is not None:
+            w = torch.ones(H, Tk, device=device)
+            w[:, edits.key_pos.to(device).long()] = edits.key_scale.to(device).float()[:, None]
+            cols = (w != 1).any(0).nonzero().flatten()
+            if cols.numel():
+                self.kp_cols, self.kp_w = cols, w[:, cols]
+        if edits.replace_mask is not None:
+            val = edits.replace_value.to(device).float()
+            if val.dim() == 2:
+                val = val[None, :, None, :]                               # [1, H, 1, Dv]
+            self.replace = (edits.replace_mask.to(device).bool()[None, :, None, None], val)
+        if edits.out_scale is not None:
+            self.out_scale = edits.out_scale.to(device).float()[None, :, None, None]
+
+    @property
+    def reweights(self) -> bool:
+        return self.kp_cols is not None
+
+
+def attend_chunked(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | None = None, *,
+                   scale: float | None = None, causal: bool = True, window: int | None = None,
+                   softcap: float | None = None, kv_valid: torch.Tensor | None = None,
+                   block_q: int | None = None) -> AttnResult:
+    """Attention output and ``spec`` statistics with ``edits`` applied, exact up to fp32.
+
+    ``block_q`` is the number of query rows per block (default: sized so one [B, H, C, S] fp32
+    score buffer is ~16 MB). Inputs of any float dtype are upcast per block; ``out`` comes back
+    in ``v``'s dtype, statistics in fp32 (indices and ``col_count`` int64).
+    """
+    spec = spec or StatsSpec()
+    B, H, H_kv, Tq, Tk, D = check_inputs(q, k, v, kv_valid)
+    if window is not None and window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    if block_q is not None and block_q < 1:
+        raise ValueError(f"block_q must be >= 1, got {block_q}")
+    dev, Dv, G = q.device, v.shape[-1], H // H_kv
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    ed = _Edits(edits, H, Tk, Dv, dev)
+    P0 = Tk - Tq                                                          # key index of query 0
+    C = block_q or _auto_block(B, H, Tq, Tk, window)
+    kvv = kv_valid.to(dev).bool() if kv_valid is not None else None
+    kv_bias = None
+    if kvv is not None and not bool(kvv.all()):
+        kv_bias = torch.zeros(B, Tk, device=dev).masked_fill_(~kvv, PAD_BIAS)[:, None, None, :]
+    n_vis = _visible_counts(B, Tq, Tk, causal, window, kvv, dev)          # [B, Tq]
+
+    # ---- outputs
+    f32 = dict(device=dev, dtype=torch.float32)
+    out = torch.empty(B, H, Tq, Dv, device=dev, dtype=v.dtype)
+    st: dict[str, torch.Tensor] = {}
+    if spec.lse:
+        st["lse"] = torch.empty(B, H, Tq, **f32)
+    kk = min(spec.topk, Tk)
+    if kk:
+        st["topk_idx"] = torch.empty(B, H, Tq, kk, device=dev, dtype=torch.long)
+        st["topk_prob"] = torch.empty(B, H, Tq, kk, **f32)
+    if spec.entropy:
+        st["entropy"] = torch.empty(B, H, Tq, **f32)
+    if spec.segments:
+        st["segment_mass"] = torch.empty(B, H, Tq, len(spec.segments), **f32)
+    if spec.window_dist is not None:
+        st["win_dist"] = torch.empty(B, H, Tq, **f32)
+    if spec.mean_dist:
+        st["mean_dist"] = torch.empty(B, H, Tq, **f32)
+    if spec.col_mass:
+        st["col_mass"] = torch.zeros(B, H, Tk, **f32)
+        st["col_count"] = _col_count(B, Tq, Tk, causal, window, spec.col_band, kvv, dev)
+    pr = None
+    if spec.pattern_rows is not None:
+        pr = (spec.pattern_rows[0], min(spec.pattern_rows[1], Tq))
+        st["pattern"] = torch.zeros(B, H, max(0, pr[1] - pr[0]), Tk, **f32)
+
+    # ---- per-call workspaces, reused by every block (see module docstring)
+    def key_range(i0: int, i1: int) -> tuple[int, int]:
+        t0, t1 = P0 + i0, P0 + i1
+        return (max(0, t0 - window + 1) if window is not None else 0), (t1 if causal else Tk)
+
+    S_max = max(b - a for a, b in (key_range(i, min(Tq, i + C)) for i in range(0, Tq, C)))
+    s_buf = torch.empty(B * H * C * S_max, **f32)
+    u_buf = torch.empty_like(s_buf) if spec.entropy else s_buf
+    q5 = q.unflatten(1, (H_kv, G))                                        # [B, H_kv, G, Tq, D]
+    qscale = scale / softcap if softcap is not None else scale
+    w_dist = spec.window_dist
+
+    for i0 in range(0, Tq, C):
+        i1 = min(Tq, i0 + C)
+        c = i1 - i0
+        t0, t1 = P0 + i0, P0 + i1
+        k0, k1 = key_range(i0, i1)
+        S = k1 - k0
+        n = B * H * c * S
+        s_g = s_buf[:n].view(B, H_kv, G * c, S)                           # grouped for GQA GEMMs
+        s = s_g.view(B, H, c, S)                                          # per query head
+        u_g = u_buf[:n].view(B, H_kv, G * c, S)
+        u = u_g.view(B, H, c, S)
+
+        # ---- logits, soft-capping, masks
+        qb = (q5[:, :, :, i0:i1].float() * qscale).reshape(B, H_kv, G * c, D)
+        torch.matmul(qb, k[:, :, k0:k1].float().transpose(-1, -2), out=s_g)
+        if softcap is not None:
+            s.tanh_().mul_(softcap)
+
+        def mask_(x: torch.Tensor) -> None:
+            """Push invisible (query, key) pairs of a [B, h, c, S] block to <= PAD_BIAS.
+
+            Structural masks fill only the C-wide tiles at the causal/window edges; padding is
+            a broadcast add (a broadcast masked_fill costs as much as exp)."""
+            t = torch.arange(t0, t1, device=dev)[:, None]                 # [c, 1]
+            if causal and t0 + 1 < k1:                                    # keys after some query
+                a = max(k0, t0 + 1)
+                x[..., a - k0:].masked_fill_(torch.arange(a, k1, device=dev) > t, NEG)
+            if window is not None and k0 < t1 - window:                   # keys before some window
+                b = t1 - window                                            # exclusive
+                x[..., :b - k0].masked_fill_(torch.arange(k0, b, device=dev) <= t - window, NEG)
+            if kv_bias is not None:
+                x.add_(kv_bias[..., k0:k1])
+
+        mask_(s)
+        vis_b = n_vis[:, i0:i1] > 0                                       # [B, c]
+        m = s.amax(-1).masked_fill_(~vis_b[:, None, :], 0.0)              # [B, H, c]
+        s.sub_(m[..., None])
+        if spec.entropy:
+            torch.exp(s, out=u)
+        else:
+            u.exp_()                                                      # s is not needed again
+        z_raw = u.sum(-1) if spec.lse and (ed.uniform_heads or ed.reweights) else None
+
+        # ---- interventions on the weights
+        for h in ed.uniform_heads:
+            sh, uh = s[:, h:h + 1], u[:, h:h + 1]
+            sh.zero_()
+            mask_(sh)
+            torch.exp(sh, out=uh)                                         # 1 on visible keys, else 0
+        if ed.reweights:
+            sel = ((ed.kp_cols >= k0) & (ed.kp_cols < k1)).nonzero().flatten()
+            if sel.numel():
+                cols = ed.kp_cols[sel] - k0
+                w = ed.kp_w[:, sel]                                       # [H, P]
+                u[..., cols] = u[..., cols] * w[None, :, None, :]
+
+        # ---- output and row features in two GEMMs
+        num = torch.matmul(u_g, v[:, :, k0:k1].float()).view(B, H, c, Dv)
+        kidx = torch.arange(k0, k1, device=dev)
+        feats = [torch.ones(S, device=dev)]
+        if spec.mean_dist:
+            feats += [(kidx < t0).float(), (t0 - kidx).clamp_min(0).float()]
+        if w_dist is not None:
+            feats.append((kidx <= t0 - w_dist).float())
+        feats += [((kidx >= a) & (kidx < b)).float() for a, b in spec.segments]
+        rowf = (torch.stack(feats) @ u.view(-1, S).t()).view(len(feats), B, H, c)
+        Z = rowf[0]                                                       # [B, H, c]
+        rinv = torch.where(Z > 0, 1.0 / Z, 0.0)
+        fi = 1
+
+        # ---- output edits, in the spec's order
+        ob = num * rinv[..., None]                                        # [B, H, c, Dv]
+        if ed.replace is not None:
+            rmask, val = ed.replace
+            ob = torch.where(rmask, torch.broadcast_to(val, (B, H, Tq, Dv))[:, :, i0:i1], ob)
+        if ed.out_scale is not None:
+            ob = ob * ed.out_scale
+        out[:, :, i0:i1] = ob.masked_fill_(~vis_b[:, None, :, None], 0.0)
+
+        # ---- row statistics
+        r = torch.arange(c, device=dev, dtype=torch.float32)               # t - t0
+        if spec.lse:
+            st["lse"][:, :, i0:i1] = m + torch.log(z_raw if z_raw is not None else Z)
+        if kk:
+            val, idx = _topk_lowest_index(u.reshape(-1, S), kk, k0, Tk)
+            st["topk_prob"][:, :, i0:i1] = (val.view(B, H, c, kk) * rinv[..., None])
+            st["topk_idx"][:, :, i0:i1] = idx.view(B, H, c, kk)
+        if spec.entropy:
+            us = torch.mul(u, s, out=s).sum(-1)                           # sum u * s, s <= 0
+            if ed.reweights and sel.numel():
+                lw = torch.where(w > 0, torch.log(w.clamp_min(1e-45)), 0.0)
+                us = us + (u[..., cols] * lw[None, :, None, :]).sum(-1)
+            ent = torch.log(Z) - us * rinv
+            st["entropy"][:, :, i0:i1] = torch.where(Z > 0, ent, 0.0)
+        if spec.mean_dist:
+            a, b = t0 - k0, min(k1, t1) - k0                              # diagonal tile, keys >= t0
+            diag = (u[..., a:b] * (r[:, None] - torch.arange(b - a, device=dev)).clamp_min(0)).sum(-1)
+            md = rowf[fi + 1] + r * rowf[fi] + diag
+            st["mean_dist"][:, :, i0:i1] = md * rinv
+            fi += 2
+        if w_dist is not None:
+            a, b = max(k0, t0 - w_dist + 1), min(k1, t1)                  # band of mixed weights
+            wt = (torch.arange(t0, t1, device=dev)[:, None] - torch.arange(a, b, device=dev))
+            band = (u[..., a - k0:b - k0] * wt.clamp(0, w_dist).float()).sum(-1)
+            st["win_dist"][:, :, i0:i1] = (rowf[fi] * w_dist + band) * rinv
+            fi += 1
+        if spec.segments:
+            st["segment_mass"][:, :, i0:i1] = (rowf[fi:] * rinv).permute(1, 2, 3, 0)
+        if pr is not None and pr[0] < i1 and pr[1] > i0:
+            a, b = max(pr[0], i0), min(pr[1], i1)
+            st["pattern"][:, :, a - pr[0]:b - pr[0], k0:k1] = u[:, :, a - i0:b - i0] * rinv[:, :, a - i0:b - i0, None]
+
+        # ---- column statistics
+        if spec.col_mass:
+            _col_mass_block(st["col_mass"], u, rinv, t0, t1, k0, k1, spec.col_band)
+    return AttnResult(out=out, stats=st)
+
+
+def _col_mass_block(col: torch.Tensor, u: torch.Tensor, rinv: torch.Tensor, t0: int, t1: int,
+                    k0: int, k1: int, band) -> None:
+    """col[b, h, s] += sum over this block's rows t (in the band lo <= t - s <= hi) of p[t, s].
+
+    Keys every row of the block counts are one matvec ``(1/Z)^T u``; only the two edges of the
+    band (at most ~block_q keys wide each) need an elementwise mask.
+    """
+    dev = u.device
+    r = rinv[..., None, :]                                                # [B, H, 1, c]
+    if band is None:
+        col[..., k0:k1] += (r @ u).squeeze(-2)
+        return
+    lo, hi = band
+    some_a = k0 if hi is None else max(k0, t0 - hi)                       # keys some row counts
+    some_b = min(k1, t1 - lo)
+    if some_a >= some_b:
+        return
+    all_a = some_a if hi is None else max(some_a, t1 - 1 - hi)           # keys every row counts
+    all_b = min(some_b, t0 - lo + 1)
+    t = torch.arange(t0, t1, device=dev)[:, None]
+
+    def partial(a: int, b: int) -> None:
+        if a < b:
+            d = t - torch.arange(a, b, device=dev)                        # [c, b - a]
+            inb = (d >= lo) if hi is None else (d >= lo) & (d <= hi)
+            col[..., a:b] += (u[..., a - k0:b - k0] * (rinv[..., None] * inb)).sum(-2)
+
+    if all_a < all_b:
+        col[..., all_a:all_b] += (r @ u[..., all_a - k0:all_b - k0]).squeeze(-2)
+        partial(some_a, all_a)
+        partial(all_b, some_b)
+    else:
+        partial(some_a, some_b)

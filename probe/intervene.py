@@ -1,0 +1,389 @@
+"""Interventions: head ablations and key reweighting inside the attention call, activation patching
+at TransformerLens hook sites, and batched sweeps over heads or positions.
+
+Where each operator acts (SCIENCE.md section 9), also reported by ``describe``:
+
+| operator | acts on | RoPE |
+|---|---|---|
+| HeadAblation zero / scale / mean | head output z (``HeadEdits.out_scale`` / ``replace_*``) | n/a |
+| HeadAblation uniform | probabilities: uniform over visible keys (the same as q -> 0) | q.k unused |
+| KeyReweight | probabilities of listed keys x beta, renormalised (``HeadEdits.key_*``) | after RoPE |
+| Patch | the hooked activation (module hook) | residual sites: before RoPE |
+
+Ablations and reweights travel as ``HeadEdits`` into the attention kernel, so at long context they
+cost no more than capture does. ``phase`` picks the forwards an operator applies to: "prefill" is
+``probe.forward`` and generation's prompt prefill; "decode" is every generation step, the query of
+the last prompt token included (see ``generate``). "all" is both. ``kv_cache_built_with`` is
+True when the cached keys/values of later layers were computed under the operator (phase "all" or
+"prefill"). Decode-only operators see a clean prefill cache.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from headscope.errors import HeadscopeError
+from headscope.kernels import HeadEdits
+
+from .capture import _NAME_RE, attach, expand_names, site
+from .hook import Anatomy, LayerCall, RowEdit
+
+PHASES = ("all", "prefill", "decode")
+ABLATIONS = ("zero", "scale", "mean", "uniform")
+
+
+@dataclass(frozen=True, eq=False)
+class HeadAblation:
+    """Ablate query head ``head`` of ``layer`` (None = every head of the layer).
+
+    kind "zero": z = 0. "scale": z = value * z. "mean": z = value ([d_head], or [pos, d_head] indexed
+    by absolute position). "uniform": the head attends uniformly to its visible keys.
+    """
+
+    layer: int
+    head: int | None
+    kind: str = "zero"
+    value: float | torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.kind not in ABLATIONS:
+            raise HeadscopeError(f"HeadAblation kind must be one of {ABLATIONS}, got {self.kind!r}")
+        if self.kind == "scale" and not isinstance(self.value, (int, float)):
+            raise HeadscopeError("HeadAblation(kind='scale') needs value=<float>")
+        if self.kind == "mean" and (not isinstance(self.value, torch.Tensor) or self.value.dim() not in (1, 2)):
+            raise HeadscopeError("HeadAblation(kind='mean') needs value=<tensor [d_head] or [pos, d_head]>")
+
+
+@dataclass(frozen=True, eq=False)
+class KeyReweight:
+    """Multiply head ``head``'s probabilities on key ``positions`` by ``beta``, then renormalise (ACT/VAR).
+
+    All reweights of one layer must share one position set (the kernel takes one key list per call).
+    """
+
+    layer: int
+    head: int | None
+    positions: Sequence[int]
+    beta: float
+
+    def __post_init__(self):
+        if self.beta < 0 or not math.isfinite(self.beta):
+            raise HeadscopeError(f"KeyReweight beta must be finite and >= 0, got {self.beta}")
+        if len(self.positions) == 0 or min(self.positions) < 0:
+            raise HeadscopeError("KeyReweight positions must be a non-empty list of absolute key indices >= 0")
+
+
+@dataclass(frozen=True, eq=False)
+class Patch:
+    """Replace the activation at ``hook`` (one site, e.g. ``blocks.3.attn.hook_z``) by ``value``.
+
+    ``value`` is in TL layout over a whole sequence, e.g. ``cap.acts[hook]`` of another run:
+    [1 or B, T_value, ...], hook_z [.., T_value, head, d_head]. At each forward, the listed absolute
+    ``positions`` (None = all < T_value) inside the forward get ``value[:, p]``. ``heads`` (None =
+    all) restricts head sites.
+    """
+
+    hook: str
+    positions: Sequence[int] | None = None
+    heads: Sequence[int] | None = None
+    value: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.value, torch.Tensor):
+            raise HeadscopeError(f"Patch({self.hook!r}) needs value=<tensor from another run>")
+        if "*" in self.hook:
+            raise HeadscopeError(f"Patch takes one hook site, not a wildcard: {self.hook!r} (one Patch per layer)")
+
+
+Operator = HeadAblation | KeyReweight | Patch
+
+
+def _kv_from_layer(an: Anatomy, op: Operator) -> int:
+    """First layer whose keys/values the operator can change."""
+    if isinstance(op, Patch):
+        m = _NAME_RE.match(op.hook)
+        if m is None:
+            return 0 if op.hook in ("hook_embed", "hook_pos_embed") else an.n_layers
+        return int(m.group(1)) + (0 if m.group(2) == "hook_resid_pre" else 1)
+    return op.layer + 1
+
+
+def describe(an: Anatomy, op: Operator, phase: str) -> dict:
+    """The SCIENCE.md section 9 record of one operator: site, RoPE, phase, KV cache."""
+    if isinstance(op, HeadAblation):
+        if op.kind == "uniform":
+            where, rope = "attention probabilities: uniform over visible keys (= q -> 0)", "independent (q.k unused)"
+        else:
+            where, rope = f"head output z ({op.kind}), inside the attention call", "n/a (after attention)"
+        name = f"HeadAblation(L{op.layer}, H{'*' if op.head is None else op.head}, {op.kind})"
+    elif isinstance(op, KeyReweight):
+        where, rope = f"attention probabilities on keys {list(op.positions)} x {op.beta}, renormalised", "after RoPE"
+        name = f"KeyReweight(L{op.layer}, H{'*' if op.head is None else op.head})"
+    else:
+        where = f"activation {op.hook} (module hook)"
+        rope = "n/a (after attention)" if "attn" in op.hook or "out" in op.hook else "before RoPE (residual stream)"
+        name = f"Patch({op.hook})"
+    first = _kv_from_layer(an, op)
+    return {"operator": name, "site": where, "rope": rope, "phase": phase,
+            "kv_cache_built_with": phase in ("all", "prefill") and first < an.n_layers,
+            "kv_layers_affected_from": first}
+
+
+@dataclass(eq=False)
+class InterventionSet:
+    """Validated operators of one ``probe.intervene`` block; ``records`` describe them."""
+
+    an: Anatomy
+    ops: list[Operator]
+    phase: str
+    records: list[dict] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.phase not in PHASES:
+            raise HeadscopeError(f"phase must be one of {PHASES}, got {self.phase!r}")
+        an = self.an
+        for op in self.ops:
+            if isinstance(op, (HeadAblation, KeyReweight)):
+                if not 0 <= op.layer < an.n_layers:
+                    raise HeadscopeError(f"{op}: layer out of range (model has {an.n_layers} layers)")
+                if op.head is not None and not 0 <= op.head < an.n_heads:
+                    raise HeadscopeError(f"{op}: head out of range (model has {an.n_heads} query heads)")
+                if isinstance(op, HeadAblation) and op.kind == "mean" and op.value.shape[-1] != an.d_head:
+                    raise HeadscopeError(f"mean value has last dim {op.value.shape[-1]}, d_head is {an.d_head}")
+            elif isinstance(op, Patch):
+                (name,) = expand_names(an, [op.hook])
+                s = site(an, name)
+                if s.module is None or s.result:
+                    raise HeadscopeError(f"{op.hook} cannot be patched (patch attn.hook_z or a residual hook)")
+                if op.heads is not None and not s.heads:
+                    raise HeadscopeError(f"Patch({op.hook!r}) has no head axis; drop heads=")
+            else:
+                raise HeadscopeError(f"not an intervention: {op!r}")
+        self.records = [describe(an, op, self.phase) for op in self.ops]
+
+
+class Edits:
+    """The interventions active in one forward of a given phase, compiled per layer."""
+
+    def __init__(self, an: Anatomy, sets: Sequence[InterventionSet], phase: str):
+        ops = [op for s in sets if s.phase in ("all", phase) for op in s.ops]
+        self.an = an
+        self.ablations: dict[int, list[HeadAblation]] = {}
+        self.reweights: dict[int, list[KeyReweight]] = {}
+        for op in ops:
+            if isinstance(op, HeadAblation):
+                self.ablations.setdefault(op.layer, []).append(op)
+            elif isinstance(op, KeyReweight):
+                self.reweights.setdefault(op.layer, []).append(op)
+        for l, rws in self.reweights.items():
+            if len({tuple(sorted(r.positions)) for r in rws}) > 1:
+                raise HeadscopeError(f"KeyReweights on layer {l} use different key positions; the kernel takes one key set per layer")
+        self.patches = [op for op in ops if isinstance(op, Patch)]
+
+    @property
+    def empty(self) -> bool:
+        return not (self.ablations or self.reweights or self.patches)
+
+    def edits_for(self, call: LayerCall, device) -> HeadEdits | None:
+        """The ``HeadEdits`` of one attention call (positions made call-relative)."""
+        abl, rws = self.ablations.get(call.layer, ()), self.reweights.get(call.layer, ())
+        if not abl and not rws:
+            return None
+        H, D = self.an.n_heads, self.an.d_head
+        e = HeadEdits()
+        for op in abl:
+            heads = slice(None) if op.head is None else op.head
+            if op.kind == "uniform":
+                e.uniform = torch.zeros(H, dtype=torch.bool, device=device) if e.uniform is None else e.uniform
+                e.uniform[heads] = True
+            elif op.kind in ("zero", "scale"):
+                e.out_scale = torch.ones(H, device=device) if e.out_scale is None else e.out_scale
+                e.out_scale[heads] *= 0.0 if op.kind == "zero" else float(op.value)
+            else:  # mean: [1, H, Tq, D] so per-position values fit
+                if e.replace_mask is None:
+                    e.replace_mask = torch.zeros(H, dtype=torch.bool, device=device)
+                    e.replace_value = torch.zeros(1, H, call.n_q, D, device=device)
+                v = op.value.to(device, torch.float32)
+                if v.dim() == 2:
+                    if v.shape[0] < call.q_start + call.n_q:
+                        raise HeadscopeError(f"mean value covers {v.shape[0]} positions; the input needs {call.q_start + call.n_q}")
+                    v = v[call.q_start:call.q_start + call.n_q]
+                e.replace_mask[heads] = True
+                e.replace_value[0, heads] = v
+        if rws:
+            pos = torch.tensor(sorted(rws[0].positions), device=device) - call.kv_start
+            pos = pos[(pos >= 0) & (pos < call.n_k)]
+            if len(pos):
+                e.key_pos, e.key_scale = pos, torch.ones(H, device=device)
+                for r in rws:
+                    e.key_scale[slice(None) if r.head is None else r.head] *= r.beta
+        return e
+
+    def hooks(self, q_start: Callable[[], int]) -> list:
+        """Install the Patch hooks; ``q_start()`` gives the current chunk's first absolute position."""
+        return [attach(self.an, site(self.an, p.hook), _patch_fn(p, q_start)) for p in self.patches]
+
+
+def _patch_fn(p: Patch, q_start: Callable[[], int]):
+    def fn(x):  # x: [B, Tq, ...] TL layout
+        q0, n = q_start(), x.shape[1]
+        T_v = p.value.shape[1]
+        pos = torch.arange(T_v) if p.positions is None else torch.as_tensor(list(p.positions))
+        pos = pos[(pos >= q0) & (pos < q0 + n) & (pos < T_v)]
+        if not len(pos):
+            return None
+        if p.value.shape[0] not in (1, x.shape[0]):
+            raise HeadscopeError(f"Patch({p.hook!r}) value batch {p.value.shape[0]} != run batch {x.shape[0]}")
+        src = p.value.to(x.device, x.dtype)[:, pos]                # [Bv, P, ...]
+        x = x.clone()
+        rel = (pos - q0).to(x.device)
+        if p.heads is None:
+            x[:, rel] = src
+        else:
+            hs = torch.as_tensor(list(p.heads), device=x.device)
+            x[:, rel[:, None], hs[None, :]] = src[:, :, hs]
+        return x
+    return fn
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics for sweeps: metric(logits [n, pos, vocab]) -> float (averaged over the n prompts)
+# ---------------------------------------------------------------------------------------------
+
+def logit_diff(correct, incorrect, position: int = -1) -> Callable[[torch.Tensor], float]:
+    """Mean over prompts of logit[correct] - logit[incorrect] at ``position`` (token ids; one or one per prompt)."""
+    def metric(logits):
+        lg = logits[:, position].float()                                  # [n, V]
+        c = torch.as_tensor(correct, device=lg.device).view(-1, 1).expand(lg.shape[0], 1)
+        i = torch.as_tensor(incorrect, device=lg.device).view(-1, 1).expand(lg.shape[0], 1)
+        return float((lg.gather(1, c) - lg.gather(1, i)).mean())
+    return metric
+
+
+def target_logprob(targets, positions) -> Callable[[torch.Tensor], float]:
+    """Mean over prompts of sum_j log p(targets[j] | logits at positions[j]) (fp32 log-softmax)."""
+    def metric(logits):
+        pos = torch.as_tensor(positions, device=logits.device).view(-1)
+        tgt = torch.as_tensor(targets, device=logits.device)
+        tgt = tgt.view(1, -1).expand(logits.shape[0], -1) if tgt.dim() <= 1 else tgt
+        lp = torch.log_softmax(logits[:, pos].float(), -1)                # [n, P, V]
+        return float(lp.gather(-1, tgt[..., None]).squeeze(-1).sum(-1).mean())
+    return metric
+
+
+def kl_div(ref_logits: torch.Tensor, position: int | slice = -1) -> Callable[[torch.Tensor], float]:
+    """Mean KL(ref || run) in nats at ``position`` (int or slice), ref from e.g. the clean forward."""
+    def metric(logits):
+        p = torch.log_softmax(ref_logits[:, position].float().to(logits.device), -1)
+        q = torch.log_softmax(logits[:, position].float(), -1)
+        kl = (p.exp() * (p - q)).sum(-1)
+        return float(kl.mean())
+    return metric
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps
+# ---------------------------------------------------------------------------------------------
+
+def _batches(units: list, per_batch: int):
+    for i in range(0, len(units), per_batch):
+        yield units[i:i + per_batch]
+
+
+def _default_copies(n_tokens: int, n_units: int) -> int:
+    """Copies per forward: about 4k tokens a batch (fast on CPU, small attention memory)."""
+    return max(1, min(n_units, 4096 // max(n_tokens, 1)))
+
+
+def sweep_heads(probe, input_ids: torch.Tensor, metric: Callable[[torch.Tensor], float], kind: str = "uniform",
+                heads: Sequence[tuple[int, int]] | None = None, batch_size: int | None = None,
+                value: float | torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """metric under single-head ablation for every (layer, head) -> [L, H] (NaN where not swept).
+
+    Batched: one forward runs ``batch_size`` copies of the [n, T] input; copy i ablates its own
+    (layer, head). This is a per-batch-element edit applied to the attention output
+    (``RowEdit``). "uniform" is the exact prefix mean of v. kind "scale" takes ``value`` (float),
+    "mean" takes ``value`` [L, H, d_head]. Interventions active around the call apply to every copy.
+    """
+    an = probe.anatomy
+    if kind not in ABLATIONS:
+        raise HeadscopeError(f"sweep kind must be one of {ABLATIONS}, got {kind!r}")
+    if kind == "mean" and (not isinstance(value, torch.Tensor) or tuple(value.shape) != (an.n_layers, an.n_heads, an.d_head)):
+        raise HeadscopeError(f"kind='mean' needs value [L, H, d_head] = [{an.n_layers}, {an.n_heads}, {an.d_head}]")
+    if kind == "scale" and not isinstance(value, (int, float)):
+        raise HeadscopeError("kind='scale' needs value=<float>")
+    ids, mask = probe._inputs(input_ids, attention_mask)
+    n, T = ids.shape
+    units = list(heads) if heads is not None else [(l, h) for l in range(an.n_layers) for h in range(an.n_heads)]
+    scores = torch.full((an.n_layers, an.n_heads), float("nan"))
+    for group in _batches(units, batch_size or _default_copies(n * T, len(units))):
+        k = len(group)
+        row_edits: dict[int, list[RowEdit]] = {}
+        for c, (l, h) in enumerate(group):
+            v = value if kind == "scale" else value[l, h] if kind == "mean" else None
+            row_edits.setdefault(l, []).extend(RowEdit(c * n + i, h, kind, v) for i in range(n))
+        logits = probe._run(ids.repeat(k, 1), None if mask is None else mask.repeat(k, 1), row_edits=row_edits).logits
+        for c, (l, h) in enumerate(group):
+            scores[l, h] = float(metric(logits[c * n:(c + 1) * n]))
+    return scores
+
+
+def patch_sweep(probe, clean_ids: torch.Tensor, corrupt_ids: torch.Tensor, hook: str,
+                metric: Callable[[torch.Tensor], float], per: str = "head", batch_size: int | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Activation patching clean -> corrupted: metric of the corrupted run with one unit patched.
+
+    ``hook`` is a per-layer wildcard such as ``blocks.*.attn.hook_z`` or ``blocks.*.hook_resid_pre``.
+    per="head" patches one (layer, head) at every position -> [L, H] (head sites only).
+    per="position" patches one (layer, position), all heads -> [L, T]. Clean and corrupted inputs
+    must have the same shape (and share ``attention_mask``).
+    """
+    an = probe.anatomy
+    if per not in ("head", "position"):
+        raise HeadscopeError(f"per must be 'head' or 'position', got {per!r}")
+    m = _NAME_RE.match(hook)
+    if m is None or m.group(1) != "*":
+        raise HeadscopeError(f"patch_sweep hook must be a per-layer wildcard like 'blocks.*.attn.hook_z', got {hook!r}")
+    names = expand_names(an, [hook])
+    sites = [site(an, nm) for nm in names]
+    if sites[0].result:
+        raise HeadscopeError("attn.hook_result is derived and cannot be patched; use blocks.*.attn.hook_z")
+    if per == "head" and not sites[0].heads:
+        raise HeadscopeError(f"per='head' needs a head site (blocks.*.attn.hook_z), got {hook!r}")
+    clean, mask = probe._inputs(clean_ids, attention_mask)
+    corrupt, _ = probe._inputs(corrupt_ids, attention_mask)
+    if clean.shape != corrupt.shape:
+        raise HeadscopeError(f"clean {tuple(clean.shape)} and corrupted {tuple(corrupt.shape)} inputs differ in shape")
+    n, T = clean.shape
+    with probe.capture(activations=names, check_finite=False) as cap:
+        probe.forward(clean, attention_mask=mask)
+    src = {nm: cap.acts[nm] for nm in names}                        # [n, T, ...] per layer
+    width = an.n_heads if per == "head" else T
+    units = [(l, j) for l in range(an.n_layers) for j in range(width)]
+    scores = torch.full((an.n_layers, width), float("nan"))
+    for group in _batches(units, batch_size or _default_copies(n * T, len(units))):
+        k = len(group)
+        by_layer: dict[int, list[tuple[int, int]]] = {}
+        for c, (l, j) in enumerate(group):
+            by_layer.setdefault(l, []).append((c, j))
+
+        def make(l):
+            def fn(x):  # [k * n, T, ...]
+                x = x.clone()
+                v = src[names[l]].to(x.device, x.dtype)
+                for c, j in by_layer[l]:
+                    if per == "head":
+                        x[c * n:(c + 1) * n, :, j] = v[:, :, j]
+                    else:
+                        x[c * n:(c + 1) * n, j] = v[:, j]
+                return x
+            return fn
+
+        hooks = lambda q_start: [attach(an, sites[l], make(l)) for l in by_layer]  # noqa: E731
+        logits = probe._run(corrupt.repeat(k, 1), None if mask is None else mask.repeat(k, 1), extra_hooks=hooks).logits
+        for c, (l, j) in enumerate(group):
+            scores[l, j] = float(metric(logits[c * n:(c + 1) * n]))
+    return scores
