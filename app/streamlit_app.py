@@ -3,8 +3,8 @@ import streamlit as st
 
 from headscope.app import ui
 
-st.set_page_config(page_title="headscope", page_icon="🔬", layout="wide")
+st.set_page_config(page_title="headscope", page_icon=":material/biotech:", layout="wide")
 page = ui.navigation()
-ui.sidebar()
 ui.model_pool().start(ui.current_model())  # warm the model while the user browses runs
+ui.sidebar()
 page.run()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,12 +67,13 @@ def current_model() -> str:
 
 
 def model_choices(launch_model: str) -> list[str]:
-    """The launch model plus the registry; no free-form paths (the app reads no arbitrary folders)."""
-    try:
-        from headscope.probe.models import REGISTRY
-        names = list(REGISTRY)
-    except Exception:  # noqa: BLE001 - without the probe only the launch model is offered
-        names = []
+    """The launch model plus the registry; no free-form paths (the app reads no arbitrary folders).
+
+    The registry lives in a module that imports torch (seconds); it is only consulted once the
+    background model load has imported it, so the first page renders at once.
+    """
+    mod = sys.modules.get("headscope.probe.models")
+    names = list(getattr(mod, "REGISTRY", None) or [])
     return list(dict.fromkeys([launch_model, *names]))
 
 
@@ -129,14 +131,17 @@ def _remember_run(run_id: str) -> None:
     st.query_params["run"] = run_id
 
 
-def _run_select(runs: list, label: str, key: str, *, prefer: str | None = None):
-    """Selectbox over runs; the default is ``prefer``, then the run remembered in the session/URL."""
+def _run_select(runs: list, label: str, key: str, *, default: str | None = None):
+    """Selectbox over runs. Initial choice: the run remembered in the session, then the URL's
+    ``?run=``, then ``default``, then the first run."""
     if not runs:
         return None
     ids = [r.id for r in runs]
-    want = prefer or st.session_state.get("run") or st.query_params.get("run")
-    if key not in st.session_state and want in ids:
-        st.session_state[key] = want
+    if key not in st.session_state:
+        for want in (st.session_state.get("run"), st.query_params.get("run"), default):
+            if want in ids:
+                st.session_state[key] = want
+                break
     rid = st.selectbox(label, ids, key=key,
                        format_func=lambda i: f"{i}  ·  {next(r for r in runs if r.id == i).status}")
     return next(r for r in runs if r.id == rid)
@@ -265,7 +270,7 @@ def heads_page() -> None:
         st.info("No run with per-head scores yet. Launch one on the **New run** page.")
         return
     mine = [r for r in runs if views.run_model(r) == current_model()]
-    run = _run_select(runs, "run", "heads_run", prefer=(mine or runs)[0].id if "run" not in st.session_state else None)
+    run = _run_select(runs, "run", "heads_run", default=(mine or runs)[0].id)
     _remember_run(run.id)
     scores = views.matrix_scores(run)
     smeta = run.meta.get("score_meta", {}) or {}
@@ -457,8 +462,8 @@ def inspect_page() -> None:
         a = st.slider("pattern window: first query", 0, T - 1, T - live.MAX_ROWS, key="insp_row0",
                       help=f"full pattern rows are kept for {live.MAX_ROWS} queries at a time")
     want = (lm.name, tuple(ids), tuple(heads_l), a)
-    if st.button("capture", type="primary", key="insp_go") or (
-            st.session_state.get("insp_result") and st.session_state["insp_result"][0] != want and heads_l):
+    # first visit: capture the default prompt at once; later, on the button (typing is not re-run)
+    if st.button("capture", type="primary", key="insp_go") or "insp_result" not in st.session_state:
         try:
             with st.spinner("capturing…"):
                 cap = live.capture_prompt(loaded.probe, lm, ids, live.parse_heads(heads_l, info),
@@ -469,8 +474,9 @@ def inspect_page() -> None:
             return
     res = st.session_state.get("insp_result")
     if not res:
-        st.caption("Press **capture** to run the model on the prompt.")
         return
+    if res[0] != want:
+        st.caption("The prompt or heads changed: press **capture** to update.")
     cap: live.PromptCapture = res[1]
     toks = cap.tokens
     sinks = views.sink_positions(cap.alpha, eps)
@@ -481,10 +487,7 @@ def inspect_page() -> None:
     c[2].metric("sink rate of token 0", f"{rate[0]:.0f}%", help="percent of heads with α₀ > ε (Gu et al.'s Sink₁)")
     st.markdown("**Tokens** (shade = share of heads using the token as a sink; red box = sink)")
     st.html(views.tokens_html(toks, rate / 100.0, sinks))
-    for l, h in live.parse_heads(heads_l, info):
-        pat = cap.patterns.get((l, h))
-        if pat is None:
-            continue
+    for (l, h), pat in cap.patterns.items():
         st.markdown(f"#### {views.head_label(l, h)}")
         left, right = st.columns([3, 2])
         ds = views.downsample_pattern(pat, max_q=cells, max_k=cells)
@@ -630,7 +633,9 @@ def new_run_page() -> None:
     s = settings()
     st.title("New run")
     analyses = list_analyses()
-    name = st.selectbox("analysis", list(analyses), key="nr_analysis")
+    names = list(analyses)
+    name = st.selectbox("analysis", names, key="nr_analysis",
+                        index=names.index("induction") if "induction" in names else 0)
     cls = analyses[name]
     st.caption(cls.description)
     files = data_files(s.runs)
@@ -718,9 +723,11 @@ def _switch(name: str) -> None:
 
 def navigation():
     """The app's pages for ``st.navigation``; remembered so pages can link to each other."""
-    spec = [("runs", "Runs", runs_page, "🗂️"), ("heads", "Heads", heads_page, "🔥"),
-            ("inspect", "Inspect", inspect_page, "🔍"), ("intervene", "Intervene", intervene_page, "✂️"),
-            ("new", "New run", new_run_page, "🚀")]
+    spec = [("runs", "Runs", runs_page, ":material/folder_open:"),
+            ("heads", "Heads", heads_page, ":material/grid_on:"),
+            ("inspect", "Inspect", inspect_page, ":material/search:"),
+            ("intervene", "Intervene", intervene_page, ":material/content_cut:"),
+            ("new", "New run", new_run_page, ":material/play_arrow:")]
     for key, title, fn, icon in spec:
         _PAGES[key] = st.Page(fn, title=title, url_path=key, icon=icon, default=key == "runs")
     return st.navigation(list(_PAGES.values()))

@@ -15,7 +15,12 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
+import pandas  # noqa: F401 - see below
 import plotly.graph_objects as go
+
+# plotly looks pandas up in sys.modules without importing it; if a background model load (which
+# imports transformers -> pandas) is half-way through that import, plotly sees a partially
+# initialised module and fails. Importing pandas here, before any thread starts, avoids the race.
 
 from headscope.errors import HeadscopeError
 

@@ -192,16 +192,16 @@ class Probe:
                         stats, layers, activations, capture_prefill, chunk_size, allow_beyond_context)
 
     def sweep_heads(self, input_ids, metric, kind: str = "uniform", heads=None, batch_size: int | None = None,
-                    value=None, attention_mask=None) -> torch.Tensor:
+                    value=None, attention_mask=None, logits_to_keep: int = 0) -> torch.Tensor:
         """[L, H] metric with each single head ablated; see ``intervene.sweep_heads``."""
         self._no_capture("sweep_heads")
-        return sweep_heads(self, input_ids, metric, kind, heads, batch_size, value, attention_mask)
+        return sweep_heads(self, input_ids, metric, kind, heads, batch_size, value, attention_mask, logits_to_keep)
 
     def patch_sweep(self, clean_ids, corrupt_ids, hook: str, metric, per: str = "head",
-                    batch_size: int | None = None, attention_mask=None) -> torch.Tensor:
+                    batch_size: int | None = None, attention_mask=None, logits_to_keep: int = 0) -> torch.Tensor:
         """[L, H] or [L, T] metric with one clean unit patched into the corrupted run; see ``intervene.patch_sweep``."""
         self._no_capture("patch_sweep")
-        return patch_sweep(self, clean_ids, corrupt_ids, hook, metric, per, batch_size, attention_mask)
+        return patch_sweep(self, clean_ids, corrupt_ids, hook, metric, per, batch_size, attention_mask, logits_to_keep)
 
     def _no_capture(self, what: str) -> None:
         if self._capture is not None:

@@ -253,6 +253,10 @@ def headscope_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
         raise HeadscopeError(f"model type {model_type!r}: keys [{mask.kv_offset}, +{Tk}) do not end at the queries "
                              f"[{mask.q_offset}, +{Tq}) (static or offloaded caches are not supported; use DynamicCache)")
 
+    kv_valid = mask.kv_valid
+    if kv_valid is not None and kv_valid.shape[0] != B:  # batch forked inside the forward (sweeps)
+        kv_valid = kv_valid.expand(B, -1)
+
     ctx = _ACTIVE.get()
     layer = ctx.layer_of.get(id(module)) if ctx is not None else None
     spec = edits = None
@@ -264,18 +268,18 @@ def headscope_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
             spec, edits = ctx.plan(call)
     row_edits = ctx.row_edits.get(layer) if layer is not None else None
 
-    plain = (spec is None and edits is None and softcap is None and mask.kv_valid is None
+    plain = (spec is None and edits is None and softcap is None and kv_valid is None
              and (window is None or window >= Tk) and (Tq == Tk or Tq == 1))
     if plain:
         out = _sdpa_plain(query, key, value, scaling, H, H_kv)                 # [B, H, Tq, D]
     else:
         res = attend(query, key, value, spec, edits, scale=scaling, causal=True, window=window,
-                     softcap=softcap, kv_valid=mask.kv_valid, backend=ctx.backend if ctx else "auto")
+                     softcap=softcap, kv_valid=kv_valid, backend=ctx.backend if ctx else "auto")
         out = res.out
         if spec is not None and ctx.record is not None:
             ctx.record(call, res.stats)
     if row_edits:
-        out = _apply_row_edits(out, value, row_edits, call, mask.kv_valid)
+        out = _apply_row_edits(out, value, row_edits, call, kv_valid)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -288,25 +288,56 @@ def kl_div(ref_logits: torch.Tensor, position: int | slice = -1) -> Callable[[to
 # Sweeps
 # ---------------------------------------------------------------------------------------------
 
-def _batches(units: list, per_batch: int):
-    for i in range(0, len(units), per_batch):
-        yield units[i:i + per_batch]
+def _layer_groups(units: list[tuple[int, int]], per_batch: int):
+    """Group (layer, j) units by layer, at most ``per_batch`` per group: [(layer, [j, ...]), ...]."""
+    by_layer: dict[int, list[int]] = {}
+    for l, j in units:
+        by_layer.setdefault(l, []).append(j)
+    for l, js in sorted(by_layer.items()):
+        for i in range(0, len(js), per_batch):
+            yield l, js[i:i + per_batch]
 
 
-def _default_copies(n_tokens: int, n_units: int) -> int:
-    """Copies per forward: about 4k tokens a batch (fast on CPU, small attention memory)."""
-    return max(1, min(n_units, 4096 // max(n_tokens, 1)))
+def _default_copies(n_tokens: int, n_heads: int) -> int:
+    """Copies per forward: one layer's heads, fewer when that exceeds ~8k tokens a batch."""
+    return max(1, min(n_heads, 8192 // max(n_tokens, 1)))
+
+
+def _fork_run(probe, ids, mask, layer: int, k: int, *, row_edits=None, hooks=None, logits_to_keep: int = 0):
+    """Forward of ``k`` copies of ``ids`` [n, T] that may differ from ``layer`` on.
+
+    Layers below ``layer`` run once: a pre-hook on block ``layer`` repeats the residual stream k
+    times (copy c = rows c*n .. c*n+n-1). That needs batch-independent position embeddings (one
+    prompt, or no padding mask). Otherwise all k copies run from the start.
+    """
+    an = probe.anatomy
+    n = ids.shape[0]
+    if n == 1 or mask is None:
+        def fork(module, args, kwargs):
+            if args:
+                return (args[0].repeat(k, 1, 1), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": kwargs["hidden_states"].repeat(k, 1, 1)}
+
+        def all_hooks(q_start):
+            return [an.layers[layer].register_forward_pre_hook(fork, with_kwargs=True)] + (hooks(q_start) if hooks else [])
+        return probe._run(ids, mask, row_edits=row_edits, extra_hooks=all_hooks, logits_to_keep=logits_to_keep)
+    return probe._run(ids.repeat(k, 1), mask.repeat(k, 1), row_edits=row_edits, extra_hooks=hooks,
+                      logits_to_keep=logits_to_keep)
 
 
 def sweep_heads(probe, input_ids: torch.Tensor, metric: Callable[[torch.Tensor], float], kind: str = "uniform",
                 heads: Sequence[tuple[int, int]] | None = None, batch_size: int | None = None,
-                value: float | torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                value: float | torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                logits_to_keep: int = 0) -> torch.Tensor:
     """metric under single-head ablation for every (layer, head) -> [L, H] (NaN where not swept).
 
-    Batched: one forward runs ``batch_size`` copies of the [n, T] input; copy i ablates its own
-    (layer, head). This is a per-batch-element edit applied to the attention output
-    (``RowEdit``). "uniform" is the exact prefix mean of v. kind "scale" takes ``value`` (float),
-    "mean" takes ``value`` [L, H, d_head]. Interventions active around the call apply to every copy.
+    Batched per layer: one forward runs the [n, T] input once up to layer l, then ``batch_size``
+    copies (default: all heads of the layer), copy i ablating its own head. ``HeadEdits`` act per
+    head on the whole batch, so the per-copy ablation is a ``RowEdit`` of the attention output;
+    "uniform" is the exact prefix mean of v. kind "scale" takes ``value`` (float), "mean" takes
+    ``value`` [L, H, d_head]. ``logits_to_keep`` = k > 0 hands the metric only the last k
+    positions' logits (saves the unembedding of every position). Interventions active around the
+    call apply to every copy.
     """
     an = probe.anatomy
     if kind not in ABLATIONS:
@@ -318,28 +349,28 @@ def sweep_heads(probe, input_ids: torch.Tensor, metric: Callable[[torch.Tensor],
     ids, mask = probe._inputs(input_ids, attention_mask)
     n, T = ids.shape
     units = list(heads) if heads is not None else [(l, h) for l in range(an.n_layers) for h in range(an.n_heads)]
+    for l, h in units:
+        if not (0 <= l < an.n_layers and 0 <= h < an.n_heads):
+            raise HeadscopeError(f"head ({l}, {h}) out of range ({an.n_layers} layers x {an.n_heads} heads)")
     scores = torch.full((an.n_layers, an.n_heads), float("nan"))
-    for group in _batches(units, batch_size or _default_copies(n * T, len(units))):
-        k = len(group)
-        row_edits: dict[int, list[RowEdit]] = {}
-        for c, (l, h) in enumerate(group):
-            v = value if kind == "scale" else value[l, h] if kind == "mean" else None
-            row_edits.setdefault(l, []).extend(RowEdit(c * n + i, h, kind, v) for i in range(n))
-        logits = probe._run(ids.repeat(k, 1), None if mask is None else mask.repeat(k, 1), row_edits=row_edits).logits
-        for c, (l, h) in enumerate(group):
+    for l, hs in _layer_groups(units, batch_size or _default_copies(n * T, an.n_heads)):
+        v = lambda h: value if kind == "scale" else value[l, h] if kind == "mean" else None  # noqa: E731
+        edits = [RowEdit(c * n + i, h, kind, v(h)) for c, h in enumerate(hs) for i in range(n)]
+        logits = _fork_run(probe, ids, mask, l, len(hs), row_edits={l: edits}, logits_to_keep=logits_to_keep).logits
+        for c, h in enumerate(hs):
             scores[l, h] = float(metric(logits[c * n:(c + 1) * n]))
     return scores
 
 
 def patch_sweep(probe, clean_ids: torch.Tensor, corrupt_ids: torch.Tensor, hook: str,
                 metric: Callable[[torch.Tensor], float], per: str = "head", batch_size: int | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, logits_to_keep: int = 0) -> torch.Tensor:
     """Activation patching clean -> corrupted: metric of the corrupted run with one unit patched.
 
     ``hook`` is a per-layer wildcard such as ``blocks.*.attn.hook_z`` or ``blocks.*.hook_resid_pre``.
     per="head" patches one (layer, head) at every position -> [L, H] (head sites only).
     per="position" patches one (layer, position), all heads -> [L, T]. Clean and corrupted inputs
-    must have the same shape (and share ``attention_mask``).
+    must have the same shape (and share ``attention_mask``). Batched per layer as ``sweep_heads``.
     """
     an = probe.anatomy
     if per not in ("head", "position"):
@@ -360,30 +391,24 @@ def patch_sweep(probe, clean_ids: torch.Tensor, corrupt_ids: torch.Tensor, hook:
     n, T = clean.shape
     with probe.capture(activations=names, check_finite=False) as cap:
         probe.forward(clean, attention_mask=mask)
-    src = {nm: cap.acts[nm] for nm in names}                        # [n, T, ...] per layer
     width = an.n_heads if per == "head" else T
     units = [(l, j) for l in range(an.n_layers) for j in range(width)]
     scores = torch.full((an.n_layers, width), float("nan"))
-    for group in _batches(units, batch_size or _default_copies(n * T, len(units))):
-        k = len(group)
-        by_layer: dict[int, list[tuple[int, int]]] = {}
-        for c, (l, j) in enumerate(group):
-            by_layer.setdefault(l, []).append((c, j))
+    for l, js in _layer_groups(units, batch_size or _default_copies(n * T, an.n_heads)):
+        src = cap.acts[names[l]]                                     # [n, T, ...] clean
 
-        def make(l):
-            def fn(x):  # [k * n, T, ...]
-                x = x.clone()
-                v = src[names[l]].to(x.device, x.dtype)
-                for c, j in by_layer[l]:
-                    if per == "head":
-                        x[c * n:(c + 1) * n, :, j] = v[:, :, j]
-                    else:
-                        x[c * n:(c + 1) * n, j] = v[:, j]
-                return x
-            return fn
+        def patch(x, js=js, src=src):                                # x: [k * n, T, ...] corrupted copies
+            x = x.clone()
+            v = src.to(x.device, x.dtype)
+            for c, j in enumerate(js):
+                if per == "head":
+                    x[c * n:(c + 1) * n, :, j] = v[:, :, j]
+                else:
+                    x[c * n:(c + 1) * n, j] = v[:, j]
+            return x
 
-        hooks = lambda q_start: [attach(an, sites[l], make(l)) for l in by_layer]  # noqa: E731
-        logits = probe._run(corrupt.repeat(k, 1), None if mask is None else mask.repeat(k, 1), extra_hooks=hooks).logits
-        for c, (l, j) in enumerate(group):
+        hooks = lambda q_start, l=l, patch=patch: [attach(an, sites[l], patch)]  # noqa: E731
+        logits = _fork_run(probe, corrupt, mask, l, len(js), hooks=hooks, logits_to_keep=logits_to_keep).logits
+        for c, j in enumerate(js):
             scores[l, j] = float(metric(logits[c * n:(c + 1) * n]))
     return scores

@@ -212,7 +212,8 @@ def feed(model, *, image_token_id: int | None = None, encoder_out=None, n_image_
     - ``mm_encoder_outputs={"image": encoder_out}`` when it starts the sequence (no cached
       positions) and its ids hold the ``n_image_tokens`` image tokens; later (decode) steps get
       nothing, as in HF generation;
-    - ``position_ids[:, past:past + T]`` instead of the caller's, when given ("preserve" positions);
+    - ``position_ids[:, past:past + T]`` instead of the caller's, when given ("preserve" positions),
+      plus an all-ones 2-D attention mask if the caller passed none (see the comment inside);
     - ``token_type_ids`` at the prefill (Gemma-3's bidirectional image block).
 
     Calls whose ids hold only part of the image tokens (a chunked prefill splitting the image)
@@ -231,6 +232,10 @@ def feed(model, *, image_token_id: int | None = None, encoder_out=None, n_image_
                 raise HeadscopeError(f"preserved position ids cover {position_ids.shape[-1]} tokens, "
                                      f"the forward reaches {past + T}")
             kwargs["position_ids"] = position_ids[..., past:past + T].reshape(1, T).to(ids.device)
+            if kwargs.get("attention_mask") is None:
+                # without a 2-D mask, transformers reads a jump in position ids as the start of a
+                # packed sequence and blocks attention across it; an all-ones mask keeps it causal
+                kwargs["attention_mask"] = torch.ones(1, past + T, dtype=torch.long, device=ids.device)
         if encoder_out is not None and past == 0:
             n = int((ids == image_token_id).sum())
             if n and n != n_image_tokens:

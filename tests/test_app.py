@@ -1,0 +1,347 @@
+"""Dashboard pages, each run alone with streamlit's AppTest on a runs folder made in tmp.
+
+Runs are written through the store API with synthetic but schema-valid scores; the pages that
+need a model use a tiny random-init Llama saved as a local model directory (byte-level
+tokenizer, 2 layers x 4 heads, GQA 2 KV heads), so nothing is downloaded and it loads in a second.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.stats
+
+pytest.importorskip("streamlit")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+from headscope.analyses.store import create_run, list_runs, load_run  # noqa: E402
+
+SYNTH_MODEL = {"id": "synth-model", "name": "synth-model", "n_layers": 4, "n_heads": 6, "n_kv_heads": 2}
+TIMEOUT = 60
+
+
+# --------------------------------------------------------------------------- helpers (also used by other app tests)
+def make_tiny_model_dir(path: Path, seed: int = 0) -> Path:
+    """A random-init 2-layer Llama (4 query / 2 KV heads) with a byte-level tokenizer, as a model dir."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<s>": 0, "</s>": 1, **{c: i + 2 for i, c in enumerate(alphabet)}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>").save_pretrained(path)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      bos_token_id=0, eos_token_id=1, tie_word_embeddings=True, initializer_range=0.3)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def write_run(root: Path, rid: str, *, analysis: str = "induction", scores: dict | None = None,
+              score_meta: dict | None = None, status: str = "complete", created: str = "2025-01-01T00:00:00",
+              model: dict | None = None, records: list | None = None, extra: dict | None = None):
+    """A run folder as ``run_analysis`` leaves it, with the given scores."""
+    meta = {"analysis": analysis, "created": created, "model": dict(model or SYNTH_MODEL),
+            "config": {"seed": 0, "limit": None}, "versions": {"python": "3"}}
+    run, _ = create_run(Path(root) / rid, meta)
+    scores = scores or {}
+    run.meta["scores"] = {k: np.asarray(v).tolist() for k, v in scores.items()}
+    run.meta["score_meta"] = score_meta or {k: {"description": f"{k} score", "index": "query_head",
+                                                "higher_is": k, "threshold": None} for k in scores}
+    run.meta["summary"] = {"accuracy": 0.5}
+    run.meta.update({"status": status, "n_examples": len(records or []), "n_used": len(records or []),
+                     "error": "boom" if status == "failed" else None, "timings": {"run_s": 1.0}})
+    run.meta.update(extra or {})
+    for r in records or []:
+        run.append_example(r)
+    run.save_meta()
+    return run
+
+
+def make_runs(root: Path, seed: int = 0) -> dict:
+    """Two induction runs of one model (one with per-example scores), a KV-head run, a failed run."""
+    rng = np.random.default_rng(seed)
+    L, H = SYNTH_MODEL["n_layers"], SYNTH_MODEL["n_heads"]
+    ind_a = {"induction": rng.random((L, H)), "previous_token": rng.random((L, H))}
+    ind_b = {k: v + rng.normal(0, 0.2, v.shape) for k, v in ind_a.items()}
+    per = rng.random((3, L, H))
+    ind_meta = {"induction": {"description": "induction score", "index": "query_head", "higher_is": "induction head",
+                              "threshold": 0.8},
+                "previous_token": {"description": "prev", "index": "query_head", "higher_is": "previous-token head",
+                                   "threshold": None}}
+    runs = {
+        "ind-a": write_run(root, "ind-a", scores=ind_a, score_meta=ind_meta, created="2025-01-01T00:00:00",
+                           records=[{"id": f"seq{i}", "skip": False, "induction": per[i].tolist()} for i in range(3)]),
+        "ind-b": write_run(root, "ind-b", scores=ind_b, score_meta=ind_meta, created="2025-01-02T00:00:00"),
+        "kv": write_run(root, "kv", analysis="duo", scores={"gate": rng.random((L, 2))}, created="2025-01-03T00:00:00",
+                        score_meta={"gate": {"description": "gate", "index": "kv_head", "higher_is": "full",
+                                             "threshold": None}}),
+        "bad": write_run(root, "bad", analysis="sinks", status="failed", created="2024-12-31T00:00:00"),
+    }
+    return {"runs": runs, "ind_a": ind_a, "ind_b": ind_b, "per": per}
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-model") / "tiny-llama")
+
+
+@pytest.fixture
+def app_env(tmp_path, monkeypatch):
+    root = tmp_path / "runs"
+    root.mkdir()
+    made = make_runs(root)
+    monkeypatch.setenv("HEADSCOPE_RUNS", str(root))
+    monkeypatch.setenv("HEADSCOPE_MODEL", "synth-model")
+    return root, made
+
+
+@pytest.fixture
+def model_env(app_env, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("HEADSCOPE_MODEL", str(tiny_model_dir))
+    return app_env
+
+
+def page(name: str) -> AppTest:
+    return AppTest.from_string(f"from headscope.app import ui\nui.{name}()", default_timeout=TIMEOUT)
+
+
+def run_ready(at: AppTest, timeout: float = TIMEOUT) -> AppTest:
+    """Run the page until it is past 'loading model' (the model loads in a background thread)."""
+    at.run()
+    t0 = time.time()
+    while any("loading model" in i.value for i in at.info) and time.time() - t0 < timeout:
+        time.sleep(0.2)
+        at.run()
+    return at
+
+
+def no_errors(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def charts(at: AppTest) -> list[dict]:
+    return [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+
+
+def arr(x) -> np.ndarray:
+    """A plotly JSON array: plain lists, or the typed-array form plotly >= 6 writes for numpy data."""
+    if isinstance(x, dict) and "bdata" in x:
+        a = np.frombuffer(base64.b64decode(x["bdata"]), dtype=np.dtype(x["dtype"]))
+        return a.reshape([int(n) for n in str(x.get("shape", len(a))).split(",")])
+    return np.asarray(x, dtype=float)
+
+
+# --------------------------------------------------------------------------- Runs
+def test_runs_page_lists_filters_and_details(app_env):
+    root, made = app_env
+    at = page("runs_page").run()
+    assert not at.exception
+    table = at.dataframe[0].value
+    assert set(table["id"]) == {"ind-a", "ind-b", "kv", "bad"}
+    at.selectbox(key="f_analysis").select("induction").run()
+    assert set(at.dataframe[0].value["id"]) == {"ind-a", "ind-b"}
+    at.selectbox(key="f_analysis").select("(all)").run()
+    at.selectbox(key="f_status").select("failed").run()
+    assert list(at.dataframe[0].value["id"]) == ["bad"]
+    assert any("boom" in e.value for e in at.error)  # a failed run's error is shown
+    at.selectbox(key="f_status").select("(all)").run()
+    at.text_input(key="f_text").input("ind-b").run()
+    assert list(at.dataframe[0].value["id"]) == ["ind-b"]
+    # details: the heatmap of the selected run holds its scores
+    spec = charts(at)[0]
+    np.testing.assert_allclose(arr(spec["data"][0]["z"]), made["ind_b"]["induction"])
+
+
+def test_runs_page_compare_two_runs(app_env):
+    root, made = app_env
+    at = page("runs_page").run()
+    at.selectbox(key="cmp_a").select("ind-a").run()
+    at.selectbox(key="cmp_score").select("induction").run()
+    no_errors(at)
+    assert at.selectbox(key="cmp_b").value == "ind-b"  # only runs of the same analysis are offered
+    rho = scipy.stats.spearmanr(made["ind_a"]["induction"].ravel(), made["ind_b"]["induction"].ravel()).statistic
+    metric = next(m for m in at.metric if m.label == "Spearman ρ")
+    assert float(metric.value) == pytest.approx(rho, abs=5e-4)
+    diff = next(c for c in charts(at) if "second − first" in c["layout"]["title"]["text"])
+    np.testing.assert_allclose(arr(diff["data"][0]["z"]),
+                               made["ind_b"]["induction"] - made["ind_a"]["induction"], atol=1e-9)
+
+
+def test_runs_page_exports_reports(app_env):
+    at = page("runs_page").run()
+    at.multiselect(key="exp_runs").set_value(["ind-a", "ind-b"]).run()
+    for fmt, name in (("json", "headscope-report.json"), ("html", "headscope-report.html"),
+                      ("md", "headscope-report.zip")):
+        at.radio(key="exp_fmt").set_value(fmt).run()
+        no_errors(at)
+        assert at.get("download_button")[0].proto.label == f"download {name}"
+
+
+def test_runs_page_empty_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HEADSCOPE_RUNS", str(tmp_path / "none"))
+    at = page("runs_page").run()
+    no_errors(at)
+    assert "No runs" in at.info[0].value
+
+
+# --------------------------------------------------------------------------- Heads
+def test_heads_page_heatmap_table_and_drilldown(app_env):
+    root, made = app_env
+    at = page("heads_page").run()
+    at.selectbox(key="heads_run").select("ind-a").run()
+    at.selectbox(key="heads_score").select("induction").run()
+    no_errors(at)
+    s = made["ind_a"]["induction"]
+    heat = charts(at)[0]
+    np.testing.assert_allclose(arr(heat["data"][0]["z"]), s)
+    top = at.dataframe[0].value  # the top-heads table, then the head stats
+    order = np.argsort(-s, axis=None)
+    assert list(top["head"][:3]) == [f"L{i // 6}H{i % 6}" for i in order[:3]]
+    # drill-down on the top head: its stats and its per-example scores (stored in examples.jsonl)
+    best = f"L{order[0] // 6}H{order[0] % 6}"
+    assert at.selectbox(key="heads_head").value == best
+    stats = at.dataframe[1].value
+    row = stats[stats["score"] == "induction"].iloc[0]
+    assert row["rank"] == 1 and row["value"] == pytest.approx(s.max())
+    per = next(c for c in charts(at) if "per example" in c["layout"]["title"]["text"])
+    l, h = divmod(int(order[0]), 6)
+    np.testing.assert_allclose(arr(per["data"][0]["y"]), made["per"][:, l, h])
+
+
+def test_heads_page_kv_scores_and_run_from_url(app_env):
+    at = page("heads_page")
+    at.query_params["run"] = "kv"
+    at.run()
+    no_errors(at)
+    assert at.selectbox(key="heads_run").value == "kv"
+    assert charts(at)[0]["layout"]["xaxis"]["title"]["text"] == "KV head"
+    assert at.selectbox(key="heads_head").value.startswith("L") and "KV" in at.selectbox(key="heads_head").value
+
+
+# --------------------------------------------------------------------------- model pages
+def test_inspect_page_captures_default_prompt(model_env):
+    at = run_ready(page("inspect_page"))
+    no_errors(at)
+    at.multiselect(key="insp_heads").set_value(["L0H1", "L1H3"]).run()
+    at.button(key="insp_go").click().run()
+    no_errors(at)
+    titles = [c["layout"]["title"]["text"] for c in charts(at)]
+    assert any(t.startswith("L0H1 attention") for t in titles) and any(t.startswith("L1H3 attention") for t in titles)
+    assert any("FAI" in t and "WAAD" in t for t in titles)
+    tops = [d.value for d in at.dataframe[:2]]  # top attended tokens of each head, in head order
+    assert all(t["mean_attention"].is_monotonic_decreasing for t in tops)
+    assert at.metric[0].label == "tokens" and int(at.metric[0].value) > 10
+
+
+def test_inspect_page_long_prompt_is_pooled(model_env):
+    at = run_ready(page("inspect_page"))
+    at.text_area(key="insp_text").input("the cat sat on the mat. " * 30).run()
+    at.button(key="insp_go").click().run()
+    no_errors(at)
+    pat = next(c for c in charts(at) if "attention" in c["layout"]["title"]["text"])
+    assert "(pooled)" in pat["layout"]["title"]["text"]
+    z = arr(pat["data"][0]["z"])
+    assert z.shape[0] <= 128 and z.shape[1] <= 128
+
+
+def test_intervene_page_live_and_save(model_env):
+    root, _ = model_env
+    at = run_ready(page("intervene_page"))
+    at.multiselect(key="iv_heads").set_value(["L0H0", "L1H2"]).run()
+    at.selectbox(key="iv_kind").select("uniform").run()
+    at.slider(key="iv_gen").set_value(4).run()
+    no_errors(at)
+    kl = float(next(m for m in at.metric if m.label.startswith("KL")).value)
+    assert kl >= 0
+    assert len(at.code) == 2  # both continuations are shown
+    at.button(key="iv_save").click().run()
+    no_errors(at)
+    saved = [r for r in list_runs(root) if r.analysis == "intervention"]
+    assert len(saved) == 1
+    rec = saved[0].meta["interventions"][0]
+    assert rec["heads"] == ["L0H0", "L1H2"] and rec["kind"] == "uniform"
+    assert rec["metrics"]["kl"] == pytest.approx(kl, abs=5e-5)
+
+
+def test_intervene_page_bad_prompt_is_one_line(model_env):
+    at = run_ready(page("intervene_page"))
+    at.text_area(key="iv_text").input("   ").run()
+    assert not at.exception
+    assert "empty" in at.error[0].value
+
+
+# --------------------------------------------------------------------------- New run
+def test_new_run_page_launches_background_run(model_env):
+    root, _ = model_env
+    before = {r.id for r in list_runs(root)}
+    at = page("new_run_page").run()
+    assert at.selectbox(key="nr_analysis").value == "induction"
+    at.number_input(key="nr_induction_n_examples").set_value(2)
+    at.number_input(key="nr_induction_seq_len").set_value(6)
+    at.button[0].click()  # the form's launch button
+    at.run()
+    no_errors(at)
+    assert any("started" in s.value for s in at.success)
+    from headscope.app import ui
+    rid = next(iter({p.name for p in root.iterdir() if p.name.startswith("induction-")} - before))
+    job = ui.job_manager(str(root.resolve())).wait(rid, timeout=TIMEOUT)
+    assert job.state == "complete", job.error
+    run = load_run(root / rid)
+    assert run.status == "complete" and run.meta["n_examples"] == 2 and run.scores()["induction"].shape == (2, 4)
+    # a new session (page refresh) finds the finished job on disk and in the store
+    at2 = page("new_run_page").run()
+    no_errors(at2)
+    assert any(rid in s.value and "complete" in s.value for s in at2.success)
+
+
+def test_new_run_page_reports_orphaned_job(app_env):
+    """A job file left 'running' by an app process that is gone shows as interrupted, resumable."""
+    root, _ = app_env
+    write_run(root, "induction-x", status="running", created="2025-02-01T00:00:00")
+    (root / ".jobs").mkdir()
+    (root / ".jobs" / "induction-x.json").write_text(json.dumps(
+        {"run_id": "induction-x", "analysis": "induction", "model": "synth-model", "options": {},
+         "state": "running", "done": 1, "total": 5, "pid": 2 ** 22 + 12345, "started": 1.0}))
+    at = page("new_run_page").run()
+    no_errors(at)
+    assert any("interrupted" in w.value for w in at.warning)
+    assert at.button(key="resume_induction-x")
+
+
+def test_new_run_page_rejects_bad_options(app_env):
+    at = page("new_run_page").run()
+    at.text_input(key="nr_induction_limit").input("many")
+    at.button[0].click()
+    at.run()
+    assert not at.exception
+    assert "limit" in at.error[0].value
+
+
+def test_uploads_stay_in_runs_folder(tmp_path):
+    from headscope.app.ui import save_upload
+    p = save_upload(tmp_path, "../../etc/evil.jsonl", b"{}\n")
+    assert p.parent == (tmp_path / "uploads").resolve() and p.name == "evil.jsonl"
+    hidden = save_upload(tmp_path, "..", b"x")
+    assert hidden.parent == (tmp_path / "uploads").resolve()
+
+
+# --------------------------------------------------------------------------- the whole app
+def test_app_main_opens_on_runs_page(app_env):
+    from headscope.app import APP_MAIN
+    at = AppTest.from_file(str(APP_MAIN), default_timeout=TIMEOUT).run()
+    no_errors(at)
+    assert at.title[0].value == "Runs"
+    assert at.sidebar.selectbox(key="model").value == "synth-model"

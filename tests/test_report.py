@@ -1,0 +1,176 @@
+"""Circuit reports (headscope.app.report): JSON against the shipped schema, self-contained HTML,
+Markdown with its figures, and the ``headscope report`` command."""
+from __future__ import annotations
+
+import json
+import re
+import xml.etree.ElementTree as ET
+from html.parser import HTMLParser
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pytest
+
+from headscope.app import report
+from headscope.errors import HeadscopeError
+from tests.test_app import arr, make_runs, write_run
+
+
+@pytest.fixture
+def runs(tmp_path):
+    made = make_runs(tmp_path / "runs")
+    iv = write_run(tmp_path / "runs", "iv", analysis="intervention", created="2025-01-05T00:00:00",
+                   extra={"interventions": [{"heads": ["L3H5"], "kind": "zero", "prompt": "p",
+                                             "metrics": {"kl": 0.25, "nan_metric": float("nan")}}]})
+    rs = made["runs"]
+    return [rs["ind-a"], rs["ind-b"], rs["kv"], iv], made
+
+
+def schema() -> dict:
+    return json.loads(report.SCHEMA_PATH.read_text())
+
+
+class _Refs(HTMLParser):
+    """External references a browser would fetch: script src, link href, img src, iframe src."""
+
+    def __init__(self):
+        super().__init__()
+        self.refs: list[str] = []
+        self.scripts = 0
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "script":
+            self.scripts += 1
+        for attr in ("src", "href"):
+            if tag in ("script", "link", "img", "iframe") and a.get(attr):
+                self.refs.append(a[attr])
+
+
+def test_json_report_matches_schema_and_scores(runs, tmp_path):
+    rs, made = runs
+    out = report.write_report(rs, "json", tmp_path / "r.json")
+    data = json.loads(out.read_text())
+    jsonschema.validate(data, schema())
+    jsonschema.Draft202012Validator.check_schema(schema())
+    entry = next(e for e in data["runs"] if e["id"] == "ind-a")
+    s = made["ind_a"]["induction"]
+    np.testing.assert_allclose(np.array(entry["scores"]["induction"]["values"]), s)
+    order = np.argsort(-s, axis=None)[: report.TOP_K]
+    assert [h["head"] for h in entry["scores"]["induction"]["top_heads"]] == [f"L{i // 6}H{i % 6}" for i in order]
+    assert data["models"][0]["id"] == "synth-model" and data["versions"]["headscope"]
+    assert entry["config"] == {"seed": 0, "limit": None}
+    # interventions: NaN metrics are dropped (JSON has no NaN); effects land on the head's node
+    assert data["interventions"] == [{"run": "iv", "model": "synth-model", "heads": ["L3H5"], "kind": "zero",
+                                      "prompt": "p", "metrics": {"kl": 0.25}, "details": {}}]
+    circuit = data["circuits"][0]
+    node = next(n for n in circuit["nodes"] if n["head"] == "L3H5")
+    assert {"run": "iv", "kind": "zero", "metric": "kl", "value": 0.25} in node["effects"]
+
+
+def test_circuit_roles_follow_thresholds_and_top_k(runs):
+    rs, made = runs
+    c = report.build_circuit(rs[:2], "synth-model")
+    roles = {(n["head"], r["role"], r["run"]) for n in c["nodes"] for r in n["roles"]}
+    s = made["ind_a"]["induction"]  # threshold 0.8 in its score_meta
+    want = {(f"L{l}H{h}", "induction", "ind-a") for l, h in zip(*np.nonzero(s >= 0.8))}
+    assert {x for x in roles if x[1] == "induction" and x[2] == "ind-a"} == want
+    p = made["ind_a"]["previous_token"]  # no threshold: the top ROLE_TOP_K heads
+    top = np.argsort(-p, axis=None)[: report.ROLE_TOP_K]
+    assert {x for x in roles if x[1] == "previous-token" and x[2] == "ind-a"} == \
+        {(f"L{i // 6}H{i % 6}", "previous-token", "ind-a") for i in top}
+    assert (c["n_layers"], c["n_heads"]) == (4, 6)
+
+
+def test_span_scores_give_global_and_local_roles(tmp_path):
+    span = np.arange(24, dtype=float).reshape(4, 6)
+    run = write_run(tmp_path, "fai", analysis="fai", scores={"head_span": span})
+    c = report.build_circuit([run], "synth-model")
+    by_role = {}
+    for n in c["nodes"]:
+        for r in n["roles"]:
+            by_role.setdefault(r["role"], set()).add(n["head"])
+    assert by_role["global"] == {"L3H5", "L3H4", "L3H3", "L3H2", "L3H1"}
+    assert by_role["local"] == {"L0H0", "L0H1", "L0H2", "L0H3", "L0H4"}
+
+
+def test_nan_scores_become_null_and_stay_valid(tmp_path):
+    s = np.full((4, 6), np.nan)
+    s[1, 2] = 0.5
+    run = write_run(tmp_path, "nan", scores={"induction": s})
+    data = report.build_report([run])
+    jsonschema.validate(data, schema())
+    vals = data["runs"][0]["scores"]["induction"]["values"]
+    assert vals[0][0] is None and vals[1][2] == 0.5
+    assert [h["head"] for h in data["runs"][0]["scores"]["induction"]["top_heads"]] == ["L1H2"]
+    json.loads(json.dumps(data, allow_nan=False))  # strict JSON
+
+
+def test_html_report_is_self_contained(runs, tmp_path):
+    rs, made = runs
+    out = report.write_report(rs, "html", tmp_path / "r.html")
+    text = out.read_text()
+    p = _Refs()
+    p.feed(text)
+    external = [r for r in p.refs if re.match(r"(https?:)?//", r)]
+    assert not external, external
+    assert text.count("plotly.js v") == 1  # the library is inlined exactly once
+    expected = sum(len(r.scores()) for r in rs) + 1  # every per-head score + the circuit view
+    assert text.count('class="plotly-graph-div"') == expected
+    # each heatmap carries its run's values (plotly's typed-array encoding of the z matrix)
+    figs = re.findall(r'Plotly\.newPlot\(\s*"[^"]+",\s*(\[.*?\]),\s*\{', text, flags=re.S)
+    zs = [arr(d["z"]) for f in figs for d in json.loads(f) if d.get("type") == "heatmap"]
+    assert any(z.shape == (4, 6) and np.allclose(z, made["ind_a"]["induction"]) for z in zs)
+
+
+def test_markdown_report_references_its_svg_figures(runs, tmp_path):
+    rs, made = runs
+    out = report.write_report(rs, "md", tmp_path / "sub" / "r.md")
+    text = out.read_text()
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert len(images) == sum(len(r.scores()) for r in rs) + 1
+    for rel in images:
+        f = out.parent / rel
+        assert f.is_file(), rel
+        root = ET.fromstring(f.read_text())  # well-formed SVG
+        assert root.tag.endswith("svg")
+    heat = ET.fromstring((out.parent / "r_files/ind-a-induction.svg").read_text())
+    ns = "{http://www.w3.org/2000/svg}"
+    tips = [r.find(f"{ns}title").text for r in heat.iter(f"{ns}rect") if r.find(f"{ns}title") is not None]
+    assert len(tips) == 24
+    s = made["ind_a"]["induction"]
+    assert f"L2 head 3: {s[2, 3]:.4g}" in tips
+
+
+def test_report_errors_are_one_line(runs, tmp_path):
+    rs, _ = runs
+    with pytest.raises(HeadscopeError, match="format"):
+        report.write_report(rs, "pdf", tmp_path / "x.pdf")
+    with pytest.raises(HeadscopeError, match="at least one run"):
+        report.build_report([])
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(HeadscopeError, match="cannot write"):
+        report.write_report(rs, "json", blocker / "r.json")
+
+
+def test_validate_report_rejects_bad_data(runs):
+    rs, _ = runs
+    data = report.build_report(rs)
+    data["runs"][0]["scores"]["induction"]["top_heads"][0]["head"] = "head 5"
+    with pytest.raises(HeadscopeError, match="report_schema.json"):
+        report.validate_report(data)
+
+
+def test_cli_report_command(runs, tmp_path, monkeypatch, capsys):
+    from headscope.cli import main
+    rs, _ = runs
+    monkeypatch.setenv("HEADSCOPE_RUNS", str(rs[0].path.parent))
+    out = tmp_path / "cli.json"
+    assert main(["report", "ind-a", "ind-b", "--format", "json", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    jsonschema.validate(data, schema())
+    assert [r["id"] for r in data["runs"]] == ["ind-a", "ind-b"]
+    assert main(["report", "no-such-run", "--format", "json", "--out", str(out)]) == 2
+    assert "no run" in capsys.readouterr().err
