@@ -23,7 +23,9 @@ and says so where it deviates:
   template is returned with every instance.
 - **Needle span** (``find_needle_span``): the reference's token-set overlap > 0.9, tried for the
   answer as written and with a leading space (byte-level BPE tokenizers encode an in-context word
-  as " word"), keeping the better match. No match is reported as ``None``, never as a fake span.
+  as " word"), keeping the better match, and aligned within the first
+  passing run (the reference's first window starts one token early for answers of more than 10
+  distinct tokens), by position-wise agreement. No match is reported as ``None``, never as a fake span.
 
 Everything is deterministic: the only randomness is ``seed``, which rotates the haystack to start at
 a seed-chosen paragraph (seed 0 = the haystack's beginning, like the reference).
@@ -144,16 +146,34 @@ def load_haystack(source: str = "builtin") -> str:
 
 
 # --------------------------------------------------------------------------- span search
-def find_needle_span(prompt_ids, answer_ids, threshold: float = 0.9) -> tuple[int, int] | None:
+def find_needle_span(prompt_ids, answer_ids, threshold: float = 0.9, align: bool = True) -> tuple[int, int] | None:
     """The reference's search: the first window of ``len(answer_ids)`` prompt ids whose token *set*
-    covers more than ``threshold`` of the answer's token set. Returns ``(start, end)`` or None."""
+    covers more than ``threshold`` of the answer's token set. Returns ``(start, end)`` or None.
+
+    With more than 10 distinct answer ids the window one token *before* the answer already passes
+    0.9, so the reference's span starts one early and drops the answer's last token. ``align``
+    (default) moves to the window of the first passing run with the most position-wise equal ids
+    (earliest on ties); ``align=False`` is the reference exactly.
+    """
     ans = set(answer_ids)
     n = len(answer_ids)
     if not ans:
         return None
     prompt_ids = list(prompt_ids)
+
+    def passes(i: int) -> bool:
+        return len(set(prompt_ids[i:i + n]) & ans) / len(ans) > threshold
+
+    def aligned(i: int) -> int:
+        return sum(a == b for a, b in zip(prompt_ids[i:i + n], answer_ids))
+
     for i in range(len(prompt_ids)):
-        if len(set(prompt_ids[i:i + n]) & ans) / len(ans) > threshold:
+        if passes(i):
+            if align:
+                run = [i]
+                while run[-1] + 1 < len(prompt_ids) and passes(run[-1] + 1):
+                    run.append(run[-1] + 1)
+                i = max(run, key=lambda j: (aligned(j), -j))
             return i, i + n
     return None
 

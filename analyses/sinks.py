@@ -152,7 +152,7 @@ def label_sink(lifetime: int, n_layers: int, min_lifetime: int = 4, margin: int 
 def massive_mask(resid: torch.Tensor, abs_threshold: float = 100.0, ratio: float = 1000.0):
     """Massive activations of resid [L, T, D]: (mask [L, T, D] bool, per-layer median |h| [L])."""
     a = resid.float().abs()
-    med = a.flatten(1).median(dim=-1).values                                         # [L]
+    med = a.flatten(1).median(dim=-1).values  # [L]; lower middle value for even counts (torch)
     mask = (a > abs_threshold) & (a > ratio * med[:, None, None])
     return mask, med
 

@@ -322,6 +322,9 @@ class VHDAnalysis(_Divergence):
         if not isinstance(ctx.lm, LoadedVLM):
             raise HeadscopeError(f"vhd needs a vision-language model directory (LLaVA / LLaVA-NeXT / Gemma-3); "
                                  f"{ctx.lm.name} is text-only: use `headscope score chd` for the text form")
+        if ctx.lm.vlm_type == "gemma3":
+            raise HeadscopeError("vhd: Gemma-3's image tokens attend to each other bidirectionally, which the probe's "
+                                 "causal-only attention cannot express; use a LLaVA-family model")
         for rec in image_records(ctx.data_path, ctx.options["prompt"]):
             yield Example(id=rec["id"], data=rec)
 

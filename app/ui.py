@@ -132,13 +132,13 @@ def _remember_run(run_id: str) -> None:
 
 
 def _run_select(runs: list, label: str, key: str, *, default: str | None = None):
-    """Selectbox over runs. Initial choice: the run remembered in the session, then the URL's
-    ``?run=``, then ``default``, then the first run."""
+    """Selectbox over runs. Initial choice: the URL's ``?run=``, then the run remembered in the
+    session, then ``default``, then the first run."""
     if not runs:
         return None
     ids = [r.id for r in runs]
     if key not in st.session_state:
-        for want in (st.session_state.get("run"), st.query_params.get("run"), default):
+        for want in (st.query_params.get("run"), st.session_state.get("run"), default):
             if want in ids:
                 st.session_state[key] = want
                 break
@@ -196,9 +196,7 @@ def _run_details(runs: list) -> None:
     if scores:
         name = st.selectbox("score", list(scores), key="details_score")
         _chart(views.heatmap_figure(scores[name], name, meta=m.get("score_meta", {}).get(name)), "details_heatmap")
-        if st.button("open in Heads", key="details_open"):
-            _remember_run(run.id)
-            _switch("heads")
+        _link_heads(st, run.id)
     with st.expander("config, versions, timings"):
         st.json({"config": m.get("config"), "versions": m.get("versions"), "timings": m.get("timings"),
                  "path": str(run.path)})
@@ -691,9 +689,7 @@ def _jobs_panel() -> None:
             box.progress(job.fraction, text=f"{head} · {job.state} · {job.done}/{job.total or '?'} examples")
         elif job.state == "complete":
             box.success(f"{head} · complete · {job.done} examples")
-            if box.button("open in Heads", key=f"open_{job.run_id}"):
-                _remember_run(job.run_id)
-                _switch("heads")
+            _link_heads(box, job.run_id)
         else:
             box.error(f"{head} · {job.state}: {job.error}")
             if job.state == "partial" and box.button("resume", key=f"resume_{job.run_id}"):
@@ -715,10 +711,13 @@ def _resume(jm: JobManager, job) -> None:
 _PAGES: dict[str, object] = {}
 
 
-def _switch(name: str) -> None:
-    """Go to another page (inside the multipage app); a no-op when a page runs alone (tests)."""
-    if name in _PAGES:
-        st.switch_page(_PAGES[name])
+def _link_heads(container, run_id: str) -> None:
+    """A link to the Heads page showing ``run_id`` (only inside the multipage app; pages run alone
+    in tests have no page registry). A link, not st.switch_page, because it also works inside
+    fragments."""
+    if "heads" in _PAGES:
+        container.page_link(_PAGES["heads"], label="open in Heads", icon=":material/grid_on:",
+                            query_params={"run": run_id})
 
 
 def navigation():

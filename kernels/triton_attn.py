@@ -63,7 +63,7 @@ _NO_BAND = 1 << 30
 
 def _configs():
     if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
             for bm in (16, 64, 128) for bn in (32, 64) for w in (4, 8) for s in (2, 3)
             if not (bm * bn < 128 * 64 and w == 8)]
@@ -184,8 +184,8 @@ def _attn_stats_fwd_inner(acc, l_i, m_i, l_r, m_r, ent, wd, md, seg, tk_v, tk_i,
         l_ij = tl.sum(p, 1)
         # -- row statistics, rescaled like acc
         if ENTROPY:
-            shift = tl.where(l_i > 0, (m_i - m_safe) * l_i, 0.0)
-            plogit = tl.where(x_eff > float("-inf"), p * (x_eff - m_safe[:, None]), 0.0)
+            shift = (tl.where(l_i > 0, m_i, m_safe) - m_safe) * l_i    # re-centre on the new max
+            plogit = p * tl.where(x_eff > float("-inf"), x_eff - m_safe[:, None], 0.0)
             ent = alpha * (ent + shift) + tl.sum(plogit, 1)
         if WIN_DIST or MEAN_DIST:
             d = tl.maximum(t[:, None] - cols[None, :], 0).to(tl.float32)
@@ -315,7 +315,7 @@ def _attn_stats_fwd(Q, K, V, Out, KvOk, Bias, Uni, SegBounds,  #
                  mask=row_ok[:, None] & (scol[None, :] < NSEG))
     if TOPK > 0:
         kcol = tl.arange(0, TOPKP)
-        prob = tl.where(valid[:, None] & (tk_v > float("-inf")), tl.exp(tk_v - lse[:, None]), 0.0)
+        prob = tl.exp(tk_v - tl.where(valid, lse, 0.0)[:, None])   # exp(-inf) = 0 for unfilled slots
         kmask = row_ok[:, None] & (kcol[None, :] < TOPK)
         tl.store(TopV + row[:, None] * TOPK + kcol[None, :], prob, mask=kmask)
         tl.store(TopI + row[:, None] * TOPK + kcol[None, :], tk_i, mask=kmask)

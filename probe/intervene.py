@@ -157,7 +157,8 @@ class InterventionSet:
                 (name,) = expand_names(an, [op.hook])
                 s = site(an, name)
                 if s.module is None or s.result:
-                    raise HeadscopeError(f"{op.hook} cannot be patched (patch attn.hook_z or a residual hook)")
+                    raise HeadscopeError(f"{op.hook} is read-only (logits, or hook_result = z @ W_O per head); "
+                                         "patch attn.hook_z or a residual hook")
                 if op.heads is not None and not s.heads:
                     raise HeadscopeError(f"Patch({op.hook!r}) has no head axis; drop heads=")
             else:

@@ -430,6 +430,8 @@ def load_gguf(path: str | os.PathLike, architectures: tuple[str, ...] | list[str
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if importlib.util.find_spec("gguf") is None:
+        raise HeadscopeError("reading GGUF files needs the gguf package: pip install gguf==0.19.0")
     path = Path(path)
     kwargs = dict(gguf_file=path.name, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
@@ -450,12 +452,34 @@ def _package_versions(spec: ModelSpec) -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             versions[dist] = "unknown"
     for dist in ("torch", "transformers", "gguf"):
-        versions[dist] = importlib.metadata.version(dist)
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = "unknown"
     return versions
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file (or a directory entry list) to disk; best effort where unsupported."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _finish_cache(tmp: Path, spec: ModelSpec) -> None:
-    """Write the completion marker; it is the last file written before the rename."""
+    """Flush the weights, then write the completion marker: the last file before the rename.
+
+    The flush means a power cut cannot publish a marker whose weights never reached the disk.
+    """
+    for f in tmp.iterdir():
+        _fsync(f)
     marker = {
         "format": CACHE_FORMAT,
         "name": spec.name,
@@ -464,6 +488,8 @@ def _finish_cache(tmp: Path, spec: ModelSpec) -> None:
         "versions": _package_versions(spec),
     }
     (tmp / CACHE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    _fsync(tmp / CACHE_MARKER)
+    _fsync(tmp)
 
 
 def convert_to_cache(spec: ModelSpec, target: Path) -> Path:
@@ -494,17 +520,23 @@ def convert_to_cache(spec: ModelSpec, target: Path) -> Path:
 
 
 def _publish(tmp: Path, target: Path, spec: ModelSpec) -> None:
-    try:
-        os.rename(tmp, target)  # atomic; fails when target exists and is not empty
-        return
-    except OSError:
-        if cache_is_valid(target, spec):  # a concurrent conversion won the race
-            shutil.rmtree(tmp, ignore_errors=True)
+    """Rename ``tmp`` to ``target``; an invalid ``target`` in the way is moved aside and deleted."""
+    for _ in range(3):
+        try:
+            os.rename(tmp, target)  # atomic; fails when target exists and is not empty
+            _fsync(target.parent)
             return
-    stale = target.with_name(f".stale-{spec.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    os.rename(target, stale)  # an invalid or outdated cache: move it aside, then replace it
-    os.rename(tmp, target)
-    shutil.rmtree(stale, ignore_errors=True)
+        except OSError:
+            if cache_is_valid(target, spec):  # a concurrent conversion won the race: keep it
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
+        stale = target.with_name(f".stale-{spec.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            os.rename(target, stale)
+        except FileNotFoundError:
+            continue  # another process moved it meanwhile; try again
+        shutil.rmtree(stale, ignore_errors=True)
+    raise HeadscopeError(f"could not publish the model cache {target}: another process keeps replacing it")
 
 
 # --------------------------------------------------------------------------------------------
@@ -579,7 +611,9 @@ def load_model(
 
     The model comes back in eval mode on ``device`` in ``dtype``. ``attn_implementation=None``
     keeps transformers' default (the probe engine picks its own later). Weights are read from
-    safetensors only. Registry models are converted once into ``cache_root(cache_dir)/<name>``.
+    safetensors only. Registry models are converted once into ``cache_root(cache_dir)/<name>``
+    (15-50 s, then about a second); a registry name wins over a same-named directory, so write
+    ``./smollm2-135m`` for the directory.
     """
     _offline_unless_opted_in()
     dev = _device(device)
@@ -601,6 +635,9 @@ def load_model(
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise HeadscopeError(f"{path} is not a model directory (no config.json)")
+        from .vlm import load_vlm, vlm_model_type  # LLaVA / Gemma-3 VLMs: model + processor (issue 8)
+        if vlm_model_type(path):
+            return load_vlm(path, device=dev, dtype=dtype)
         model, tokenizer = _load_checked(str(path), str(path), local_files_only=True, **common)
         return _loaded(model, tokenizer, str(path), "path", str(path.resolve()), None)
     if _looks_like_path(name_or_path):
@@ -637,7 +674,7 @@ def _load_checked(where: str, label: str, **kwargs: Any) -> tuple[Any, Any]:
                 f"{label}: no safetensors weights in {where} (headscope does not read pickled "
                 f"*.bin/*.pt weights)"
             ) from None
-        raise HeadscopeError(f"could not load {label}: {_one_line(exc)}") from None
+        raise HeadscopeError(f"could not load {label} from {where}: {_one_line(exc)}") from None
 
 
 def _loaded(model: Any, tokenizer: Any, name: str, source: str, path: str, hf_id: str | None) -> LoadedModel:

@@ -23,6 +23,16 @@ ALL_STATS = StatsSpec(lse=True, topk=2, entropy=True, segments=((0, 1), (2, 9)),
                       col_mass=True)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: small models are dominated by thread synchronisation, which costs 10-100x on
+    a busy 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @functools.lru_cache(maxsize=None)
 def tiny_model(family: str):
     """A small random causal LM with eager attention (shared: tests must not modify it)."""

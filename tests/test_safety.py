@@ -396,7 +396,8 @@ def test_cli_ships_and_sahara_complete_runs(tiny_dir, tmp_path, capsys):
     bad.write_text("question\nx\n")
     assert main(["score", "ships", "--model", str(tiny_dir), "--data", str(bad), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
-    assert "no prompt column" in err and "\n" not in err
+    assert "Traceback" not in err and err.splitlines()[-1].startswith("headscope: error:")
+    assert "no prompt column" in err.splitlines()[-1]
 
 
 # ------------------------------------------------------------------------------------------ real model

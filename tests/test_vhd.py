@@ -11,6 +11,7 @@ CLIP). Real-model tests (``slow``) build the SmolLM2 LLaVA fixture once per sess
 """
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -22,7 +23,7 @@ from headscope.analyses.base import run_analysis
 from headscope.analyses.vhd import (DEFAULT_CONTEXT_DATA, context_branches, image_records, token_aggregate,
                                     vhr_select)
 from headscope.errors import HeadscopeError
-from headscope.probe.vlm import LoadedVLM, encode, image_spans, load_vlm, vlm_model_type
+from headscope.probe.vlm import LoadedVLM, encode, feed_image, image_spans, load_vlm, vlm_model_type
 from headscope.probe.vlm_fixture import CHATML_TEMPLATE, build_llava
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -183,6 +184,93 @@ def test_encode_finds_the_image_span(tiny_tok, tiny_text_lm, tmp_path, image_siz
     assert ids[a + n:].tolist() == tiny_tok(after, add_special_tokens=False)["input_ids"]
     assert ip.text_ids[0].tolist() == ids[:a].tolist() + ids[a + n:].tolist()
     assert ip.kept.tolist() == list(range(a)) + list(range(a + n, len(ids)))
+
+
+def _tiny_llava_next(tok, text_cfg, out):
+    from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    tok = copy.deepcopy(tok)
+    tok.add_tokens(["<image>"], special_tokens=True)
+    text_cfg.vocab_size = len(tok)
+    grid = [[32, 32], [32, 64], [64, 32], [64, 64]]
+    vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                          image_size=32, patch_size=16)
+    cfg = LlavaNextConfig(vision_config=vc, text_config=text_cfg, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                          image_grid_pinpoints=grid, vision_feature_layer=-2, vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    LlavaNextForConditionalGeneration(cfg).save_pretrained(out)
+    ip = LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                    image_grid_pinpoints=grid)
+    LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=16, vision_feature_select_strategy="default",
+                       chat_template=CHATML_TEMPLATE, num_additional_image_tokens=1).save_pretrained(out)
+    return out
+
+
+def _tiny_gemma3(tok, out):
+    from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor, Gemma3TextConfig,
+                              PreTrainedTokenizerFast, SiglipVisionConfig)
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    backend = tok.backend_tokenizer.__class__.from_str(tok.backend_tokenizer.to_str())
+    backend.add_special_tokens(["<start_of_image>", "<end_of_image>", "<image_soft_token>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                  pad_token="<|endoftext|>", extra_special_tokens={
+                                      "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                                      "image_token": "<image_soft_token>"})
+    tc = Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=64,
+                          layer_types=["sliding_attention", "full_attention"])
+    vc = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                            image_size=32, patch_size=8)
+    cfg = Gemma3Config(text_config=tc, vision_config=vc, mm_tokens_per_image=4, boi_token_index=tok.boi_token_id,
+                       eoi_token_index=tok.convert_tokens_to_ids("<end_of_image>"), image_token_index=tok.image_token_id)
+    torch.manual_seed(0)
+    Gemma3ForConditionalGeneration(cfg).save_pretrained(out)
+    Gemma3Processor(image_processor=Gemma3ImageProcessorPil(size={"height": 32, "width": 32}), tokenizer=tok,
+                    chat_template=CHATML_TEMPLATE.replace("<image>", "<start_of_image>"),
+                    image_seq_length=4).save_pretrained(out)
+    return out
+
+
+def test_llava_next_span_depends_on_the_image_and_probe_matches_hf(tiny_tok, tiny_text_lm, tmp_path):
+    """LLaVA-NeXT ("anyres"): the image-token count varies with the aspect ratio; the probe's forward
+    with the precomputed image features gives HF's logits (pixel_values path)."""
+    from headscope.probe import Probe
+
+    lm = load_vlm(_tiny_llava_next(tiny_tok, copy.deepcopy(tiny_text_lm.model.config), tmp_path / "next"))
+    assert lm.vlm_type == "llava_next"
+    probe, counts = Probe(lm), set()
+    for shape in [(30, 60), (60, 30), (40, 40)]:
+        img = Image.fromarray((np.random.default_rng(1).random((*shape, 3)) * 255).astype(np.uint8))
+        ip = encode(lm, img, "What colour is the shape?")
+        ids = ip.input_ids[0]
+        (a, b), = ip.spans
+        assert (ids[a:b] == lm.image_token_id).all() and int((ids == lm.image_token_id).sum()) == b - a
+        counts.add(b - a)
+        with probe.capture(activations=["logits"]), feed_image(lm, ip):
+            got = probe.forward(ip.input_ids).logits
+        with torch.no_grad():
+            ref = lm.model(input_ids=ip.input_ids, **ip.vision_inputs).logits
+        np.testing.assert_allclose(got.numpy(), ref.numpy(), atol=1e-5)
+    assert len(counts) > 1
+
+
+def test_gemma3_span_includes_wrappers_and_vhd_refuses(tiny_tok, tmp_path):
+    from headscope.probe import Probe
+
+    lm = load_vlm(_tiny_gemma3(tiny_tok, tmp_path / "gemma"))
+    assert lm.vlm_type == "gemma3" and len(lm.wrapper_token_ids) == 2
+    img = Image.fromarray((np.random.default_rng(2).random((30, 60, 3)) * 255).astype(np.uint8))
+    ip = encode(lm, img, "What colour is the shape?")
+    ids = ip.input_ids[0].tolist()
+    boi, eoi = lm.wrapper_token_ids
+    a, b = ids.index(boi), ids.index(eoi) + 1
+    assert ip.spans == [(a, b)] and b - a == 4 + 2                       # mm_tokens_per_image + wrappers
+    assert ip.text_ids[0].tolist() == ids[:a] + ids[b:]
+    assert ip.token_type_ids is not None and int(ip.token_type_ids.sum()) == 4
+    with pytest.raises(HeadscopeError, match="Gemma-3"):
+        run_analysis("vhd", lm=lm, probe=Probe(lm), data=_images(tmp_path, 1, 0), out=tmp_path / "r", progress=False)
 
 
 # --------------------------------------------------------------------------- fixture

@@ -184,11 +184,10 @@ def chapter(rng: random.Random, n: int) -> str:
     return title + "\n\n" + "\n\n".join(paras) + "\n"
 
 
-def main() -> None:
+def main(out: Path = Path(__file__).parent) -> None:
     rng = random.Random(SEED)
-    here = Path(__file__).parent
     for n in range(CHAPTERS):
-        (here / f"valley-{n + 1:02d}.txt").write_text(chapter(rng, n))
+        (Path(out) / f"valley-{n + 1:02d}.txt").write_text(chapter(rng, n))
 
 
 if __name__ == "__main__":

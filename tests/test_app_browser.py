@@ -1,0 +1,183 @@
+"""The real dashboard in headless Chromium: `headscope app` on a free localhost port, driven with
+Selenium like a user would: open each page, launch a small run, see its heatmap. Screenshots go
+to test-artifacts/ (gitignored). Needs the Debian packages chromium and chromium-driver
+(`make browser-deps`); skipped with the reason when they are missing.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.test_app import make_runs, make_tiny_model_dir
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+START_TIMEOUT = 90
+if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+    pytest.skip("headless Chromium not installed (apt-get install chromium chromium-driver, or make browser-deps)",
+                allow_module_level=True)
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install -e '.[dev]')")
+from selenium.common.exceptions import TimeoutException  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    """``headscope app --headless`` on a free port with a tmp runs folder and the tiny model."""
+    base = tmp_path_factory.mktemp("browser")
+    runs = base / "runs"
+    make_runs(runs)
+    model = make_tiny_model_dir(base / "tiny-llama")
+    port = free_port()
+    env = dict(os.environ, HEADSCOPE_RUNS=str(runs), HEADSCOPE_DEBUG="1")
+    log = open(base / "app.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "headscope.cli", "app", "--headless", "--port", str(port),
+                             "--model", str(model)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    t0 = time.time()
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/_stcore/health", timeout=1)
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() - t0 > START_TIMEOUT:
+                log.close()
+                pytest.fail(f"the app did not start: {(base / 'app.log').read_text()[-2000:]}")
+            time.sleep(0.3)
+    yield url, runs
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    opts = Options()
+    opts.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1400,1700",
+                 f"--user-data-dir={tmp_path_factory.mktemp('chrome-profile')}"):
+        opts.add_argument(flag)
+    d = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    d.set_page_load_timeout(60)
+    ARTIFACTS.mkdir(exist_ok=True)
+    yield d
+    d.quit()
+
+
+def wait_for(d, cond, timeout: float = 60, what: str = ""):
+    try:
+        return WebDriverWait(d, timeout, poll_frequency=0.3).until(lambda _: cond())
+    except TimeoutException:
+        d.save_screenshot(str(ARTIFACTS / "timeout.png"))
+        raise AssertionError(f"timed out waiting for {what}; page text: {d.find_element(By.TAG_NAME, 'body').text[:1500]}")
+
+
+def body(d) -> str:
+    return d.find_element(By.TAG_NAME, "body").text
+
+
+def settled(d) -> bool:
+    """Streamlit has finished the script run (no 'running' indicator)."""
+    return not d.find_elements(By.CSS_SELECTOR, "[data-testid='stStatusWidget']")
+
+
+def no_exception(d) -> None:
+    boxes = d.find_elements(By.CSS_SELECTOR, "[data-testid='stException']")
+    assert not boxes, boxes[0].text[:1500]
+
+
+def open_page(d, url: str, title: str, ready: str | None = None, timeout: float = 60):
+    d.get(url)
+    wait_for(d, lambda: any(h.text == title for h in d.find_elements(By.TAG_NAME, "h1")), timeout, f"page {title}")
+    if ready:
+        wait_for(d, lambda: ready in body(d), timeout, f"{ready!r} on {title}")
+    wait_for(d, lambda: settled(d), timeout, f"{title} to settle")
+    no_exception(d)
+
+
+def plots(d) -> list:
+    return d.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")
+
+
+def test_each_page_renders(app, browser):
+    url, _ = app
+    d = browser
+    open_page(d, url, "Runs", "4 of 4 runs")
+    wait_for(d, lambda: plots(d), 30, "the details heatmap")
+    d.save_screenshot(str(ARTIFACTS / "01-runs.png"))
+    open_page(d, f"{url}/heads?run=ind-a", "Heads", "Head drill-down")
+    wait_for(d, lambda: len(plots(d)) >= 2, 30, "heatmap and per-example plot")
+    assert "L" in body(d) and "Top heads" in body(d)
+    d.save_screenshot(str(ARTIFACTS / "02-heads.png"))
+    # the model loads in the background; Inspect captures the default prompt by itself once ready
+    open_page(d, f"{url}/inspect", "Inspect", "FAI / WAAD over tokens", timeout=120)
+    wait_for(d, lambda: len(plots(d)) >= 2, 30, "pattern and FAI/WAAD plots")
+    d.save_screenshot(str(ARTIFACTS / "03-inspect.png"))
+    open_page(d, f"{url}/intervene", "Intervene", "generated, unmodified", timeout=120)
+    assert "KL(p ‖ p̃)" in body(d)
+    d.save_screenshot(str(ARTIFACTS / "04-intervene.png"))
+    open_page(d, f"{url}/new", "New run", "Jobs")
+    d.save_screenshot(str(ARTIFACTS / "05-new-run.png"))
+
+
+def _set_number(d, label: str, value: int) -> None:
+    box = wait_for(d, lambda: d.find_elements(By.XPATH, f"//input[@aria-label='{label}']"), 60, f"input {label}")[0]
+    box.click()
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(str(value), Keys.TAB)
+
+
+def test_launch_a_run_and_see_its_heatmap(app, browser):
+    url, runs = app
+    d = browser
+    open_page(d, f"{url}/new", "New run", "launch")
+    _set_number(d, "n examples", 2)
+    _set_number(d, "seq len", 6)
+    d.find_element(By.XPATH, "//button[.//p[text()='launch']]").click()
+    wait_for(d, lambda: "started" in body(d), 60, "the job to start")
+    d.save_screenshot(str(ARTIFACTS / "06-launched.png"))
+    wait_for(d, lambda: "complete · 2 examples" in body(d), 120, "the run to complete")
+    new = [p for p in runs.iterdir() if p.name.startswith("induction-")]
+    assert len(new) == 1
+    # a refresh is a new session: the job is found again from the run store
+    d.refresh()
+    wait_for(d, lambda: f"{new[0].name}" in body(d) and "complete" in body(d), 60, "the job after a refresh")
+    d.save_screenshot(str(ARTIFACTS / "07-after-refresh.png"))
+    link = wait_for(d, lambda: d.find_elements(By.XPATH, "//a[.//*[text()='open in Heads']]"), 60, "the Heads link")
+    link[0].click()
+    wait_for(d, lambda: any(h.text == "Heads" for h in d.find_elements(By.TAG_NAME, "h1")), 60, "Heads page")
+    wait_for(d, lambda: new[0].name in body(d) and plots(d), 60, "the new run's heatmap")
+    wait_for(d, lambda: settled(d), 60, "Heads to settle")
+    no_exception(d)
+    heat = plots(d)[0]
+    assert heat.find_elements(By.CSS_SELECTOR, "g.hm, .heatmaplayer image, image"), "no heatmap layer drawn"
+    assert "induction: previous_token" in heat.text or "induction:" in body(d)
+    d.save_screenshot(str(ARTIFACTS / "08-new-run-heatmap.png"))
