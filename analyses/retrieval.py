@@ -122,14 +122,14 @@ def niah_options(lengths="512,1024,2048,4096", depths="0,0.25,0.5,0.75,1", needl
     )
 
 
-def _grid(ctx, o: dict) -> tuple[NiahBuilder, list[Example]]:
+def _grid(ctx, o: dict, seed: int, answer_buffer: int) -> tuple[NiahBuilder, list[Example]]:
     """Validate the NIAH options and return the builder and the (needle, length, depth) examples
     with stable ids ``{needle}-L{length}-d{depth}``."""
     needles = select_needles(load_needles(ctx.data_path), o["needles"])
     lengths, depths = _ints(o["lengths"], "lengths"), _depths(o["depths"])
     max_ctx = ctx.info.max_context or max(lengths)
     builder = NiahBuilder(ctx.lm.tokenizer, load_haystack(o["haystack"]), max_context=max_ctx,
-                          template=o["template"], answer_buffer=o["max_new_tokens"], seed=ctx.seed)
+                          template=o["template"], answer_buffer=answer_buffer, seed=seed)
     for L in lengths:
         builder.check_length(L)
     exs = [Example(id=f"{n.id}-L{L}-d{d:g}", data=(n, L, d)) for n in needles for L in lengths for d in depths]
@@ -170,7 +170,7 @@ class RetrievalAnalysis(Analysis):
             raise HeadscopeError("--topk must be >= 1")
         if o["max_new_tokens"] < 1:
             raise HeadscopeError("--max_new_tokens must be >= 1")
-        self.builder, exs = _grid(ctx, o)
+        self.builder, exs = _grid(ctx, o, ctx.seed, o["max_new_tokens"])
         return exs
 
     def process(self, ctx, ex):
@@ -282,7 +282,7 @@ class RetrievalMaskAnalysis(Analysis):
         Option("ks", str, "1,2,5,10,20", "comma list of K: how many heads to mask"),
         Option("n_random", int, 3, "random head sets per K (seeds seed..seed+n_random-1)"),
         Option("rouge_threshold", float, 0.5, "an instance is solved when ROUGE-1 recall exceeds this"),
-        Option("max_new_tokens", int, 50, "greedy decoding budget (also the answer buffer of each length)"),
+        Option("max_new_tokens", int, 50, "greedy decoding budget"),
     ) + niah_options(lengths="", depths="", needles="", haystack="", template="")
 
     def examples(self, ctx):
@@ -299,14 +299,14 @@ class RetrievalMaskAnalysis(Analysis):
         key = "retrieval_teacher_forced" if "retrieval_teacher_forced" in src.scores() else "retrieval"
         self.scores = src.scores()[key]
         self.source = {"id": src.id, "path": str(src.path), "score": key}
-        # NIAH options left empty inherit the source run's
-        grid = {k: (o[k] or src.meta["config"].get(k) or "") for k in ("lengths", "depths", "needles", "haystack",
-                                                                       "template")}
+        # NIAH options left empty inherit the source run's; its seed and answer buffer rebuild its prompts
+        cfg = src.meta["config"]
+        grid = {k: (o[k] or cfg.get(k) or "") for k in ("lengths", "depths", "needles", "haystack", "template")}
         if grid["template"] not in TEMPLATES:
             raise HeadscopeError(f"--template must be one of {', '.join(TEMPLATES)}")
-        if ctx.data_path is None and src.meta["config"].get("data"):
+        if ctx.data_path is None and cfg.get("data"):
             from pathlib import Path
-            ctx.data_path = Path(src.meta["config"]["data"])
+            ctx.data_path = Path(cfg["data"])
         self.ks = sorted(set(_ints(o["ks"], "ks")))
         n = self.scores.size
         if self.ks[0] < 1 or 2 * self.ks[-1] > n:
@@ -314,7 +314,7 @@ class RetrievalMaskAnalysis(Analysis):
                                  f"(K <= {n // 2} for {n} heads)")
         if o["n_random"] < 1:
             raise HeadscopeError("--n_random must be >= 1")
-        self.builder, exs = _grid(ctx, {**o, **grid})
+        self.builder, exs = _grid(ctx, {**o, **grid}, cfg.get("seed", 0), cfg.get("max_new_tokens", 50))
         self.top, self.random = head_sets(self.scores, self.ks, o["n_random"], ctx.seed)
         return exs
 

@@ -3,7 +3,7 @@ import streamlit as st
 
 from headscope.app import ui
 
-st.set_page_config(page_title="headscope", page_icon=":material/biotech:", layout="wide")
+st.set_page_config(page_title="headscope", layout="wide")  # no page_icon: material icons load from a CDN
 page = ui.navigation()
 ui.model_pool().start(ui.current_model())  # warm the model while the user browses runs
 ui.sidebar()

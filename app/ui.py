@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import sys
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,14 +95,18 @@ def loaded_model(wait_s: float = 0.0):
         else:
             st.info(f"loading model **{name}** in the background (first load converts and caches it; "
                     f"the page refreshes itself)… {e if 'still loading' not in str(e) else ''}")
-            _poll_until_ready(name)
+            rerun_after(1.0)
         return None
 
 
-@st.fragment(run_every=1.0)
-def _poll_until_ready(name: str) -> None:
-    if model_pool().status(name) != "loading":
-        st.rerun()
+def rerun_after(seconds: float) -> None:
+    """Poll: rerun this page after ``seconds``. Called last on a page, while background work runs.
+
+    A plain rerun, not an ``st.fragment(run_every=...)``: a timed fragment kept firing after a
+    page switch and starved the next page (seen with page links from the New run page).
+    """
+    time.sleep(seconds)
+    st.rerun()
 
 
 def sidebar() -> None:
@@ -296,11 +301,14 @@ def heads_page() -> None:
     layer, head = views.parse_head(lab)
     arrays = run.arrays()
     st.dataframe(views.head_stats(scores, arrays, layer, head), hide_index=True, key="heads_stats")
-    _per_example(run, name, scores[name].shape, layer, head)
+    polling = _per_example(run, name, scores[name].shape, layer, head)
     _example_pattern(run, layer, head, index)
+    if polling:
+        rerun_after(1.0)
 
 
-def _per_example(run, name: str, shape: tuple, layer: int, head: int) -> None:
+def _per_example(run, name: str, shape: tuple, layer: int, head: int) -> bool:
+    """The head's score per example (stored, or recomputed in the background); True while recomputing."""
     st.markdown("**Score across examples**")
     vals = views.per_example_values(run.examples(), run.arrays(), name, shape, layer, head)
     key = f"perex:{run.id}"
@@ -311,13 +319,12 @@ def _per_example(run, name: str, shape: tuple, layer: int, head: int) -> None:
             st.caption("recomputed per example with the analysis's process() (values before finalize)")
     if vals:
         _chart(views.values_figure(vals, f"{views.head_label(layer, head)}: {name} per example"), "heads_perex")
-        return
+        return False
     st.caption("This run stored only the average over examples.")
     task = tasks().get(key)
     if task is not None and task.active:
         st.progress(task.fraction, text=f"recomputing… {task.done}/{task.total or '?'} examples")
-        _poll_task(key)
-        return
+        return True
     if task is not None and task.state == "failed":
         st.error(task.error)
     n = st.number_input("examples to recompute", 1, 200, min(10, int(run.meta.get("n_examples") or 10)),
@@ -325,19 +332,13 @@ def _per_example(run, name: str, shape: tuple, layer: int, head: int) -> None:
     if st.button("recompute per example (background)", key="perex_go"):
         loaded = loaded_model()
         if loaded is None:
-            return
+            return False
         if views.run_model(run) != loaded.lm.name:
             st.warning(f"this run is of {views.run_model(run)}; switch the model in the sidebar first")
-            return
+            return False
         tasks().start(key, lambda progress: live.per_example_arrays(run, loaded.lm, loaded.probe, int(n), progress))
         st.rerun()
-
-
-@st.fragment(run_every=1.0)
-def _poll_task(key: str) -> None:
-    t = tasks().get(key)
-    if t is None or not t.active:
-        st.rerun()
+    return False
 
 
 def _example_pattern(run, layer: int, head: int, index: str) -> None:
@@ -665,18 +666,18 @@ def new_run_page() -> None:
         except HeadscopeError as e:
             _error(e)
     st.subheader("Jobs")
-    _jobs_panel()
+    if _jobs_panel():
+        rerun_after(1.5)
 
 
-@st.fragment(run_every=1.5)
-def _jobs_panel() -> None:
-    """Progress of background runs, refreshed in place; read from memory and ``<runs>/.jobs``."""
+def _jobs_panel() -> bool:
+    """Progress of background runs, read from memory and ``<runs>/.jobs``; True while one is active."""
     s = settings()
     jm = job_manager(str(s.runs))
     jobs = jm.recent(10)
     if not jobs:
         st.caption("no jobs yet")
-        return
+        return False
     for job in jobs:
         box = st.container(border=True)
         head = f"**{job.run_id}** · {job.analysis} · {job.model}"
@@ -694,6 +695,7 @@ def _jobs_panel() -> None:
             box.error(f"{head} · {job.state}: {job.error}")
             if job.state == "partial" and box.button("resume", key=f"resume_{job.run_id}"):
                 _resume(jm, job)
+    return any(j.active and not jm.orphaned(j) for j in jobs)
 
 
 def _resume(jm: JobManager, job) -> None:
@@ -713,20 +715,17 @@ _PAGES: dict[str, object] = {}
 
 def _link_heads(container, run_id: str) -> None:
     """A link to the Heads page showing ``run_id`` (only inside the multipage app; pages run alone
-    in tests have no page registry). A link, not st.switch_page, because it also works inside
-    fragments."""
+    in tests have no page registry)."""
     if "heads" in _PAGES:
-        container.page_link(_PAGES["heads"], label="open in Heads", icon=":material/grid_on:",
+        container.page_link(_PAGES["heads"], label="open in Heads",
                             query_params={"run": run_id})
 
 
 def navigation():
     """The app's pages for ``st.navigation``; remembered so pages can link to each other."""
-    spec = [("runs", "Runs", runs_page, ":material/folder_open:"),
-            ("heads", "Heads", heads_page, ":material/grid_on:"),
-            ("inspect", "Inspect", inspect_page, ":material/search:"),
-            ("intervene", "Intervene", intervene_page, ":material/content_cut:"),
-            ("new", "New run", new_run_page, ":material/play_arrow:")]
-    for key, title, fn, icon in spec:
-        _PAGES[key] = st.Page(fn, title=title, url_path=key, icon=icon, default=key == "runs")
+    # no icons: streamlit fetches material-icon SVGs from a CDN, and the app must work offline
+    spec = [("runs", "Runs", runs_page), ("heads", "Heads", heads_page), ("inspect", "Inspect", inspect_page),
+            ("intervene", "Intervene", intervene_page), ("new", "New run", new_run_page)]
+    for key, title, fn in spec:
+        _PAGES[key] = st.Page(fn, title=title, url_path=key, default=key == "runs")
     return st.navigation(list(_PAGES.values()))

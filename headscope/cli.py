@@ -33,18 +33,20 @@ def _runs_dir(args) -> Path:
 
 # --------------------------------------------------------------------------- commands
 def cmd_models(args) -> int:
+    from dataclasses import asdict
+
     from headscope.probe.models import list_models
     rows = list_models()
     if args.json:
-        print(json.dumps(rows, indent=1, default=str))
+        print(json.dumps([asdict(r) for r in rows], indent=1, default=str))
         return 0
-    print(f"{'name':<22} {'installed':<10} {'cached':<7} description")
+    print(f"{'name':<20} {'installed':<10} {'cached':<7} description")
     for r in rows:
-        print(f"{r['name']:<22} {'yes' if r['installed'] else 'no':<10} {'yes' if r['cached'] else 'no':<7} "
-              f"{r['description']}")
-        if not r["installed"]:
-            print(f"{'':<22} install: {r['install']}")
-    print("\nAny local model directory (HF format, safetensors) also works: --model /path/to/dir")
+        name = r.name + (" *" if r.default else "")
+        print(f"{name:<20} {'yes' if r.installed else 'no':<10} {'yes' if r.cached else 'no':<7} {r.description}")
+        if not r.installed:
+            print(f"{'':<20} install: {r.install_command}")
+    print("\n* default model. Any local model directory (HF format, safetensors) also works: --model /path/to/dir")
     return 0
 
 

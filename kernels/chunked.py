@@ -188,8 +188,9 @@ def attend_chunked(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | No
     """Attention output and ``spec`` statistics with ``edits`` applied, exact up to fp32.
 
     ``block_q`` is the number of query rows per block (default: sized so one [B, H, C, S] fp32
-    score buffer is ~16 MB). Inputs of any float dtype are upcast per block; ``out`` comes back
-    in ``v``'s dtype, statistics in fp32 (indices and ``col_count`` int64).
+    score buffer is ~16 MB). Inputs of any float dtype are upcast to fp32 (q and k per block, v
+    once into the feature matrix); ``out`` comes back in ``v``'s dtype, statistics in fp32
+    (indices and ``col_count`` int64).
     """
     spec = spec or StatsSpec()
     B, H, H_kv, Tq, Tk, D = check_inputs(q, k, v, kv_valid)
@@ -207,6 +208,7 @@ def attend_chunked(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | No
     if kvv is not None and not bool(kvv.all()):
         kv_bias = torch.zeros(B, Tk, device=dev).masked_fill_(~kvv, PAD_BIAS)[:, None, None, :]
     n_vis = _visible_counts(B, Tq, Tk, causal, window, kvv, dev)          # [B, Tq]
+    need_pmax = spec.lse or spec.entropy
 
     # ---- outputs
     f32 = dict(device=dev, dtype=torch.float32)
@@ -234,17 +236,32 @@ def attend_chunked(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | No
         pr = (spec.pattern_rows[0], min(spec.pattern_rows[1], Tq))
         st["pattern"] = torch.zeros(B, H, max(0, pr[1] - pr[0]), Tk, **f32)
 
-    # ---- per-call workspaces, reused by every block (see module docstring)
+    # ---- feature matrix F = [v | 1 | segment indicators | distance features | 0-pad]: one GEMM
+    # p @ F gives the output, the row sums and every linear row statistic. Columns that depend
+    # on the block position (distances) are rewritten per block.
+    w_dist = spec.window_dist
+    kidx = torch.arange(Tk, device=dev)
+    c_one = Dv
+    c_seg = c_one + 1
+    c_md = c_seg + len(spec.segments)                                     # [s < t0], (t0 - s)+
+    c_wd = c_md + (2 if spec.mean_dist else 0)                            # [s <= t0 - W]
+    n_feat = c_wd + (1 if w_dist is not None else 0)
+    F = torch.zeros(B, H_kv, Tk, -(-n_feat // 8) * 8, **f32)              # 8-aligned: faster GEMM
+    F[..., :Dv] = v
+    F[..., c_one] = 1.0
+    for j, (a, b) in enumerate(spec.segments):
+        F[..., a:b, c_seg + j] = 1.0
+
+    # ---- score workspaces, reused by every block (see module docstring)
     def key_range(i0: int, i1: int) -> tuple[int, int]:
         t0, t1 = P0 + i0, P0 + i1
         return (max(0, t0 - window + 1) if window is not None else 0), (t1 if causal else Tk)
 
     S_max = max(b - a for a, b in (key_range(i, min(Tq, i + C)) for i in range(0, Tq, C)))
     s_buf = torch.empty(B * H * C * S_max, **f32)
-    u_buf = torch.empty_like(s_buf) if spec.entropy else s_buf
+    p_buf = torch.empty_like(s_buf)
     q5 = q.unflatten(1, (H_kv, G))                                        # [B, H_kv, G, Tq, D]
     qscale = scale / softcap if softcap is not None else scale
-    w_dist = spec.window_dist
 
     for i0 in range(0, Tq, C):
         i1 = min(Tq, i0 + C)
@@ -255,8 +272,9 @@ def attend_chunked(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | No
         n = B * H * c * S
         s_g = s_buf[:n].view(B, H_kv, G * c, S)                           # grouped for GQA GEMMs
         s = s_g.view(B, H, c, S)                                          # per query head
-        u_g = u_buf[:n].view(B, H_kv, G * c, S)
-        u = u_g.view(B, H, c, S)
+        p_g = p_buf[:n].view(B, H_kv, G * c, S)
+        p = p_g.view(B, H, c, S)
+        t = torch.arange(t0, t1, device=dev)[:, None]                     # [c, 1] key index of queries
 
         # ---- logits, soft-capping, masks
         qb = (q5[:, :, :, i0:i1].float() * qscale).reshape(B, H_kv, G * c, D)
@@ -269,98 +287,103 @@ def attend_chunked(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | No
 
             Structural masks fill only the C-wide tiles at the causal/window edges; padding is
             a broadcast add (a broadcast masked_fill costs as much as exp)."""
-            t = torch.arange(t0, t1, device=dev)[:, None]                 # [c, 1]
             if causal and t0 + 1 < k1:                                    # keys after some query
                 a = max(k0, t0 + 1)
-                x[..., a - k0:].masked_fill_(torch.arange(a, k1, device=dev) > t, NEG)
+                x[..., a - k0:].masked_fill_(kidx[a:k1] > t, NEG)
             if window is not None and k0 < t1 - window:                   # keys before some window
                 b = t1 - window                                            # exclusive
-                x[..., :b - k0].masked_fill_(torch.arange(k0, b, device=dev) <= t - window, NEG)
+                x[..., :b - k0].masked_fill_(kidx[k0:b] <= t - window, NEG)
             if kv_bias is not None:
                 x.add_(kv_bias[..., k0:k1])
 
+        def softmax_(x: torch.Tensor, y: torch.Tensor) -> None:
+            """y = softmax(x) over keys, with 0 on rows that see nothing (softmax would be uniform)."""
+            torch.softmax(x, -1, out=y)
+            if not vis_all:
+                y.masked_fill_(~vis_b[:, None, :, None], 0.0)
+
         mask_(s)
         vis_b = n_vis[:, i0:i1] > 0                                       # [B, c]
-        m = s.amax(-1).masked_fill_(~vis_b[:, None, :], 0.0)              # [B, H, c]
-        s.sub_(m[..., None])
-        if spec.entropy:
-            torch.exp(s, out=u)
-        else:
-            u.exp_()                                                      # s is not needed again
-        z_raw = u.sum(-1) if spec.lse and (ed.uniform_heads or ed.reweights) else None
+        vis_all = bool(vis_b.all())
+        m = s.amax(-1)                                                    # [B, H, c]
+        if not vis_all:
+            m.masked_fill_(~vis_b[:, None, :], 0.0)
+        s.sub_(m[..., None])                                              # s <= 0, max 0
+        softmax_(s, p)
+        # softmax(s) = exp(s) / Z with max(s) = 0, so the largest probability is exactly 1 / Z
+        pmax_raw = p.amax(-1) if spec.lse and (ed.uniform_heads or ed.reweights) else None
 
         # ---- interventions on the weights
         for h in ed.uniform_heads:
-            sh, uh = s[:, h:h + 1], u[:, h:h + 1]
+            sh = s[:, h:h + 1]
             sh.zero_()
             mask_(sh)
-            torch.exp(sh, out=uh)                                         # 1 on visible keys, else 0
+            softmax_(sh, p[:, h:h + 1])                                   # 1/n on visible keys
+        pmax = p.amax(-1) if need_pmax else None                          # 1 / Z of the weights used
         if ed.reweights:
             sel = ((ed.kp_cols >= k0) & (ed.kp_cols < k1)).nonzero().flatten()
             if sel.numel():
                 cols = ed.kp_cols[sel] - k0
                 w = ed.kp_w[:, sel]                                       # [H, P]
-                u[..., cols] = u[..., cols] * w[None, :, None, :]
+                p[..., cols] = p[..., cols] * w[None, :, None, :]
 
-        # ---- output and row features in two GEMMs
-        num = torch.matmul(u_g, v[:, :, k0:k1].float()).view(B, H, c, Dv)
-        kidx = torch.arange(k0, k1, device=dev)
-        feats = [torch.ones(S, device=dev)]
+        # ---- output, row sums and linear row statistics in one GEMM
         if spec.mean_dist:
-            feats += [(kidx < t0).float(), (t0 - kidx).clamp_min(0).float()]
+            F[..., k0:k1, c_md] = (kidx[k0:k1] < t0).float()
+            F[..., k0:k1, c_md + 1] = (t0 - kidx[k0:k1]).clamp_min(0).float()
         if w_dist is not None:
-            feats.append((kidx <= t0 - w_dist).float())
-        feats += [((kidx >= a) & (kidx < b)).float() for a, b in spec.segments]
-        rowf = (torch.stack(feats) @ u.view(-1, S).t()).view(len(feats), B, H, c)
-        Z = rowf[0]                                                       # [B, H, c]
-        rinv = torch.where(Z > 0, 1.0 / Z, 0.0)
-        fi = 1
+            F[..., k0:k1, c_wd] = (kidx[k0:k1] <= t0 - w_dist).float()
+        num = torch.matmul(p_g, F[:, :, k0:k1]).view(B, H, c, -1)          # [B, H, c, n_feat_pad]
+        Zw = num[..., c_one]                                              # 1 unless re-weighted
+        rinv = torch.where(Zw > 0, 1.0 / Zw, 0.0)                         # [B, H, c]
 
         # ---- output edits, in the spec's order
-        ob = num * rinv[..., None]                                        # [B, H, c, Dv]
+        ob = num[..., :Dv] * rinv[..., None]                              # [B, H, c, Dv]
         if ed.replace is not None:
             rmask, val = ed.replace
             ob = torch.where(rmask, torch.broadcast_to(val, (B, H, Tq, Dv))[:, :, i0:i1], ob)
         if ed.out_scale is not None:
             ob = ob * ed.out_scale
-        out[:, :, i0:i1] = ob.masked_fill_(~vis_b[:, None, :, None], 0.0)
+        if not vis_all:
+            ob.masked_fill_(~vis_b[:, None, :, None], 0.0)
+        out[:, :, i0:i1] = ob
 
         # ---- row statistics
         r = torch.arange(c, device=dev, dtype=torch.float32)               # t - t0
         if spec.lse:
-            st["lse"][:, :, i0:i1] = m + torch.log(z_raw if z_raw is not None else Z)
+            pm = pmax_raw if pmax_raw is not None else pmax
+            st["lse"][:, :, i0:i1] = torch.where(pm > 0, m - torch.log(pm), float("-inf"))
         if kk:
-            val, idx = _topk_lowest_index(u.reshape(-1, S), kk, k0, Tk)
+            val, idx = _topk_lowest_index(p.reshape(-1, S), kk, k0, Tk)
             st["topk_prob"][:, :, i0:i1] = (val.view(B, H, c, kk) * rinv[..., None])
             st["topk_idx"][:, :, i0:i1] = idx.view(B, H, c, kk)
         if spec.entropy:
-            us = torch.mul(u, s, out=s).sum(-1)                           # sum u * s, s <= 0
+            # p = exp(s) / Z, weights q = p * w, p' = q / Zw:
+            # H = log Z + log Zw - (sum q s + sum_kp q log w) / Zw
+            qs = torch.einsum("bhcs,bhcs->bhc", p, s)
             if ed.reweights and sel.numel():
                 lw = torch.where(w > 0, torch.log(w.clamp_min(1e-45)), 0.0)
-                us = us + (u[..., cols] * lw[None, :, None, :]).sum(-1)
-            ent = torch.log(Z) - us * rinv
-            st["entropy"][:, :, i0:i1] = torch.where(Z > 0, ent, 0.0)
+                qs = qs + (p[..., cols] * lw[None, :, None, :]).sum(-1)
+            ent = torch.log(Zw) - torch.log(pmax) - qs * rinv
+            st["entropy"][:, :, i0:i1] = torch.where(Zw > 0, ent, 0.0)
         if spec.mean_dist:
             a, b = t0 - k0, min(k1, t1) - k0                              # diagonal tile, keys >= t0
-            diag = (u[..., a:b] * (r[:, None] - torch.arange(b - a, device=dev)).clamp_min(0)).sum(-1)
-            md = rowf[fi + 1] + r * rowf[fi] + diag
+            diag = (p[..., a:b] * (r[:, None] - torch.arange(b - a, device=dev)).clamp_min(0)).sum(-1)
+            md = num[..., c_md + 1] + r * num[..., c_md] + diag
             st["mean_dist"][:, :, i0:i1] = md * rinv
-            fi += 2
         if w_dist is not None:
             a, b = max(k0, t0 - w_dist + 1), min(k1, t1)                  # band of mixed weights
-            wt = (torch.arange(t0, t1, device=dev)[:, None] - torch.arange(a, b, device=dev))
-            band = (u[..., a - k0:b - k0] * wt.clamp(0, w_dist).float()).sum(-1)
-            st["win_dist"][:, :, i0:i1] = (rowf[fi] * w_dist + band) * rinv
-            fi += 1
+            band = (p[..., a - k0:b - k0] * (t - kidx[a:b]).clamp(0, w_dist).float()).sum(-1)
+            st["win_dist"][:, :, i0:i1] = (num[..., c_wd] * w_dist + band) * rinv
         if spec.segments:
-            st["segment_mass"][:, :, i0:i1] = (rowf[fi:] * rinv).permute(1, 2, 3, 0)
+            st["segment_mass"][:, :, i0:i1] = num[..., c_seg:c_md] * rinv[..., None]
         if pr is not None and pr[0] < i1 and pr[1] > i0:
             a, b = max(pr[0], i0), min(pr[1], i1)
-            st["pattern"][:, :, a - pr[0]:b - pr[0], k0:k1] = u[:, :, a - i0:b - i0] * rinv[:, :, a - i0:b - i0, None]
+            st["pattern"][:, :, a - pr[0]:b - pr[0], k0:k1] = p[:, :, a - i0:b - i0] * rinv[:, :, a - i0:b - i0, None]
 
         # ---- column statistics
         if spec.col_mass:
-            _col_mass_block(st["col_mass"], u, rinv, t0, t1, k0, k1, spec.col_band)
+            _col_mass_block(st["col_mass"], p, rinv, t0, t1, k0, k1, spec.col_band)
     return AttnResult(out=out, stats=st)
 
 

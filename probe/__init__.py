@@ -45,7 +45,10 @@ class Probe:
         self.anatomy = Anatomy.of(self.model)
         self.device = next(self.model.parameters()).device
         self.backend = backend
-        resolve_backend(backend, self.device)  # validates the name
+        try:
+            resolve_backend(backend, self.device)
+        except ValueError as e:
+            raise HeadscopeError(str(e)) from None
         self.check_finite = check_finite
         self.max_context = getattr(self.info, "max_context", None) or self.anatomy.max_context
         self._capture: Capture | None = None
@@ -149,8 +152,8 @@ class Probe:
             if capture.wants_logits:
                 on_logits = lambda first, lg: capture.store("logits", first, lg)  # noqa: E731
                 keep_n = 0 if keep_n == 0 else max(keep_n, past + T - capture.first_position)
-        ctx = AttnContext(an.layer_of, self.backend, plan=plan,
-                          record=capture.record if capture is not None else None, row_edits=row_edits or {})
+        ctx = AttnContext(an.layer_of, self.backend, plan=plan, record=capture.record if capture is not None else None,
+                          row_edits=row_edits or {}, check_finite=capture is not None and capture.check_finite)
         res = run_forward(an, ids, mask, ctx=ctx, chunk_size=chunk_size, cache=cache, hooks=hooks,
                           on_logits=on_logits, logits_to_keep=keep_n)
         if capture is not None:

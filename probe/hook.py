@@ -157,6 +157,9 @@ class AttnContext:
     ``plan(call) -> (StatsSpec | None, HeadEdits | None)`` decides what to compute.
     ``record(call, stats)`` receives the statistics. ``row_edits[layer]`` holds sweep edits.
     ``seen`` collects the layers that went through the registry (see ``Anatomy.check_routed``).
+    ``check_finite``: raise when a call that computes statistics gets non-finite q or k. The
+    kernels clamp masked logits to a finite value, so NaN logits can come out as finite, wrong
+    statistics.
     """
 
     layer_of: dict[int, int]                     # id(attention module) -> layer index
@@ -165,6 +168,7 @@ class AttnContext:
     record: Callable[[LayerCall, dict], None] | None = None
     row_edits: dict[int, list[RowEdit]] = field(default_factory=dict)
     seen: set[int] = field(default_factory=set)
+    check_finite: bool = False
 
 
 _ACTIVE: contextvars.ContextVar[AttnContext | None] = contextvars.ContextVar("headscope_attn", default=None)
@@ -266,6 +270,9 @@ def headscope_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
         ctx.seen.add(layer)
         if ctx.plan is not None:
             spec, edits = ctx.plan(call)
+        if spec is not None and ctx.check_finite and not (torch.isfinite(query).all() and torch.isfinite(key).all()):
+            raise HeadscopeError(f"non-finite values (NaN/inf) in the queries/keys of layer {layer}: the model overflowed "
+                                 "upstream (fp16? massive activations?) - run in fp32, or pass check_finite=False")
     row_edits = ctx.row_edits.get(layer) if layer is not None else None
 
     plain = (spec is None and edits is None and softcap is None and kv_valid is None

@@ -225,10 +225,11 @@ class Edits:
 
     def hooks(self, q_start: Callable[[], int]) -> list:
         """Install the Patch hooks; ``q_start()`` gives the current chunk's first absolute position."""
-        return [attach(self.an, site(self.an, p.hook), _patch_fn(p, q_start)) for p in self.patches]
+        return [attach(self.an, site(self.an, p.hook), patch_fn(p, q_start)) for p in self.patches]
 
 
-def _patch_fn(p: Patch, q_start: Callable[[], int]):
+def patch_fn(p: Patch, q_start: Callable[[], int]):
+    """The hook function of one Patch: x [B, Tq, ...] (TL layout) -> patched copy, or None."""
     def fn(x):  # x: [B, Tq, ...] TL layout
         q0, n = q_start(), x.shape[1]
         T_v = p.value.shape[1]

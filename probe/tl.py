@@ -76,3 +76,183 @@ def boot_bridge(loaded: LoadedModel, *, device: str | torch.device | None = None
             device=device,
             dtype=model.dtype,
         )
+
+
+# --------------------------------------------------------------------------------------------
+# Probe-like capture and interventions on a TransformerBridge (TransformerLens hooks)
+
+from .capture import Capture, ForwardResult  # noqa: E402 (this section was appended to the bridge loader)
+from .hook import Anatomy, LayerCall  # noqa: E402
+from .intervene import Edits, InterventionSet, patch_fn  # noqa: E402
+
+
+def pattern_stats(p: torch.Tensor, spec, visible: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The ``StatsSpec`` statistics from full attention maps, as ``headscope.kernels.spec`` defines them.
+
+    p: [B, H, Tq, Tk] post-softmax weights of queries at key index Tk - Tq + i; visible: [B, 1, Tq, Tk]
+    bool. Float64, materialised: for eager maps only. ``lse`` needs the logits and is refused.
+    """
+    if spec.lse:
+        raise HeadscopeError("lse needs attention logits; a TransformerBridge exposes only probabilities "
+                             "(use headscope.probe.Probe for lse)")
+    p = p.double() * visible
+    Tq, Tk = p.shape[-2:]
+    t = torch.arange(Tk - Tq, Tk, device=p.device)[:, None]
+    s = torch.arange(Tk, device=p.device)[None, :]
+    dist = (t - s).clamp_min(0).double()                                    # [Tq, Tk]
+    out: dict[str, torch.Tensor] = {}
+    if spec.topk:
+        order = torch.sort(p, dim=-1, descending=True, stable=True)         # ties -> lowest index
+        out["topk_idx"] = order.indices[..., :spec.topk]
+        out["topk_prob"] = order.values[..., :spec.topk].float()
+    if spec.entropy:
+        out["entropy"] = (-(p * torch.log(p.clamp_min(1e-300))).sum(-1)).float()
+    if spec.segments:
+        out["segment_mass"] = torch.stack([p[..., a:b].sum(-1) for a, b in spec.segments], -1).float()
+    if spec.window_dist is not None:
+        out["win_dist"] = (p * dist.clamp_max(spec.window_dist)).sum(-1).float()
+    if spec.mean_dist:
+        out["mean_dist"] = (p * dist).sum(-1).float()
+    if spec.col_mass:
+        band = torch.ones(Tq, Tk, dtype=torch.bool, device=p.device)
+        if spec.col_band is not None:
+            lo, hi = spec.col_band
+            band = ((t - s) >= lo) & (((t - s) <= hi) if hi is not None else True)
+        inb = visible & band
+        out["col_mass"] = (p * inb).sum(-2).float()
+        out["col_count"] = inb[:, 0].sum(-2)
+    if spec.pattern_rows is not None:
+        a, b = spec.pattern_rows
+        out["pattern"] = p[:, :, a:min(b, Tq)].float()
+    return out
+
+
+class BridgeProbe:
+    """``Probe``'s capture / intervene / forward API on a ``TransformerBridge``, through its TL hooks.
+
+    For TransformerLens users who already hold a bridge. Hook names, ``Capture`` layout and the
+    intervention operators are the same as ``Probe``'s, so results can be compared one to one.
+    How it computes:
+    - activations are the bridge's hooks of the same name (``attn.hook_result`` is derived from
+      ``hook_z`` and the bridge's ``W_O``, as in ``Probe``);
+    - statistics come from the bridge's ``hook_pattern``, i.e. its eager post-softmax maps after any
+      pattern edits, recomputed in float64 (``pattern_stats``). They are exact, but quadratic in
+      memory like eager attention itself: use ``Probe`` at long context. ``lse`` is not available;
+    - HeadAblation zero / scale / mean edit ``hook_z``; HeadAblation uniform and KeyReweight edit
+      ``hook_pattern``; Patch hooks the named TL hook.
+
+    Not covered (use ``Probe``): padding masks, chunked prefill, generation, sweeps, and
+    ``phase="decode"``.
+    """
+
+    def __init__(self, bridge: Any, check_finite: bool = True):
+        self.bridge = bridge
+        self.anatomy = Anatomy.of(bridge.original_model)
+        self.check_finite = check_finite
+        self._capture = None
+        self._interventions: list = []
+
+    @contextmanager
+    def capture(self, stats=None, layers=None, activations=(), positions=None, check_finite: bool | None = None):
+        """As ``Probe.capture``; ``bridge_probe.forward`` fills the yielded ``Capture``."""
+        if self._capture is not None:
+            raise HeadscopeError("a capture block is already active on this probe; captures do not nest")
+        self._capture = Capture(self.anatomy, stats, layers, activations, positions,
+                                self.check_finite if check_finite is None else check_finite)
+        try:
+            yield self._capture
+        finally:
+            self._capture = None
+
+    @contextmanager
+    def intervene(self, ops, phase: str = "all"):
+        """As ``Probe.intervene`` (phase "all" or "prefill": a bridge forward is a prefill)."""
+        if phase == "decode":
+            raise HeadscopeError("BridgeProbe runs no decode steps; phase='decode' needs Probe.generate")
+        iv = InterventionSet(self.anatomy, list(ops), phase)
+        self._interventions.append(iv)
+        try:
+            yield iv
+        finally:
+            self._interventions.remove(iv)
+
+    def _visible(self, layer: int, T: int, device) -> torch.Tensor:
+        t, s = torch.arange(T, device=device)[:, None], torch.arange(T, device=device)[None, :]
+        w = self.anatomy.windows[layer]
+        vis = (s <= t) & ((t - s) < w if w is not None else True)
+        return vis[None, None]                                              # [1, 1, T, T]
+
+    def _pattern_hook(self, layer: int, T: int, edits, call, cap):
+        """hook_pattern: uniform heads, key reweighting, then statistics of the map actually used."""
+        def fn(p, hook):
+            vis = self._visible(layer, T, p.device)
+            e = edits.edits_for(call, p.device)
+            if e is not None and e.uniform is not None:
+                u = vis.to(p.dtype) / vis.sum(-1, keepdim=True)
+                p = torch.where(e.uniform[None, :, None, None], u, p)
+            if e is not None and e.key_pos is not None:
+                w = torch.ones(p.shape[1], T, dtype=p.dtype, device=p.device)
+                w[:, e.key_pos] = e.key_scale[:, None].to(p.dtype)
+                p = p * w[None, :, None, :]
+                p = p / p.sum(-1, keepdim=True)
+            spec = cap.spec_for(call) if cap is not None else None
+            if spec is not None:
+                cap.record(call, pattern_stats(p, spec, vis))
+            return p
+        return fn
+
+    @staticmethod
+    def _z_hook(ablations):
+        def fn(z, hook):                                                    # [B, T, H, D]
+            z = z.clone()
+            for op in ablations:
+                h = slice(None) if op.head is None else op.head
+                if op.kind == "zero":
+                    z[:, :, h] = 0
+                elif op.kind == "scale":
+                    z[:, :, h] *= op.value
+                elif op.kind == "mean":                                     # value [D] or [pos, D]
+                    v = op.value.to(z)
+                    if v.dim() == 2:
+                        if v.shape[0] < z.shape[1]:
+                            raise HeadscopeError(f"mean value covers {v.shape[0]} positions; the input has {z.shape[1]}")
+                        v = v[: z.shape[1]] if op.head is not None else v[: z.shape[1], None]
+                    z[:, :, h] = v
+            return z
+        return fn
+
+    def forward(self, input_ids) -> Any:
+        """Run the bridge on ``input_ids`` [B, T] with the active interventions; fills the capture."""
+        an, cap = self.anatomy, self._capture
+        ids = torch.as_tensor(input_ids, dtype=torch.long)
+        ids = (ids[None] if ids.dim() == 1 else ids).to(next(self.bridge.parameters()).device)
+        T = ids.shape[1]
+        edits = Edits(an, self._interventions, "prefill")
+        hooks: list = []
+        for l in range(an.n_layers):
+            call = LayerCall(l, 0, 0, T, T, an.windows[l])
+            z_ops = [op for op in edits.ablations.get(l, ()) if op.kind != "uniform"]
+            if z_ops:
+                hooks.append((f"blocks.{l}.attn.hook_z", self._z_hook(z_ops)))
+            wants_stats = cap is not None and cap.spec_for(call) is not None
+            if wants_stats or any(op.kind == "uniform" for op in edits.ablations.get(l, ())) or l in edits.reweights:
+                hooks.append((f"blocks.{l}.attn.hook_pattern", self._pattern_hook(l, T, edits, call, cap)))
+        hooks += [(p.hook, lambda x, hook, f=patch_fn(p, lambda: 0): f(x)) for p in edits.patches]
+        if cap is not None:
+            cap.begin(0, T)
+            for name in cap.names:
+                if name == "logits":
+                    continue
+                src, derive = name, None
+                if name.endswith("attn.hook_result"):
+                    layer = int(name.split(".")[1])
+                    src = f"blocks.{layer}.attn.hook_z"
+                    derive = lambda z, l=layer: torch.einsum("bthd,hdm->bthm", z, self.bridge.W_O[l])  # noqa: E731
+                hooks.append((src, lambda x, hook, n=name, d=derive: cap.store(n, 0, x if d is None else d(x))))
+        with torch.no_grad():
+            logits = self.bridge.run_with_hooks(ids, fwd_hooks=hooks)
+        if cap is not None:
+            if cap.wants_logits:
+                cap.store("logits", 0, logits)
+            cap.finish(T)
+        return ForwardResult(logits, None)

@@ -25,7 +25,7 @@ def test_non_finite_values_are_reported():
     with pytest.raises(HeadscopeError, match="non-finite.*blocks.1.hook_resid_post"):
         with probe.capture(activations=["blocks.1.hook_resid_post"]):
             probe.forward(IDS)
-    with pytest.raises(HeadscopeError, match="non-finite.*attention statistic"):
+    with pytest.raises(HeadscopeError, match="non-finite.*queries/keys of layer 2"):
         with probe.capture(stats=StatsSpec(entropy=True), layers=[2]):
             probe.forward(IDS)
     with probe.capture(stats=StatsSpec(entropy=True), activations=["blocks.1.hook_resid_post"], check_finite=False) as cap:

@@ -364,7 +364,7 @@ def test_tiny_retrieval_run_and_resume(tiny, tmp_path):
     port on eager attention; a crash mid-run resumes to the same result."""
     from headscope.analyses.base import run_analysis
     from headscope.probe import Probe
-    opts = {"lengths": "200,300", "depths": "0,1", "needles": "all", "max_new_tokens": 8, "rouge_threshold": -1.0,
+    opts = {"lengths": "400,600", "depths": "0,1", "needles": "all", "max_new_tokens": 8, "rouge_threshold": -1.0,
             "template": "base"}
     probe = Probe(tiny)
     run = run_analysis("retrieval", lm=tiny, probe=probe, out=tmp_path / "a", options=opts, progress=False)
@@ -424,7 +424,7 @@ def test_tiny_mask_run(tiny, tmp_path):
     from headscope.probe import Probe
     probe = Probe(tiny)
     src = run_analysis("retrieval", lm=tiny, probe=probe, out=tmp_path / "src", progress=False,
-                       options={"lengths": "200", "depths": "0.5", "needles": "all", "max_new_tokens": 6,
+                       options={"lengths": "400", "depths": "0.5", "needles": "all", "max_new_tokens": 6,
                                 "rouge_threshold": -1.0})
     run = run_analysis("retrieval_mask", lm=tiny, probe=probe, out=tmp_path / "mask", progress=False,
                        options={"source": str(src.path), "ks": "1,2", "n_random": 2, "max_new_tokens": 6})
