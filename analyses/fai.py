@@ -207,10 +207,14 @@ def find_peaks(x: np.ndarray, valid: np.ndarray, q: float) -> np.ndarray:
     return valid & (x >= thr) & (x > left) & (x >= right)
 
 
-def token_entropy(logits: torch.Tensor) -> np.ndarray:
-    """Entropy (nats) of softmax over the last dim, in fp32 (float64 accumulation)."""
-    lp = torch.log_softmax(logits.double(), dim=-1)
-    return (-(lp.exp() * lp).sum(-1)).numpy()
+def token_entropy(logits: torch.Tensor, block: int = 256) -> np.ndarray:
+    """Entropy (nats) of softmax over the last dim of logits [T, V], float64, ``block`` rows at a
+    time (a float64 copy of 8k x 49k logits would take 3 GB)."""
+    out = []
+    for i in range(0, logits.shape[0], block):
+        lp = torch.log_softmax(logits[i:i + block].double(), dim=-1)
+        out.append(-(lp.exp() * lp).sum(-1))
+    return torch.cat(out).numpy() if out else np.zeros(0)
 
 
 def fai_waad(stats: dict[int, dict[str, torch.Tensor]], n_layers: int, N: int, start: int, *,

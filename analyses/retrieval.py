@@ -109,7 +109,7 @@ def _depths(text: str) -> list[float]:
     return vals
 
 
-def niah_options(lengths="512,1024,2048,4096", depths="0,0.25,0.5,0.75,1", needles="lisbon,teapot",
+def niah_options(lengths="512,1024,2048,4096", depths="0,0.25,0.5,0.75,1", needles="lisbon,password",
                  haystack="builtin", template="auto") -> tuple[Option, ...]:
     return (
         Option("lengths", str, lengths, "comma list of total lengths in the model's tokens (prompt + answer buffer)"),

@@ -15,10 +15,9 @@ import numpy as np
 
 from headscope.errors import HeadscopeError
 
-from .views import column_means, head_label, kl_divergence, softmax, split_local_global
+from .views import head_label, softmax
 
 MAX_ROWS = 512       # query rows of full attention pattern captured at once
-WAAD_W = 10          # Li et al.'s window W for WAAD
 
 
 # --------------------------------------------------------------------------- tokens
@@ -57,9 +56,9 @@ class PromptCapture:
     ids: list[int]
     tokens: list[str]
     alpha: np.ndarray          # attention each key receives, averaged over the queries that see it
+    count: np.ndarray          # [T] number of queries that see each key
     entropy: np.ndarray
     mean_dist: np.ndarray      # sum_s p[t,s] (t - s): the head's span at query t
-    win_dist: np.ndarray       # sum_s p[t,s] min(t - s, WAAD_W)
     topk_idx: np.ndarray       # [L, H, T, k]
     topk_prob: np.ndarray      # [L, H, T, k]
     next_probs: np.ndarray     # [vocab] at the last position
@@ -83,13 +82,15 @@ def capture_prompt(probe, lm, ids: Sequence[int], heads: Sequence[tuple[int, int
     a, b = max(0, min(a, T - 1)), max(1, min(b, T))
     if b - a > MAX_ROWS:
         raise HeadscopeError(f"pattern window of {b - a} rows is too large (at most {MAX_ROWS})")
-    spec = StatsSpec(topk=max(1, min(topk, T)), entropy=True, mean_dist=True, window_dist=WAAD_W, col_mass=True)
+    spec = StatsSpec(topk=max(1, min(topk, T)), entropy=True, mean_dist=True, col_mass=True)
     with probe.capture(stats=spec) as cap:
         out = probe.forward(x, logits_to_keep=1)
+    from headscope.analyses.sinks import column_means
     L = len(cap.stats)
     st = {k: np.stack([cap.stats[l][k][0].float().numpy() for l in range(L)])
-          for k in ("entropy", "mean_dist", "win_dist", "col_mass", "topk_idx", "topk_prob")}
-    count = cap.stats[0]["col_count"][0].float().numpy()
+          for k in ("entropy", "mean_dist", "topk_idx", "topk_prob")}
+    col_mass = torch.stack([cap.stats[l]["col_mass"][0] for l in range(L)])  # [L, H, T]
+    count = cap.stats[0]["col_count"][0]                                       # [T]
     layers = sorted({l for l, _ in heads})
     patterns = {}
     if layers:
@@ -98,26 +99,37 @@ def capture_prompt(probe, lm, ids: Sequence[int], heads: Sequence[tuple[int, int
         for l, h in heads:
             patterns[(l, h)] = pc.stats[l]["pattern"][0, h].float().numpy()
     return PromptCapture(
-        ids=list(ids), tokens=token_strings(lm.tokenizer, ids), alpha=column_means(st["col_mass"], count),
-        entropy=st["entropy"], mean_dist=st["mean_dist"], win_dist=st["win_dist"],
+        ids=list(ids), tokens=token_strings(lm.tokenizer, ids), alpha=column_means(col_mass, count).numpy(),
+        count=count.numpy(),
+        entropy=st["entropy"], mean_dist=st["mean_dist"],
         topk_idx=st["topk_idx"].astype(np.int64), topk_prob=st["topk_prob"],
         next_probs=softmax(out.logits[0, -1].float().numpy()), rows=(a, b), patterns=patterns)
 
 
-def fai_waad(cap: PromptCapture, frac: float = 0.3) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """FAI and WAAD over the prompt's tokens (Li et al., SCIENCE.md section 5), plus the head masks.
+def fai_waad_series(probe, lm, ids: Sequence[int]) -> dict | None:
+    """FAI and WAAD over the whole prompt as the ``fai`` analysis computes them, with its default
+    options (Li et al., SCIENCE.md section 5); ``None`` when that analysis is not installed.
 
-    Heads are split by their mean span over the prompt: the ``frac`` shortest are local, the
-    ``frac`` longest global. WAAD_t is the mean over local heads of sum_s A[t,s] min(t-s, W), which
-    is linear in A, so averaging the heads' streamed ``win_dist`` equals using the mean map.
-    FAI_s uses the analysis default (H_lo = 0, H_hi = end): the mean over global heads of the
-    attention key s receives from all later queries, i.e. the column mean ``alpha``.
+    One more forward: FAI's column sums use the analysis's query band (``H_lo``/``H_hi``), which
+    differs from the plain column means used for sinks.
     """
-    span = cap.mean_dist.mean(-1)                       # [L, H]
-    loc, glob = split_local_global(span, frac)
-    waad = cap.win_dist[loc].mean(0)                    # [T]
-    fai = cap.alpha[glob].mean(0)                       # [T]
-    return {"WAAD (local heads)": waad, "FAI (global heads)": fai}, loc, glob
+    import torch
+
+    from headscope.kernels import StatsSpec
+    try:
+        from headscope.analyses import fai
+    except ImportError:
+        return None
+    o = {opt.name: opt.default for opt in fai.FAIAnalysis.options}
+    L, N = lm.info.n_layers, len(ids)
+    spec = StatsSpec(mean_dist=True, window_dist=o["W"], col_mass=True, col_band=(o["H_lo"], o["H_hi"]))
+    with probe.capture(stats=spec) as cap:
+        probe.forward(torch.tensor([list(ids)]), logits_to_keep=1)
+    res = fai.fai_waad(cap.stats, L, N, 0, layers=list(range(L)), W=o["W"], H_lo=o["H_lo"], H_hi=o["H_hi"],
+                       local_frac=o["local_frac"], global_frac=o["global_frac"], exclude_bos=False)
+    return {"series": {"WAAD (local heads)": res["waad"], "FAI (global heads)": res["fai"]},
+            "local": res["local"], "global": res["global"],
+            "options": {k: o[k] for k in ("W", "H_lo", "H_hi", "local_frac", "global_frac")}}
 
 
 # --------------------------------------------------------------------------- interventions
@@ -168,21 +180,23 @@ def intervention_effect(probe, lm, ids: Sequence[int], ops: list, *, max_new_tok
                         target: str | None = None, k: int = 10) -> dict:
     """Next-token distribution, metrics and (optionally) greedy continuations without/with ``ops``.
 
-    Metrics: KL(p || p_ablated) at the last position (Ships' direction), the top-1 token and its
+    Metrics: KL(p || p_ablated) at the last position (the safety analysis's Ships KL), the top-1 token and its
     probability before/after, the entropy change, and log p(target) before/after when the target's
     first token is given.
     """
     import torch
+
+    from headscope.analyses.safety import ships_kl
     x = torch.tensor([list(ids)])
-    base = probe.forward(x, logits_to_keep=1).logits[0, -1].float().numpy()
+    base = probe.forward(x, logits_to_keep=1).logits[0, -1]
     with probe.intervene(ops, phase="all"):
-        after = probe.forward(x, logits_to_keep=1).logits[0, -1].float().numpy()
+        after = probe.forward(x, logits_to_keep=1).logits[0, -1]
         gen_after = probe.generate(x, max_new_tokens=max_new_tokens) if max_new_tokens else None
     gen_before = probe.generate(x, max_new_tokens=max_new_tokens) if max_new_tokens else None
-    p, q = softmax(base), softmax(after)
+    p, q = softmax(base.float().numpy()), softmax(after.float().numpy())
     top_b, top_a = int(p.argmax()), int(q.argmax())
     ent = lambda d: float(-(d * np.log(d + 1e-30)).sum())  # noqa: E731
-    metrics = {"kl": kl_divergence(p, q), "p_top1_before": float(p[top_b]), "p_top1_after": float(q[top_b]),
+    metrics = {"kl": float(ships_kl(base, after)), "p_top1_before": float(p[top_b]), "p_top1_after": float(q[top_b]),
                "top1_changed": float(top_b != top_a), "entropy_before": ent(p), "entropy_after": ent(q)}
     if target:
         tid = lm.tokenizer(target, add_special_tokens=False)["input_ids"]

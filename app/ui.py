@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import os
 import sys
-import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,18 +94,15 @@ def loaded_model(wait_s: float = 0.0):
         else:
             st.info(f"loading model **{name}** in the background (first load converts and caches it; "
                     f"the page refreshes itself)… {e if 'still loading' not in str(e) else ''}")
-            rerun_after(1.0)
+            _rerun_when(lambda: model_pool().status(name) != "loading")
         return None
 
 
-def rerun_after(seconds: float) -> None:
-    """Poll: rerun this page after ``seconds``. Called last on a page, while background work runs.
-
-    A plain rerun, not an ``st.fragment(run_every=...)``: a timed fragment kept firing after a
-    page switch and starved the next page (seen with page links from the New run page).
-    """
-    time.sleep(seconds)
-    st.rerun()
+@st.fragment(run_every=1.0)
+def _rerun_when(done) -> None:
+    """Poll background work without blocking: a timed fragment that reruns the page once ``done()``."""
+    if done():
+        st.rerun(scope="app")
 
 
 def sidebar() -> None:
@@ -301,14 +297,12 @@ def heads_page() -> None:
     layer, head = views.parse_head(lab)
     arrays = run.arrays()
     st.dataframe(views.head_stats(scores, arrays, layer, head), hide_index=True, key="heads_stats")
-    polling = _per_example(run, name, scores[name].shape, layer, head)
+    _per_example(run, name, scores[name].shape, layer, head)
     _example_pattern(run, layer, head, index)
-    if polling:
-        rerun_after(1.0)
 
 
-def _per_example(run, name: str, shape: tuple, layer: int, head: int) -> bool:
-    """The head's score per example (stored, or recomputed in the background); True while recomputing."""
+def _per_example(run, name: str, shape: tuple, layer: int, head: int) -> None:
+    """The head's score per example: stored in the run, or recomputed in the background."""
     st.markdown("**Score across examples**")
     vals = views.per_example_values(run.examples(), run.arrays(), name, shape, layer, head)
     key = f"perex:{run.id}"
@@ -319,12 +313,13 @@ def _per_example(run, name: str, shape: tuple, layer: int, head: int) -> bool:
             st.caption("recomputed per example with the analysis's process() (values before finalize)")
     if vals:
         _chart(views.values_figure(vals, f"{views.head_label(layer, head)}: {name} per example"), "heads_perex")
-        return False
+        return
     st.caption("This run stored only the average over examples.")
     task = tasks().get(key)
     if task is not None and task.active:
         st.progress(task.fraction, text=f"recomputing… {task.done}/{task.total or '?'} examples")
-        return True
+        _rerun_when(lambda: not task.active)
+        return
     if task is not None and task.state == "failed":
         st.error(task.error)
     n = st.number_input("examples to recompute", 1, 200, min(10, int(run.meta.get("n_examples") or 10)),
@@ -332,13 +327,12 @@ def _per_example(run, name: str, shape: tuple, layer: int, head: int) -> bool:
     if st.button("recompute per example (background)", key="perex_go"):
         loaded = loaded_model()
         if loaded is None:
-            return False
+            return
         if views.run_model(run) != loaded.lm.name:
             st.warning(f"this run is of {views.run_model(run)}; switch the model in the sidebar first")
-            return False
+            return
         tasks().start(key, lambda progress: live.per_example_arrays(run, loaded.lm, loaded.probe, int(n), progress))
         st.rerun()
-    return False
 
 
 def _example_pattern(run, layer: int, head: int, index: str) -> None:
@@ -384,8 +378,7 @@ def _example_pattern(run, layer: int, head: int, index: str) -> None:
     b = a + pat.shape[0]
     # keys beyond the window's last query get no attention (causal): cut them
     ds = views.downsample_pattern(pat[:, :b], keep_first=4)
-    _chart(views.pattern_figure(ds, toks, q_offset=a, title=f"L{layer}H{head} on {ex}, queries {a}–{b - 1}",
-                                sink_positions=views.sink_positions(pat[:, :b].mean(0, keepdims=True), 0.3)),
+    _chart(views.pattern_figure(ds, toks, q_offset=a, title=f"L{layer}H{head} on {ex}, queries {a}–{b - 1}"),
            "pat_fig")
 
 
@@ -467,7 +460,8 @@ def inspect_page() -> None:
             with st.spinner("capturing…"):
                 cap = live.capture_prompt(loaded.probe, lm, ids, live.parse_heads(heads_l, info),
                                           rows=(a, min(T, a + live.MAX_ROWS)))
-            st.session_state["insp_result"] = (want, cap)
+                fw = live.fai_waad_series(loaded.probe, lm, ids)
+            st.session_state["insp_result"] = (want, cap, fw)
         except HeadscopeError as e:
             _error(e)
             return
@@ -477,14 +471,18 @@ def inspect_page() -> None:
     if res[0] != want:
         st.caption("The prompt or heads changed: press **capture** to update.")
     cap: live.PromptCapture = res[1]
+    fw: dict | None = res[2]
     toks = cap.tokens
-    sinks = views.sink_positions(cap.alpha, eps)
-    rate = views.sink_rate(cap.alpha, eps)
+    eligible = views.sink_eligible(cap.count)
+    sinks = views.sink_positions(cap.alpha, eps, eligible=eligible)
+    rate = views.sink_rate(cap.alpha, eps, eligible)
     c = st.columns(3)
     c[0].metric("tokens", len(toks))
     c[1].metric("sink tokens", len(sinks), help="keys that are a sink for at least one head")
     c[2].metric("sink rate of token 0", f"{rate[0]:.0f}%", help="percent of heads with α₀ > ε (Gu et al.'s Sink₁)")
     st.markdown("**Tokens** (shade = share of heads using the token as a sink; red box = sink)")
+    st.caption(f"keys seen by fewer than {int(cap.count[eligible].min())} queries are not tested: their "
+               "mean attention averages too few rows")
     st.html(views.tokens_html(toks, rate / 100.0, sinks))
     for (l, h), pat in cap.patterns.items():
         st.markdown(f"#### {views.head_label(l, h)}")
@@ -492,7 +490,8 @@ def inspect_page() -> None:
         ds = views.downsample_pattern(pat, max_q=cells, max_k=cells)
         with left:
             _chart(views.pattern_figure(ds, toks, q_offset=cap.rows[0], title=f"L{l}H{h} attention",
-                                        sink_positions=views.sink_positions(cap.alpha[l, h], eps)), f"insp_pat_{l}_{h}")
+                                        sink_positions=views.sink_positions(cap.alpha[l, h], eps, eligible=eligible)),
+                   f"insp_pat_{l}_{h}")
         with right:
             st.caption("top attended tokens (mean attention received; how often a query's top-1)")
             st.dataframe(views.top_attended(cap.alpha[l, h], toks, topk, cap.topk_idx[l, h, :, 0]), hide_index=True,
@@ -500,11 +499,16 @@ def inspect_page() -> None:
             st.caption(f"mean entropy {cap.entropy[l, h].mean():.3f} nats · mean span "
                        f"{cap.mean_dist[l, h].mean():.2f} tokens")
     st.markdown("#### FAI / WAAD over tokens")
-    series, loc, glob = live.fai_waad(cap)
-    _chart(views.series_figure(series, toks, "FAI (global heads) and WAAD (local heads)", marks={"sink": sinks}),
-           "insp_series")
-    st.caption(f"local heads: {int(loc.sum())} with the shortest mean span, global: {int(glob.sum())} with the "
-               f"longest (30% each, Li et al.); WAAD window W = {live.WAAD_W}.")
+    if fw is None:
+        st.caption("FAI/WAAD come from the fai analysis, which is not installed.")
+    else:
+        _chart(views.series_figure(fw["series"], toks, "FAI (global heads) and WAAD (local heads)",
+                                   marks={"sink": sinks}), "insp_series")
+        o = fw["options"]
+        band = f"t − s ≥ {o['H_lo']}" + ("" if o["H_hi"] is None else f" and ≤ {o['H_hi']}")
+        st.caption(f"as the fai analysis computes them (Li et al.), with its defaults: local heads = the "
+                   f"{o['local_frac']:.0%} with the shortest mean span on this prompt ({len(fw['local'])}), global = "
+                   f"the {o['global_frac']:.0%} longest ({len(fw['global'])}); W = {o['W']}, FAI band {band}.")
     st.markdown("#### Next token")
     top = np.argsort(-cap.next_probs)[:10]
     st.dataframe([{"token": lm.tokenizer.decode([int(i)]), "id": int(i), "p": float(cap.next_probs[i])} for i in top],
@@ -660,24 +664,24 @@ def new_run_page() -> None:
                 data = str(save_upload(s.runs, upload.name, upload.getvalue()))
             elif data_label != "(none)":
                 data = str(files[data_label])
-            job = job_manager(str(s.runs)).submit(name, current_model(), raw, data)
-            st.session_state["nr_last"] = job.run_id
-            st.success(f"started **{job.run_id}**; it runs in the background and lands in the run store")
+            st.session_state["nr_last"] = job_manager(str(s.runs)).submit(name, current_model(), raw, data).run_id
         except HeadscopeError as e:
             _error(e)
+    if st.session_state.get("nr_last"):  # kept in the session: the page reruns while the job runs
+        st.success(f"started **{st.session_state['nr_last']}**; it runs in the background and lands in the run store")
     st.subheader("Jobs")
-    if _jobs_panel():
-        rerun_after(1.5)
+    _jobs_panel()
 
 
-def _jobs_panel() -> bool:
-    """Progress of background runs, read from memory and ``<runs>/.jobs``; True while one is active."""
+@st.fragment(run_every=1.5)
+def _jobs_panel() -> None:
+    """Progress of background runs, refreshed in place; read from memory and ``<runs>/.jobs``."""
     s = settings()
     jm = job_manager(str(s.runs))
     jobs = jm.recent(10)
     if not jobs:
         st.caption("no jobs yet")
-        return False
+        return
     for job in jobs:
         box = st.container(border=True)
         head = f"**{job.run_id}** · {job.analysis} · {job.model}"
@@ -695,7 +699,6 @@ def _jobs_panel() -> bool:
             box.error(f"{head} · {job.state}: {job.error}")
             if job.state == "partial" and box.button("resume", key=f"resume_{job.run_id}"):
                 _resume(jm, job)
-    return any(j.active and not jm.orphaned(j) for j in jobs)
 
 
 def _resume(jm: JobManager, job) -> None:

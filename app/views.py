@@ -17,6 +17,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas  # noqa: F401 - see below
 import plotly.graph_objects as go
+import scipy.stats
 
 # plotly looks pandas up in sys.modules without importing it; if a background model load (which
 # imports transformers -> pandas) is half-way through that import, plotly sees a partially
@@ -111,22 +112,6 @@ def scalar_summary(summary: dict | None) -> dict:
 
 
 # --------------------------------------------------------------------------- head tables
-def rankdata(x: np.ndarray) -> np.ndarray:
-    """Ranks 1..n with ties given their average rank (as scipy.stats.rankdata 'average')."""
-    x = np.asarray(x, dtype=np.float64).ravel()
-    order = np.argsort(x, kind="mergesort")
-    xs = x[order]
-    ranks = np.empty(len(x), dtype=np.float64)
-    i = 0
-    while i < len(x):
-        j = i
-        while j + 1 < len(x) and xs[j + 1] == xs[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
-
-
 def descending_rank(scores: np.ndarray) -> np.ndarray:
     """Rank of each head, 1 = highest score, ties share the best rank (so equal heads read equal)."""
     flat = np.asarray(scores, dtype=np.float64).ravel()
@@ -221,19 +206,21 @@ def per_example_values(records: list[dict], arrays: dict[str, np.ndarray], score
 
 # --------------------------------------------------------------------------- comparisons
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman rank correlation with average ranks for ties; NaN if either side is constant."""
-    ra, rb = rankdata(a), rankdata(b)
-    if len(ra) != len(rb):
-        raise HeadscopeError(f"cannot correlate {len(ra)} values with {len(rb)}")
-    return pearson(ra, rb)
+    """Spearman rank correlation (ties get average ranks); NaN if either side is constant."""
+    return _corr(scipy.stats.spearmanr, a, b)
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float:
-    a = np.asarray(a, dtype=np.float64).ravel()
-    b = np.asarray(b, dtype=np.float64).ravel()
-    a, b = a - a.mean(), b - b.mean()
-    den = math.sqrt(float((a * a).sum() * (b * b).sum()))
-    return float((a * b).sum() / den) if den > 0 else float("nan")
+    return _corr(scipy.stats.pearsonr, a, b)
+
+
+def _corr(fn, a, b) -> float:
+    a, b = np.ravel(a), np.ravel(b)
+    if len(a) != len(b):
+        raise HeadscopeError(f"cannot correlate {len(a)} values with {len(b)}")
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(fn(a, b).statistic)
 
 
 def top_overlap(a: np.ndarray, b: np.ndarray, k: int) -> float:
@@ -308,13 +295,16 @@ def bar_figure(values: np.ndarray, title: str, xlabel: str = "layer") -> go.Figu
 
 def series_figure(series: dict[str, np.ndarray], tokens: Sequence[str] | None = None, title: str = "",
                   marks: dict[str, Sequence[int]] | None = None, max_points: int = 4000) -> go.Figure:
-    """Per-token series (e.g. FAI, WAAD) over positions; hover shows the token.
+    """Per-token series (e.g. FAI, WAAD) over positions, one panel each (their scales differ);
+    hover shows the token.
 
     Series longer than ``max_points`` are thinned by block max so peaks survive; ``marks`` draws
     vertical lines at the given positions (e.g. sink tokens).
     """
-    fig = go.Figure()
-    for name, s in series.items():
+    from plotly.subplots import make_subplots
+    fig = make_subplots(rows=len(series), cols=1, shared_xaxes=True, vertical_spacing=0.08,
+                        subplot_titles=list(series))
+    for row, (name, s) in enumerate(series.items(), 1):
         s = np.asarray(s, dtype=np.float64).ravel()
         x = np.arange(len(s))
         if len(s) > max_points:
@@ -323,15 +313,17 @@ def series_figure(series: dict[str, np.ndarray], tokens: Sequence[str] | None = 
             s = np.maximum.reduceat(s, x)
         text = [tokens[i] if tokens is not None and i < len(tokens) else "" for i in x]
         fig.add_trace(go.Scatter(x=x, y=s, mode="lines", name=name, text=text,
-                                 hovertemplate="pos %{x} %{text}<br>%{y:.4g}<extra>" + name + "</extra>"))
+                                 hovertemplate="pos %{x} %{text}<br>%{y:.4g}<extra>" + name + "</extra>"),
+                      row=row, col=1)
     for label, positions in (marks or {}).items():
         for p in positions:
             fig.add_vline(x=p, line={"color": "crimson", "dash": "dot", "width": 1})
         if positions:  # one legend entry per mark kind
             fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name=label,
-                                     line={"color": "crimson", "dash": "dot"}))
-    fig.update_layout(title={"text": title}, xaxis={"title": {"text": "token position"}}, height=340,
-                      margin={"l": 50, "r": 20, "t": 50, "b": 40})
+                                     line={"color": "crimson", "dash": "dot"}), row=1, col=1)
+    fig.update_xaxes(title={"text": "token position"}, row=len(series), col=1)
+    fig.update_layout(title={"text": title}, height=160 + 180 * len(series),
+                      margin={"l": 50, "r": 20, "t": 70, "b": 40})
     return fig
 
 
@@ -417,30 +409,33 @@ def pattern_figure(ds: Downsampled, tokens: Sequence[str], *, q_offset: int = 0,
     return fig
 
 
-def column_means(col_mass: np.ndarray, col_count: np.ndarray) -> np.ndarray:
-    """Gu et al.'s alpha: attention each key receives, averaged over the queries that can see it.
+def sink_rate(alpha: np.ndarray, eps: float = 0.3, eligible: np.ndarray | None = None) -> np.ndarray:
+    """Per key position: percent of heads with alpha > eps (Gu's Sink^eps_k).
 
-    ``col_mass`` [..., T] (summed over queries), ``col_count`` [T]; keys no query saw get 0.
+    ``eligible`` [T] (bool) zeroes keys that too few queries see: the last keys' alpha averages a
+    handful of rows (the very last one a single diagonal entry), so it says nothing about sinks.
     """
-    cnt = np.asarray(col_count, dtype=np.float64)
-    return np.divide(np.asarray(col_mass, dtype=np.float64), cnt, out=np.zeros(np.broadcast(col_mass, cnt).shape),
-                     where=cnt > 0)
+    a = np.asarray(alpha, dtype=np.float64)
+    rate = 100.0 * (a > eps).reshape(-1, a.shape[-1]).mean(0)
+    return rate if eligible is None else np.where(eligible, rate, 0.0)
 
 
-def sink_positions(alpha: np.ndarray, eps: float = 0.3, min_frac: float = 0.0) -> list[int]:
+def sink_positions(alpha: np.ndarray, eps: float = 0.3, min_frac: float = 0.0,
+                   eligible: np.ndarray | None = None) -> list[int]:
     """Key positions that are a sink (alpha > ``eps``) in more than ``min_frac`` of the heads given.
 
     ``alpha`` is [heads..., T] (any leading shape); with ``min_frac=0`` one head suffices.
+    ``eligible`` as in ``sink_rate``.
     """
-    a = np.asarray(alpha, dtype=np.float64)
-    frac = (a > eps).reshape(-1, a.shape[-1]).mean(0)
+    frac = sink_rate(alpha, eps, eligible) / 100.0
     return [int(i) for i in np.nonzero(frac > min_frac)[0]]
 
 
-def sink_rate(alpha: np.ndarray, eps: float = 0.3) -> np.ndarray:
-    """Per key position: percent of heads with alpha > eps (Gu's Sink^eps_k)."""
-    a = np.asarray(alpha, dtype=np.float64)
-    return 100.0 * (a > eps).reshape(-1, a.shape[-1]).mean(0)
+def sink_eligible(count: np.ndarray, min_queries: int | None = None) -> np.ndarray:
+    """Keys seen by at least ``min_queries`` queries (default: a quarter of the prompt, at least 4)."""
+    c = np.asarray(count)
+    need = max(4, len(c) // 4) if min_queries is None else min_queries
+    return c >= min(need, c.max(initial=0))
 
 
 def top_attended(alpha_head: np.ndarray, tokens: Sequence[str], k: int = 10,
@@ -456,18 +451,6 @@ def top_attended(alpha_head: np.ndarray, tokens: Sequence[str], k: int = 10,
             row["top1_count"] = int(counts[i])
         rows.append(row)
     return rows
-
-
-def split_local_global(span: np.ndarray, frac: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
-    """Boolean masks [L, H] of the ``frac`` heads with the shortest and the longest mean span (FAI/WAAD)."""
-    s = np.asarray(span, dtype=np.float64)
-    n = max(1, int(round(frac * s.size)))
-    order = np.argsort(s, axis=None, kind="mergesort")
-    loc = np.zeros(s.size, bool)
-    glob = np.zeros(s.size, bool)
-    loc[order[:n]] = True
-    glob[order[-n:]] = True
-    return loc.reshape(s.shape), glob.reshape(s.shape)
 
 
 def tokens_html(tokens: Sequence[str], weights: np.ndarray | None = None, highlight: Iterable[int] = (),
@@ -495,14 +478,6 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     x = x - x.max(-1, keepdims=True)
     e = np.exp(x)
     return e / e.sum(-1, keepdims=True)
-
-
-def kl_divergence(p: np.ndarray, q: np.ndarray, eps: float = 1e-12) -> float:
-    """KL(p || q) in nats, with ``eps`` added to both sides (as Ships does)."""
-    p = np.asarray(p, dtype=np.float64) + eps
-    q = np.asarray(q, dtype=np.float64) + eps
-    p, q = p / p.sum(), q / q.sum()
-    return float((p * np.log(p / q)).sum())
 
 
 def distribution_change(p_before: np.ndarray, p_after: np.ndarray, decode, k: int = 10) -> list[dict]:

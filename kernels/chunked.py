@@ -4,28 +4,36 @@ The CPU default backend and the fallback for anything the Triton kernels do not 
 are processed in blocks of ``block_q`` rows; for each block the whole visible key range is scored
 at once, so every row has its exact max and normaliser and no online rescaling is needed. Memory
 is O(B * H * block_q * S) where S is the key slice a block can see (``Tk`` for causal layers,
-``window + block_q`` for sliding-window layers: a windowed layer costs O(T * W), not O(T^2)).
+``window + block_q`` for sliding-window layers: a windowed layer costs O(T * W), not O(T^2)),
+plus one fp32 copy of v with a few feature columns, O(B * H_kv * Tk * Dv).
 
-Per block (u = unnormalised weights, Z = their row sum, p = u / Z):
+Per block (GQA: the G query heads of a KV head are stacked as G * C rows of one GEMM):
 
-    s = mask(softcap(q k^T * scale)) - rowmax        # [B, H, C, S], fp32, <= 0, masked = NEG
-    u = exp(s); edits rewrite u (uniform heads: u = visible; key re-weighting: u[:, kp] *= w)
-    out = (u @ v) / Z;   row features (Z, distances, segment masses) = E^T u^T / Z
-    entropy = log Z - sum(u * s) / Z - sum_kp(u log w) / Z
-    col_mass += (1 / Z)^T u                            # a matvec, deterministic order
+    s = mask(softcap(q k^T * scale)) - rowmax     # [B, H, C, S] fp32, <= 0, masked <= NEG
+    p = softmax(s)                                # max(s) = 0, so max(p) = 1 / Z exactly
+    edits rewrite p (uniform heads: softmax of 0 on visible keys; re-weighting: p[:, kp] *= w)
+    p @ F, F = [v | 1 | segment indicators | distance features]
+        -> output, the re-weighted normaliser Zw and every linear row statistic, one GEMM
+    entropy = log Z + log Zw - (sum q s + sum_kp q log w) / Zw     (q = re-weighted p)
+    col_mass += (1 / Zw)^T p                      # a matvec, fixed order: deterministic
 
-Why it is shaped like this (measured on a 2-core CPU, see ``benchmarks/README.md``):
-- Masked logits hold a finite ``NEG`` (float32 min), not -inf: ``exp`` still gives exactly 0 and
-  ``u * s`` stays 0 instead of NaN, so entropy needs no ``where`` pass. Masks are added as
-  biases or filled on the few C-wide tiles that need them; a broadcast ``masked_fill`` over the
-  whole block costs as much as ``exp``.
-- Score buffers are allocated once per call and reused (``matmul(out=)``, ``exp(out=)``): a
-  fresh multi-MB tensor per block costs page faults comparable to the GEMM itself.
-- Row features are one skinny GEMM ``E^T @ u^T`` (``[n, S] @ [S, rows]``); ``u @ E`` with
-  ``E`` of a few columns is ~10x slower in MKL.
-- Top-k avoids ``torch.topk`` over whole rows (and ``torch.max`` with indices): group maxima
-  over 64-key groups pick candidate groups, ``topk`` runs on those only, and rows where a tie
-  could cross the top-k boundary are redone exactly (see ``_topk_lowest_index``).
+Why it is shaped like this (measured on the 2-core AVX-512 CPU, see ``benchmarks/README.md``):
+- The two GEMMs (q k^T and p @ F) are ~75% of the time; they run at ~60 GFLOP/s, ~15% faster
+  at 64-row blocks than at 42, so blocks are multiples of 16 rows.
+- ``torch.softmax`` is faster than ``torch.exp`` alone (cheaper vectorised exp), and gives Z
+  for free through max(p) = 1 / Z.
+- Masked logits hold a finite ``NEG`` (float32 min), not -inf: softmax still gives exactly 0
+  and ``p * s`` stays 0 instead of NaN, so entropy needs no ``where`` pass. Masks are filled on
+  the few C-wide tiles at causal/window edges; padding is a broadcast add (a broadcast
+  ``masked_fill`` over the block costs as much as the softmax).
+- Score buffers are allocated once per call and reused (``matmul(out=)``, ``softmax(out=)``):
+  a fresh multi-MB tensor per block costs page faults comparable to the GEMM itself.
+- Row features ride along in the output GEMM (up to 16 extra columns cost ~3%); a separate
+  skinny GEMM ``u @ E`` is ~10x slower in MKL. F is stored transposed so the distance
+  columns, rewritten per block, are contiguous.
+- Top-k never runs ``torch.topk`` over whole rows (nor ``torch.max`` with indices): group
+  maxima over 64-key groups pick candidates, and only rows with exact ties near the top-k
+  boundary take the slow exact path (see ``_topk_lowest_index``).
 
 Failure modes: logits must be finite (an overflowing q.k gives NaN, as in any attention);
 negative ``key_scale`` values are not meaningful (entropy takes ``log w`` only where w > 0).
@@ -40,15 +48,17 @@ from .spec import AttnResult, HeadEdits, StatsSpec, check_inputs
 
 NEG = torch.finfo(torch.float32).min  # finite "-inf": exp(NEG - m) == 0 and 0 * NEG == 0
 PAD_BIAS = -1e30                      # added for padded keys; NEG + PAD_BIAS still rounds to NEG
-_BLOCK_ELEMS = 1 << 22                # target fp32 elements per [B, H, C, S] score buffer (16 MB)
+_BLOCK_ELEMS = 1 << 23                # target fp32 elements per [B, H, C, S] score buffer (32 MB)
 _GROUP = 64                           # keys per group for the top-k candidate search
 
 
 def _auto_block(B: int, H: int, Tq: int, Tk: int, window: int | None) -> int:
-    """Largest query block whose score buffer stays near ``_BLOCK_ELEMS`` (cache-sized blocks are
-    faster on CPU than big ones, and the buffer bounds memory)."""
+    """Query block size: one [B, H, C, S] fp32 score buffer near ``_BLOCK_ELEMS`` (bounds memory;
+    blocks past a few MB gain nothing on CPU), a multiple of 16 rows (MKL's GEMM is ~15% faster
+    at 64 rows than at 42), at least 32 rows unless there are fewer queries."""
     per_row = B * H * (Tk if window is None else min(Tk, window + 256))
-    return int(max(1, min(Tq, 256, _BLOCK_ELEMS // max(per_row, 1))))
+    c = max(32, _BLOCK_ELEMS // max(per_row, 1) // 16 * 16)
+    return int(min(Tq, 256, c))
 
 
 def _visible_counts(B: int, Tq: int, Tk: int, causal: bool, window: int | None,
@@ -95,15 +105,19 @@ def _topk_lowest_index(u: torch.Tensor, k: int, k0: int, Tk: int):
 
     u: [R, S], non-negative. Returns (values [R, kk], key indices [R, kk]), kk = min(k, Tk),
     descending, ties resolved to the lowest key index -- the order of a stable descending sort
-    of the full row, which ``torch.topk`` does not promise. Strategy: candidates from the
-    largest group maxima (every top-k entry lies in one of the k + 1 largest groups), ``topk``
-    on the candidates, then rows whose k-th value also occurs outside the chosen set (exact
-    ties: uniform heads, zero rows, duplicate keys) are redone with an index-keyed search.
+    of the full row, which ``torch.topk`` does not promise. Strategy: on long rows, candidates
+    from the largest group maxima (every top-k entry lies in one of the k + 1 largest groups);
+    ``topk`` on the candidates; then the few rows with equal values among or just outside the
+    chosen k (uniform heads, zero rows, duplicate keys) are re-ordered exactly: by index within
+    the chosen set, and with an index-keyed search when the k-th value also occurs outside it.
+    ``torch.topk`` costs ~1 us per row whatever its length, so everything else is kept O(k) per
+    row or restricted to the tied rows.
     """
     R, S = u.shape
     kk = min(k, Tk)
     dev = u.device
     n_groups = S // _GROUP
+    outside_max = None                                 # bound on every non-candidate entry
     if n_groups >= 4 * (kk + 1):
         S0 = n_groups * _GROUP
         gmax = u[:, :S0].unflatten(-1, (n_groups, _GROUP)).amax(-1)      # [R, n_groups]
@@ -111,16 +125,14 @@ def _topk_lowest_index(u: torch.Tensor, k: int, k0: int, Tk: int):
         cand = (g_idx[..., None] * _GROUP + torch.arange(_GROUP, device=dev)).flatten(1)
         if S0 < S:
             cand = torch.cat([cand, torch.arange(S0, S, device=dev).expand(R, -1)], 1)
-        outside_max = g_val[:, kk]                     # every non-candidate entry is <= this
+        outside_max = g_val[:, kk]
+        top_val, pos = u.gather(1, cand).topk(kk + 1, dim=-1)
+        top_idx = cand.gather(1, pos) + k0
     else:
-        cand = torch.arange(S, device=dev).expand(R, S)
-        outside_max = None
-    c_val = u.gather(1, cand)                                             # [R, n_cand]
-    n_take = min(kk + 1, c_val.shape[1])
-    top_val, pos = c_val.topk(n_take, dim=-1)
-    top_idx = cand.gather(1, pos) + k0
-    if n_take < kk:  # fewer keys in the slice than k: the rest are zeros outside it
-        pad = kk - n_take
+        top_val, top_idx = u.topk(min(kk + 1, S), dim=-1)
+        top_idx = top_idx + k0
+    if top_val.shape[1] < kk:  # fewer keys in the slice than k: the rest are zeros outside it
+        pad = kk - top_val.shape[1]
         top_val = torch.cat([top_val, top_val.new_zeros(R, pad)], 1)
         top_idx = torch.cat([top_idx, top_idx.new_full((R, pad), Tk)], 1)
     vk = top_val[:, kk - 1]                                               # [R] k-th largest value
@@ -129,8 +141,12 @@ def _topk_lowest_index(u: torch.Tensor, k: int, k0: int, Tk: int):
         amb |= top_val[:, kk] == vk
     if outside_max is not None:
         amb |= outside_max >= vk
-    val, idx = _lexsort_desc(top_val[:, :kk], top_idx[:, :kk])
-    rows = amb.nonzero().squeeze(1)
+    val, idx = top_val[:, :kk].contiguous(), top_idx[:, :kk].contiguous()
+    tied = amb | (val[:, 1:] == val[:, :-1]).any(-1)
+    rows = tied.nonzero().squeeze(1)
+    if rows.numel():
+        val[rows], idx[rows] = _lexsort_desc(val[rows], idx[rows])
+        rows = amb.nonzero().squeeze(1)
     if rows.numel():
         v_a = vk[rows]                                                    # [A]
         n_gt = (val[rows] > v_a[:, None]).sum(-1, keepdim=True)           # [A, 1] strictly above
@@ -236,9 +252,12 @@ def attend_chunked(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | No
         pr = (spec.pattern_rows[0], min(spec.pattern_rows[1], Tq))
         st["pattern"] = torch.zeros(B, H, max(0, pr[1] - pr[0]), Tk, **f32)
 
-    # ---- feature matrix F = [v | 1 | segment indicators | distance features | 0-pad]: one GEMM
-    # p @ F gives the output, the row sums and every linear row statistic. Columns that depend
-    # on the block position (distances) are rewritten per block.
+    # ---- feature matrix F = [v | 1 | segment indicators | distance features]: one GEMM
+    # p @ F gives the output, the row sums and every linear row statistic. For several query
+    # blocks F is built once, transposed ([n_feat, Tk] per KV head: MKL takes the transposed
+    # operand at no cost, and the distance rows rewritten per block are contiguous). A single
+    # block (decoding) instead multiplies v directly and the feature rows separately: copying v
+    # would cost as much as the whole call.
     w_dist = spec.window_dist
     kidx = torch.arange(Tk, device=dev)
     c_one = Dv
@@ -246,11 +265,24 @@ def attend_chunked(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | No
     c_md = c_seg + len(spec.segments)                                     # [s < t0], (t0 - s)+
     c_wd = c_md + (2 if spec.mean_dist else 0)                            # [s <= t0 - W]
     n_feat = c_wd + (1 if w_dist is not None else 0)
-    F = torch.zeros(B, H_kv, Tk, -(-n_feat // 8) * 8, **f32)              # 8-aligned: faster GEMM
-    F[..., :Dv] = v
-    F[..., c_one] = 1.0
-    for j, (a, b) in enumerate(spec.segments):
-        F[..., a:b, c_seg + j] = 1.0
+
+    def feature_rows(k0: int, k1: int, t0: int, dynamic_only: bool) -> list[tuple[int, torch.Tensor]]:
+        """(row of F^T, values on keys [k0, k1)) for the non-v features of a block at t0."""
+        ks = kidx[k0:k1]
+        rows = [] if dynamic_only else [(c_one, torch.ones_like(ks, dtype=torch.float32))] + [
+            (c_seg + j, ((ks >= a) & (ks < b)).float()) for j, (a, b) in enumerate(spec.segments)]
+        if spec.mean_dist:
+            rows += [(c_md, (ks < t0).float()), (c_md + 1, (t0 - ks).clamp_min(0).float())]
+        if w_dist is not None:
+            rows.append((c_wd, (ks <= t0 - w_dist).float()))
+        return rows
+
+    one_block = Tq <= C
+    if not one_block:
+        FT = torch.zeros(B, H_kv, -(-n_feat // 8) * 8, Tk, **f32)         # 8-aligned: faster GEMM
+        FT[:, :, :Dv] = v.transpose(-1, -2)
+        for j, row in feature_rows(0, Tk, 0, dynamic_only=False):
+            FT[:, :, j] = row
 
     # ---- score workspaces, reused by every block (see module docstring)
     def key_range(i0: int, i1: int) -> tuple[int, int]:
@@ -328,12 +360,15 @@ def attend_chunked(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | No
                 p[..., cols] = p[..., cols] * w[None, :, None, :]
 
         # ---- output, row sums and linear row statistics in one GEMM
-        if spec.mean_dist:
-            F[..., k0:k1, c_md] = (kidx[k0:k1] < t0).float()
-            F[..., k0:k1, c_md + 1] = (t0 - kidx[k0:k1]).clamp_min(0).float()
-        if w_dist is not None:
-            F[..., k0:k1, c_wd] = (kidx[k0:k1] <= t0 - w_dist).float()
-        num = torch.matmul(p_g, F[:, :, k0:k1]).view(B, H, c, -1)          # [B, H, c, n_feat_pad]
+        if one_block:
+            rows = feature_rows(k0, k1, t0, dynamic_only=False)
+            feats = torch.stack([r_ for _, r_ in rows]) @ p.reshape(-1, S).t()   # [n_feat - Dv, B*H*c]
+            num = torch.cat([torch.matmul(p_g, v[:, :, k0:k1].float()).view(B, H, c, Dv),
+                             feats.t().view(B, H, c, -1)], -1)            # [B, H, c, n_feat]
+        else:
+            for j, row in feature_rows(k0, k1, t0, dynamic_only=True):
+                FT[:, :, j, k0:k1] = row
+            num = torch.matmul(p_g, FT[..., k0:k1].transpose(-1, -2)).view(B, H, c, -1)
         Zw = num[..., c_one]                                              # 1 unless re-weighted
         rinv = torch.where(Zw > 0, 1.0 / Zw, 0.0)                         # [B, H, c]
 

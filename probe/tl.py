@@ -133,8 +133,10 @@ class BridgeProbe:
     For TransformerLens users who already hold a bridge. Hook names, ``Capture`` layout and the
     intervention operators are the same as ``Probe``'s, so results can be compared one to one.
     How it computes:
-    - activations are the bridge's hooks of the same name (``attn.hook_result`` is derived from
-      ``hook_z`` and the bridge's ``W_O``, as in ``Probe``);
+    - activations are the bridge's hooks of the same name, with two exceptions. ``attn.hook_result``
+      is derived from ``hook_z`` and the bridge's ``W_O``, as in ``Probe``. ``ln_final.hook_normalized``
+      reads ``ln_final.hook_out``: headscope's name means the final norm's output (what the
+      unembedding reads), while an unfolded bridge's hook_normalized stops before the norm weight;
     - statistics come from the bridge's ``hook_pattern``, i.e. its eager post-softmax maps after any
       pattern edits, recomputed in float64 (``pattern_stats``). They are exact, but quadratic in
       memory like eager attention itself: use ``Probe`` at long context. ``lse`` is not available;
@@ -244,7 +246,9 @@ class BridgeProbe:
                 if name == "logits":
                     continue
                 src, derive = name, None
-                if name.endswith("attn.hook_result"):
+                if name == "ln_final.hook_normalized":   # the norm's output, weight applied (see PROBE_API.md)
+                    src = "ln_final.hook_out"
+                elif name.endswith("attn.hook_result"):
                     layer = int(name.split(".")[1])
                     src = f"blocks.{layer}.attn.hook_z"
                     derive = lambda z, l=layer: torch.einsum("bthd,hdm->bthm", z, self.bridge.W_O[l])  # noqa: E731

@@ -58,31 +58,39 @@ def test_capture_prompt_matches_eager_attention(lm, probe, eager):
     alpha = np.stack([[[A[l, h, s:, s].mean() for s in range(T)] for h in range(4)] for l in range(2)])
     dist = t_idx[:, None] - t_idx[None, :]
     mean_dist = (A * np.clip(dist, 0, None)).sum(-1)
-    win = (A * np.clip(np.minimum(dist, live.WAAD_W), 0, None)).sum(-1)
     np.testing.assert_allclose(cap.alpha, alpha, atol=1e-5)
     np.testing.assert_allclose(cap.mean_dist, mean_dist, atol=1e-4)
-    np.testing.assert_allclose(cap.win_dist, win, atol=1e-4)
     np.testing.assert_array_equal(cap.topk_idx[..., 0], A.argmax(-1))
     np.testing.assert_allclose(cap.next_probs, torch.softmax(logits, -1).numpy(), atol=1e-5)
     assert "".join(cap.tokens[1:]) == PROMPT
 
 
-def test_fai_waad_from_mean_maps(lm, probe, eager):
+def test_fai_waad_series_from_mean_maps(lm, probe, eager):
+    """The Inspect page's FAI/WAAD (the fai analysis with its defaults) vs Li et al.'s formulas on
+    eager maps: heads split by mean span, WAAD from the local heads' mean map, FAI from the global
+    heads' mean map over the band t - s >= H_lo."""
+    fai = pytest.importorskip("headscope.analyses.fai")
+    o = {opt.name: opt.default for opt in fai.FAIAnalysis.options}
     ids = live.encode(lm, PROMPT)
     A, _ = eager_maps(eager, ids)
     T = len(ids)
-    cap = live.capture_prompt(probe, lm, ids, [])
-    series, loc, glob = live.fai_waad(cap, frac=0.25)
+    res = live.fai_waad_series(probe, lm, ids)
+    assert res["options"]["W"] == o["W"]
     dist = np.arange(T)[:, None] - np.arange(T)[None, :]
     span = (A * np.clip(dist, 0, None)).sum(-1).mean(-1)  # [L, H]
-    order = np.argsort(span, axis=None)
-    assert set(np.flatnonzero(loc)) == set(order[:2]) and set(np.flatnonzero(glob)) == set(order[-2:])
-    A_loc = A.reshape(-1, T, T)[order[:2]].mean(0)   # the set-mean map of Li et al.
-    A_glob = A.reshape(-1, T, T)[order[-2:]].mean(0)
-    waad = [sum(A_loc[t, s] * min(t - s, live.WAAD_W) for s in range(t + 1)) for t in range(T)]
-    fai = [np.mean([A_glob[t, s] for t in range(s, T)]) for s in range(T)]
-    np.testing.assert_allclose(series["WAAD (local heads)"], waad, atol=1e-4)
-    np.testing.assert_allclose(series["FAI (global heads)"], fai, atol=1e-5)
+    n = max(1, round(o["local_frac"] * span.size))
+    order = np.argsort(span, axis=None, kind="stable")
+    loc = [divmod(int(i), 4) for i in order[:n]]
+    glob = [divmod(int(i), 4) for i in np.argsort(-span, axis=None, kind="stable")[:n]]
+    assert sorted(res["local"]) == sorted(loc) and sorted(res["global"]) == sorted(glob)
+    A_loc = np.mean([A[l, h] for l, h in loc], 0)
+    A_glob = np.mean([A[l, h] for l, h in glob], 0)
+    W, lo, hi = o["W"], o["H_lo"], o["H_hi"]
+    waad = [sum(A_loc[t, s] * min(t - s, W) for s in range(t + 1)) for t in range(T)]
+    band = [range(s + lo, T if hi is None else min(T, s + hi + 1)) for s in range(T)]
+    fai_ref = [np.mean([A_glob[t, s] for t in band[s]]) if len(band[s]) else np.nan for s in range(T)]
+    np.testing.assert_allclose(res["series"]["WAAD (local heads)"], waad, atol=1e-4)
+    np.testing.assert_allclose(res["series"]["FAI (global heads)"], fai_ref, atol=1e-5)
 
 
 def _o_proj_hook(eager, layer, fn):

@@ -292,6 +292,8 @@ def test_fixture_build_grafts_the_lm_and_is_deterministic(tiny_tok, tiny_text_lm
     # without an image the VLM is the source LM: same logits on the same ids
     sd = load_file(str(tiny_vlm_dir / "model.safetensors"))
     assert lm.vlm_type == "llava" and vlm_model_type(tiny_vlm_dir) == "llava"
+    from headscope.probe import Probe
+    assert Probe(lm).anatomy.layers == list(lm.language_model.layers)   # the probe hooks the grafted LM
     ids = torch.tensor([tiny_tok("The red circle is on a blue background.")["input_ids"]])
     with torch.no_grad():
         np.testing.assert_allclose(lm.model(input_ids=ids).logits[..., :n_vocab], src(ids).logits, atol=1e-5)

@@ -1,0 +1,156 @@
+"""Probe capture on the default model: time and peak memory against plain SDPA and eager maps.
+
+For each prompt length T (SmolLM2-135M, fp32, CPU, batch 1) three modes run side by side:
+  (a) sdpa    -- the plain HF forward with SDPA attention, the speed floor;
+  (b) capture -- ``probe.forward`` inside ``probe.capture(stats=ALL)``: every attention statistic
+                 (lse, top-5, entropy, segment masses, windowed and mean distance, column mass +
+                 count) for every head of every layer, streamed by the headscope kernels;
+  (c) eager   -- HF eager attention with ``output_attentions=True`` (all [H, T, T] maps), what a
+                 map-based tool needs. It is skipped with a printed estimate when the maps alone
+                 exceed ``--eager-budget-gb``.
+All modes keep only the last position's logits (``logits_to_keep=1``: the full [T, vocab] logits
+would be 3 GB at 16k and are not what is measured). Inputs are seeded random token ids; timing
+does not depend on the text. SmolLM2's context is 8192, so longer inputs run with
+``allow_beyond_context=True`` (RoPE extrapolation: the time and memory are real, the outputs are
+not meaningful).
+
+Each mode runs once, in a fresh subprocess, after a 16-token warm-up forward. Peak memory is the
+process RSS sampled every 5 ms (psutil), reported as the peak and as the rise over the RSS after
+loading the model.
+
+    .venv/bin/python benchmarks/probe.py                       # 1024, 4096, 16384
+    .venv/bin/python benchmarks/probe.py --lengths 1024 --modes sdpa,capture
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+MODES = ("sdpa", "capture", "eager")
+
+
+class RssSampler:
+    """Peak resident set size of this process, sampled in a background thread."""
+
+    def __init__(self, every: float = 0.005):
+        import psutil
+        self.proc, self.every, self.peak, self._stop = psutil.Process(), every, 0, threading.Event()
+
+    def __enter__(self):
+        self.peak = self.proc.memory_info().rss
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(self.every)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self.thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+
+def eager_maps_gb(info, T: int) -> float:
+    """Memory of the maps ``output_attentions`` returns: L x H x T x T fp32 (transients come on top)."""
+    return info.n_layers * info.n_heads * T * T * 4 / 2**30
+
+
+def worker(mode: str, T: int) -> dict:
+    import psutil
+    import torch
+
+    from headscope.kernels import StatsSpec
+    from headscope.probe import Probe, load_model
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    lm = load_model("smollm2-135m")
+    model = lm.model
+    ids = torch.randint(0, lm.info.vocab_size, (1, T), generator=torch.Generator().manual_seed(0))
+    beyond = T > (lm.info.max_context or T)
+    if mode == "capture":
+        probe = Probe(lm)
+        spec = StatsSpec(lse=True, topk=5, entropy=True, segments=((0, 1), (0, 64), (T // 2, T)), window_dist=128,
+                         mean_dist=True, col_mass=True)
+
+        def run(x):
+            with probe.capture(stats=spec) as cap:
+                probe.forward(x, logits_to_keep=1, allow_beyond_context=beyond)
+            return cap
+    else:
+        model.set_attn_implementation(mode)
+
+        def run(x):
+            with torch.no_grad():
+                return model(x, logits_to_keep=1, output_attentions=mode == "eager")
+    run(ids[:, :16])                                                         # warm-up
+    base = psutil.Process().memory_info().rss
+    with RssSampler() as rss:
+        t0 = time.perf_counter()
+        out = run(ids)
+        dt = time.perf_counter() - t0
+    if mode == "capture":
+        n_stats = sum(t.numel() for layer in out.stats.values() for t in layer.values())
+        extra = {"captured_values": n_stats}
+    else:
+        extra = {}
+    return {"mode": mode, "T": T, "time_s": round(dt, 2), "peak_rss_gb": round(rss.peak / 2**30, 3),
+            "peak_over_loaded_gb": round((rss.peak - base) / 2**30, 3), "beyond_context": beyond, **extra}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", default="1024,4096,16384")
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--eager-budget-gb", type=float, default=8.0,
+                    help="skip eager when its maps alone need more than this")
+    ap.add_argument("--worker", nargs=2, metavar=("MODE", "T"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker[0], int(args.worker[1]))))
+        return
+    from headscope.probe import load_model
+    info = load_model("smollm2-135m").info
+    rows = {}
+    for T in [int(x) for x in args.lengths.split(",")]:
+        for mode in args.modes.split(","):
+            if mode == "eager" and eager_maps_gb(info, T) > args.eager_budget_gb:
+                rows[(mode, T)] = {"mode": mode, "T": T, "skipped": f"needs > {eager_maps_gb(info, T):.0f} GB for the maps"}
+                print(f"eager at T={T}: skipped, the maps alone need {eager_maps_gb(info, T):.1f} GB "
+                      f"(L={info.n_layers} x H={info.n_heads} x T^2 x 4 B) > budget {args.eager_budget_gb} GB", flush=True)
+                continue
+            out = subprocess.run([sys.executable, __file__, "--worker", mode, str(T)], capture_output=True, text=True)
+            if out.returncode:
+                print(out.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"{mode} at {T} failed")
+            rows[(mode, T)] = json.loads(out.stdout.strip().splitlines()[-1])
+            print(json.dumps(rows[(mode, T)]), flush=True)
+    print("\n| T | sdpa time | capture time | capture / sdpa | eager time | sdpa peak RSS (+over loaded) "
+          "| capture peak RSS (+over loaded) | eager peak RSS (+over loaded) |")
+    print("|---|---|---|---|---|---|---|---|")
+
+    def cell(r, key):
+        if r is None:
+            return "-"
+        if "skipped" in r:
+            return r["skipped"]
+        return f"{r['time_s']} s" if key == "time" else f"{r['peak_rss_gb']} GB (+{r['peak_over_loaded_gb']})"
+    for T in sorted({t for _, t in rows}):
+        s, c, e = rows.get(("sdpa", T)), rows.get(("capture", T)), rows.get(("eager", T))
+        ratio = f"{c['time_s'] / s['time_s']:.2f}x" if s and c else "-"
+        print(f"| {T}{' *' if (c or s or {}).get('beyond_context') else ''} | {cell(s, 'time')} | {cell(c, 'time')} | "
+              f"{ratio} | {cell(e, 'time')} | {cell(s, 'mem')} | {cell(c, 'mem')} | {cell(e, 'mem')} |")
+
+
+if __name__ == "__main__":
+    main()
