@@ -342,6 +342,8 @@ class FAIAnalysis(Analysis):
     def finalize(self, ctx, agg, records):
         o = ctx.options
         used = [r for r in records if not r.get("skip")]
+        if not used:
+            raise HeadscopeError("fai: every example was skipped (spans shorter than 2 tokens?)")
         scores = {"head_span": agg["head_span"].mean, "local_freq": agg["is_local"].mean,
                   "global_freq": agg["is_global"].mean}
         what = "mean attention distance over span rows" + (" (first position excluded, rows renormalised)"

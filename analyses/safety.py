@@ -355,9 +355,10 @@ def ships_scores(probe, ids: Sequence[int], kind: str = "uniform", epsilon: floa
     if kind not in ABLATION_KINDS:
         raise HeadscopeError(f"ablation must be one of {ABLATION_KINDS}, got {kind!r}")
     base = last_logits(probe, ids)
-    metric = lambda logits: float(ships_kl(base, logits[0, -1]))  # noqa: E731 - logits [1, T, V]
+    metric = lambda logits: float(ships_kl(base, logits[0, -1]))  # noqa: E731 - logits [1, 1, V]
     scores = probe.sweep_heads(torch.tensor([list(ids)]), metric=metric, kind=kind,
-                               value=float(epsilon) if kind == "scale" else None, batch_size=batch_size)
+                               value=float(epsilon) if kind == "scale" else None, batch_size=batch_size,
+                               logits_to_keep=1)
     return scores.double().numpy()
 
 
@@ -508,6 +509,8 @@ class ShipsAnalysis(_SafetyBase):
         Option("n_ablate", int, 1, "each query's top-n Ships heads ablated together for the after-ablation refusal "
                "metrics (the paper ablates the top-1 head)"),
         Option("refusal_metrics", bool, True, "compute refusal logprob / projection / ASR before and after"),
+        Option("random_control", bool, True, "also ablate as many random heads per query (seeded, the query's "
+               "top heads excluded) as the control condition 'random'"),
     )
 
     def examples(self, ctx):
@@ -530,6 +533,12 @@ class ShipsAnalysis(_SafetyBase):
             details["before"] = self._refusal(ctx, p, [])
             details["after"] = self._refusal(ctx, p, self._ops(ctx, heads))
             details["ablated"] = [head_name(l, h) for l, h in heads]
+            if o["random_control"]:
+                rng = random.Random(f"{ctx.seed}:{ex.id}")  # per query, so a resumed run draws the same heads
+                pool = [(l, h) for l in range(scores.shape[0]) for h in range(scores.shape[1]) if (l, h) not in heads]
+                rand = rng.sample(pool, len(heads))
+                details["random"] = self._refusal(ctx, p, self._ops(ctx, rand))
+                details["random_heads"] = [head_name(l, h) for l, h in rand]
         return ExampleOutput(arrays={"ships": scores, "top1": onehot}, details=details)
 
     def finalize(self, ctx, agg, records):
@@ -554,9 +563,10 @@ class ShipsAnalysis(_SafetyBase):
             "top1_head_counts": dict(sorted(counts.items(), key=lambda kv: -kv[1])[:10]),
         }
         if o["refusal_metrics"] and used and "before" in used[0]:
-            summary.update(_refusal_summary(used, ("before", "after")))
+            summary.update(_refusal_summary(used, ("before", "after", "random")))
             summary["refusal_direction"] = getattr(self, "dir_info", None)
             summary["after_means"] = f"each query's own top-{o['n_ablate']} Ships head(s) ablated ({o['ablation']})"
+            summary["random_means"] = f"{o['n_ablate']} random head(s) per query ablated ({o['ablation']})"
         return Finalized(scores=scores, score_meta=meta, summary=summary, arrays={"ships_std": agg["ships"].std})
 
 
@@ -564,6 +574,8 @@ def _refusal_summary(records: list[dict], conditions: Sequence[str]) -> dict:
     out = {}
     for c in conditions:
         rs = [r[c] for r in records if c in r]
+        if not rs:
+            continue
         out[f"refusal_logprob_{c}"] = _mean(x["refusal_logprob"] for x in rs)
         out[f"projection_{c}"] = _mean(x["projection"] for x in rs)
         refused = [x["refused"] for x in rs if "refused" in x]

@@ -20,7 +20,7 @@ import os
 import threading
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -265,6 +265,7 @@ class JobManager:
         def log(msg: str) -> None:
             job.log.append(str(msg))
 
+        final = "failed"
         try:
             job.state = "loading model"
             self._save(job)
@@ -274,17 +275,19 @@ class JobManager:
             run = run_analysis(job.analysis, job.model, data=job.data, options=job.options, out=path,
                                resume=job.resume, lm=loaded.lm, probe=loaded.probe, progress=False,
                                log=log, on_progress=on_progress)
-            job.state = run.status
+            final = run.status
             job.done = run.meta.get("n_examples", job.done)
             job.total = job.total or job.done
         except HeadscopeError as e:
-            job.state, job.error = self._disk_state(path, "failed"), str(e)
+            final, job.error = self._disk_state(path, "failed"), str(e)
         except Exception as e:  # noqa: BLE001 - the run.json keeps the traceback; the UI shows one line
-            job.state, job.error = "failed", f"{type(e).__name__}: {e}"
+            job.error = f"{type(e).__name__}: {e}"
             job.log.append(traceback.format_exc(limit=3))
         finally:
             job.finished = time.time()
-            self._save(job)
+            # disk first: whoever sees the job finished in memory finds it finished on disk too
+            self._save(replace(job, state=final))
+            job.state = final
             with contextlib.suppress(OSError):
                 path.rmdir()  # only succeeds for a folder the run never wrote into
 

@@ -37,11 +37,12 @@ TOP_K = 10          # top heads listed per score
 ROLE_TOP_K = 5      # heads taking a role from a score that has no threshold
 
 # a score's role: by score name first, then by analysis; otherwise the score name itself
-ROLE_BY_SCORE = {"induction": "induction", "previous_token": "previous-token", "duplicate_token": "duplicate-token"}
-ROLE_BY_ANALYSIS = {"retrieval": "retrieval", "ships": "safety", "sahara": "safety", "safety": "safety",
-                    "sinks": "sink", "vhd": "vision"}
-# analyses whose scores are themselves the effect of ablating the head
-EFFECT_ANALYSES = {"ships", "sahara"}
+ROLE_BY_SCORE = {"induction": "induction", "previous_token": "previous-token", "duplicate_token": "duplicate-token",
+                 "local_freq": "local", "global_freq": "global"}
+ROLE_BY_ANALYSIS = {"retrieval": "retrieval", "ships": "safety", "gships": "safety", "sahara": "safety",
+                    "sinks": "sink", "vhd": "vision", "chd": "context"}
+# a score whose description says it measures ablating/patching the head is an effect (Ships' KL,
+# generalized Ships' angle, ...); its top heads get it as an annotation
 EFFECT_WORDS = ("ablat", "patch", "knock")
 
 
@@ -73,17 +74,21 @@ def _is_span(name: str, meta: dict) -> bool:
     return "span" in name.lower() or ("global" in text and "local" in text)
 
 
-def _is_effect(analysis: str, name: str, meta: dict) -> bool:
+def _is_effect(name: str, meta: dict) -> bool:
     text = (name + " " + meta.get("description", "")).lower()
-    return analysis in EFFECT_ANALYSES or any(w in text for w in EFFECT_WORDS)
+    return "rank" not in name.lower() and any(w in text for w in EFFECT_WORDS)
 
 
 def _role_heads(name: str, analysis: str, m: np.ndarray, meta: dict) -> list[tuple[str, int, int]]:
     """(role, layer, head) for the heads that stand out in score ``m``.
 
-    A threshold in the score's metadata decides when present; otherwise the top ``ROLE_TOP_K``.
-    Span-type scores (FAI head span) give ``global`` to the longest and ``local`` to the shortest.
+    A threshold in the score's metadata decides when present; otherwise the top ``ROLE_TOP_K``
+    with a positive value (so a group-membership score such as Sahara's step, 0 = not selected,
+    names only members). Span-type scores (FAI head span) give ``global`` to the longest and
+    ``local`` to the shortest. Rank-type scores (lower is better) give no role.
     """
+    if "rank" in name.lower():
+        return []
     H = m.shape[1]
     flat = m.ravel()
     finite = np.isfinite(flat)
@@ -96,7 +101,8 @@ def _role_heads(name: str, analysis: str, m: np.ndarray, meta: dict) -> list[tup
     if thr is not None:
         idx = [i for i in np.argsort(-np.where(finite, flat, -np.inf), kind="mergesort") if finite[i] and flat[i] >= thr]
     else:
-        idx = [i for i in np.argsort(-np.where(finite, flat, -np.inf), kind="mergesort")[:ROLE_TOP_K] if finite[i]]
+        idx = [i for i in np.argsort(-np.where(finite, flat, -np.inf), kind="mergesort")[:ROLE_TOP_K]
+               if finite[i] and flat[i] > 0]
     return [(role, *divmod(int(i), H)) for i in idx]
 
 
@@ -153,10 +159,10 @@ def build_circuit(runs: list, model: str) -> dict:
             if m.ndim != 2 or meta.get("index", "query_head") != "query_head":
                 continue  # KV-head scores would need pooling onto query heads; listed per run instead
             ranks = descending_rank(np.nan_to_num(m, nan=-np.inf))
-            if _is_effect(run.analysis, name, meta):
+            if _is_effect(name, meta):
                 for i in np.argsort(-np.nan_to_num(m, nan=-np.inf), axis=None, kind="mergesort")[:ROLE_TOP_K]:
                     l, h = divmod(int(i), m.shape[1])
-                    if math.isfinite(m[l, h]):
+                    if math.isfinite(m[l, h]) and m[l, h] > 0:
                         node(l, h)["effects"].append({"run": run.id, "kind": "ablation score", "metric": name,
                                                       "value": float(m[l, h])})
             for role, l, h in _role_heads(name, run.analysis, m, meta):
@@ -229,8 +235,10 @@ def circuit_figure(circuit: dict) -> go.Figure:
             marker={"size": 16, "color": svg.role_color(role),
                     "line": {"width": [3 if n["effects"] else 0 for n in ns], "color": "black"}}))
     fig.update_layout(title={"text": f"circuit view: {circuit['model']} (ringed heads have ablation/patching effects)"},
-                      xaxis={"title": {"text": "layer"}, "range": [-1, circuit["n_layers"]]},
-                      yaxis={"title": {"text": "head"}, "range": [circuit["n_heads"], -1]},
+                      xaxis={"title": {"text": "layer"}, "range": [-1, circuit["n_layers"]],
+                             "dtick": 1 if circuit["n_layers"] <= 40 else None},
+                      yaxis={"title": {"text": "head"}, "range": [circuit["n_heads"], -1],
+                             "dtick": 1 if circuit["n_heads"] <= 32 else None},
                       height=max(360, 40 * circuit["n_heads"] + 120), margin={"l": 50, "r": 20, "t": 60, "b": 40})
     return fig
 

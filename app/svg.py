@@ -81,7 +81,7 @@ def circuit_svg(nodes: list[dict], n_layers: int, n_heads: int, title: str = "",
     cw, ch = max(16, min(40, 900 // max(n_layers, 1))), 22
     left, top = 40, 34
     roles = sorted({role_of(n) for n in nodes})
-    w = left + n_layers * cw + 160
+    w = left + n_layers * cw + 260  # room for the legend
     h = top + max(n_heads * ch, 20 * len(roles) + 10) + 40
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
            f'font-family="sans-serif" font-size="10">',
@@ -99,6 +99,8 @@ def circuit_svg(nodes: list[dict], n_layers: int, n_heads: int, title: str = "",
         ring = ' stroke="black" stroke-width="2"' if n.get("effects") else ""
         out.append(f'<circle cx="{cx}" cy="{cy}" r="{min(cw, ch) / 2 - 2}" fill="{role_color(role_of(n))}"{ring}>'
                    f'<title>{escape(n["head"])}: {escape(tip)}</title></circle>')
+        if len(nodes) <= 60:  # a static figure has no hover: name the heads
+            out.append(f'<text x="{cx + min(cw, ch) / 2}" y="{cy - ch / 2 + 7}" font-size="8">{escape(n["head"])}</text>')
     lx = left + n_layers * cw + 14
     for i, role in enumerate(roles):
         out.append(f'<circle cx="{lx + 6}" cy="{top + 10 + 20 * i}" r="6" fill="{role_color(role)}"/>'

@@ -54,6 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .chunked import _col_count, _topk_lowest_index, _visible_counts, attend_chunked
 from .spec import AttnResult, HeadEdits, StatsSpec, check_inputs
 
 MAX_TOPK = 16
@@ -501,7 +502,8 @@ def attend_triton(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | Non
     top_v = f32(B, H, Tq, k_in) if k_in else lse_eff
     top_i = torch.empty(B, H, Tq, k_in, device=dev, dtype=torch.int32) if k_in else lse_eff
     seg_bounds = torch.tensor([x for ab in segs for x in ab] or [0, 0], device=dev, dtype=torch.int32)
-    kv_ok = kv_valid.to(dev).to(torch.int8).contiguous() if kv_valid is not None else lse_eff
+    kv_valid = kv_valid.to(dev).bool() if kv_valid is not None else None
+    kv_ok = kv_valid.to(torch.int8).contiguous() if kv_valid is not None else lse_eff
     qk_scale = scale / softcap if softcap is not None else scale
     flags = dict(HEAD_DIM=_pow2(D, 16), HEAD_DV=_pow2(Dv, 16), CAUSAL=causal,
                  HAS_WINDOW=window is not None, SOFTCAP=softcap is not None,
@@ -516,7 +518,7 @@ def attend_triton(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | Non
         uni if uni is not None else lse_eff, seg_bounds,
         lse_eff, lse_raw, ent, wd, md, seg, top_v, top_i,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        *common, Dv, qk_scale, softcap or 0.0, window or 0, spec.window_dist or 0, *buckets,
+        *common, Dv, qk_scale, softcap or 0.0, window or 0, float(spec.window_dist or 0), *buckets,
         RAW_LSE=raw_lse, ENTROPY=spec.entropy, WIN_DIST=spec.window_dist is not None,
         MEAN_DIST=spec.mean_dist, NSEG=nseg, SEGP=_pow2(nseg), TOPK=k_in, TOPKP=_pow2(k_in, 2),
         **flags)
@@ -537,7 +539,6 @@ def attend_triton(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | Non
     if spec.mean_dist:
         stats["mean_dist"] = md
     if spec.col_mass:
-        from .chunked import _col_count
         col = f32(B, H, Tk)
         band = spec.col_band
         grid_c = lambda META: (triton.cdiv(Tk, META["BLOCK_N"]), B * H)  # noqa: E731
@@ -547,20 +548,17 @@ def attend_triton(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | Non
             band[0] if band else 0, (band[1] if band[1] is not None else _NO_BAND) if band else _NO_BAND,
             *buckets, HAS_BAND=band is not None, **flags)
         stats["col_mass"] = col
-        stats["col_count"] = _col_count(B, Tq, Tk, causal, window, band,
-                                        kv_valid.to(dev).bool() if kv_valid is not None else None, dev)
+        stats["col_count"] = _col_count(B, Tq, Tk, causal, window, band, kv_valid, dev)
     if spec.pattern_rows is not None:
         a, b = spec.pattern_rows[0], min(spec.pattern_rows[1], Tq)
         rows = torch.arange(a, max(a, b), device=dev)
         stats["pattern"] = _dense_probs(q, k, rows, lse_eff, **dense)
     if topk_fallback:
-        from .chunked import attend_chunked
         r = attend_chunked(q, k, v, StatsSpec(topk=spec.topk), edits, scale=scale, causal=causal,
                            window=window, softcap=softcap, kv_valid=kv_valid)
         stats["topk_idx"], stats["topk_prob"] = r.stats["topk_idx"], r.stats["topk_prob"]
 
     if post_edit:
-        from .chunked import _visible_counts
         sees = _visible_counts(B, Tq, Tk, causal, window, kv_valid, dev) > 0   # [B, Tq]
         out = _apply_output_edits(out, edits, sees).to(v.dtype)
     return AttnResult(out=out, stats=stats)
@@ -573,7 +571,6 @@ def _fix_topk(idx, prob, q, k, lse_eff, dense):
     included. Rows with nothing visible get 0..k-1; rows whose k-th probability is 0 are
     recomputed densely from their LSE and ranked by the chunked backend's exact top-k.
     """
-    from .chunked import _topk_lowest_index
     B, H, Tq, K = idx.shape
     Tk = k.shape[2]
     empty = (lse_eff == float("-inf"))[..., None]                           # [B, H, Tq, 1]

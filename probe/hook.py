@@ -37,8 +37,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+from transformers.modeling_utils import AttentionInterface
 
 from headscope.errors import HeadscopeError
 from headscope.kernels import HeadEdits, StatsSpec, attend
@@ -140,8 +140,8 @@ class RowEdit:
     """An edit of one head in one batch element, for batched sweeps (copy b ablates head h).
 
     ``HeadEdits`` acts per head on all batch elements, so these edits are applied to the kernel's
-    output afterwards. kind: "zero" | "scale" (value = alpha) | "mean" (value [D] or [Tq_total, D])
-    | "uniform" (exact prefix mean of v over the visible keys).
+    output afterwards. kind: "zero" | "scale" (value = alpha) | "mean" (value [D]) | "uniform" (exact
+    prefix mean of v over the visible keys).
     """
 
     batch: int
@@ -215,8 +215,7 @@ def _apply_row_edits(out, value, edits: list[RowEdit], call: LayerCall, kv_valid
         elif e.kind == "scale":
             out[e.batch, e.head] *= e.value
         elif e.kind == "mean":
-            val = e.value.to(out)
-            out[e.batch, e.head] = val if val.dim() == 1 else val[call.q_start:call.q_start + call.n_q]
+            out[e.batch, e.head] = e.value.to(out)
         elif e.kind == "uniform":
             kv = None if kv_valid is None else kv_valid[e.batch:e.batch + 1]
             out[e.batch, e.head] = uniform_output(value[e.batch:e.batch + 1, e.head // G], call.n_q, call.window, kv)[0]
@@ -225,11 +224,12 @@ def _apply_row_edits(out, value, edits: list[RowEdit], call: LayerCall, kv_valid
     return out
 
 
-def _sdpa_plain(q, k, v, scaling, H, H_kv) -> torch.Tensor:
-    """Unmasked-or-causal attention, for calls that want neither statistics nor edits."""
+def _sdpa_plain(q, k, v, scaling) -> torch.Tensor:
+    """Attention with a plain causal mask (Tq == Tk) or none (one query), for calls that want
+    neither statistics nor edits: torch's fused kernel, no [Tq, Tk] mask."""
     Tq, Tk = q.shape[2], k.shape[2]
     return F.scaled_dot_product_attention(q, k, v, is_causal=Tq == Tk and Tq > 1, scale=scaling,
-                                          enable_gqa=H != H_kv)
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
 def headscope_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -251,8 +251,7 @@ def headscope_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
     window = mask.window
     if sliding_window is not None and window is not None and sliding_window != window:
         raise HeadscopeError(f"model type {model_type!r}: layer window {sliding_window} != mask window {window}")
-    B, H, Tq, _ = query.shape
-    H_kv, Tk = key.shape[1], key.shape[2]
+    B, Tq, Tk = query.shape[0], query.shape[2], key.shape[2]
     if Tk != mask.kv_length or mask.q_offset - mask.kv_offset != Tk - Tq:
         raise HeadscopeError(f"model type {model_type!r}: keys [{mask.kv_offset}, +{Tk}) do not end at the queries "
                              f"[{mask.q_offset}, +{Tq}) (static or offloaded caches are not supported; use DynamicCache)")
@@ -278,7 +277,7 @@ def headscope_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
     plain = (spec is None and edits is None and softcap is None and kv_valid is None
              and (window is None or window >= Tk) and (Tq == Tk or Tq == 1))
     if plain:
-        out = _sdpa_plain(query, key, value, scaling, H, H_kv)                 # [B, H, Tq, D]
+        out = _sdpa_plain(query, key, value, scaling)                          # [B, H, Tq, D]
     else:
         res = attend(query, key, value, spec, edits, scale=scaling, causal=True, window=window,
                      softcap=softcap, kv_valid=kv_valid, backend=ctx.backend if ctx else "auto")
@@ -294,11 +293,6 @@ def register() -> None:
     """Register the implementation and its mask under ``ATTN_NAME`` (idempotent, process-wide)."""
     AttentionInterface.register(ATTN_NAME, headscope_attention)
     AttentionMaskInterface.register(ATTN_NAME, headscope_mask)
-
-
-def is_registered() -> bool:
-    return (ALL_ATTENTION_FUNCTIONS.get(ATTN_NAME) is headscope_attention
-            and ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(ATTN_NAME) is headscope_mask)
 
 
 # ---------------------------------------------------------------------------------------------

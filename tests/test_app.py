@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import scipy.stats
 
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
@@ -172,7 +171,10 @@ def test_runs_page_compare_two_runs(app_env):
     at.selectbox(key="cmp_score").select("induction").run()
     no_errors(at)
     assert at.selectbox(key="cmp_b").value == "ind-b"  # only runs of the same analysis are offered
-    rho = scipy.stats.spearmanr(made["ind_a"]["induction"].ravel(), made["ind_b"]["induction"].ravel()).statistic
+    # textbook Spearman (random floats: no ties)
+    d = (np.argsort(np.argsort(made["ind_a"]["induction"].ravel()))
+         - np.argsort(np.argsort(made["ind_b"]["induction"].ravel())))
+    rho = 1 - 6 * (d ** 2).sum() / (d.size * (d.size ** 2 - 1))
     metric = next(m for m in at.metric if m.label == "Spearman ρ")
     assert float(metric.value) == pytest.approx(rho, abs=5e-4)
     diff = next(c for c in charts(at) if "second − first" in c["layout"]["title"]["text"])
@@ -229,6 +231,40 @@ def test_heads_page_kv_scores_and_run_from_url(app_env):
     assert at.selectbox(key="heads_run").value == "kv"
     assert charts(at)[0]["layout"]["xaxis"]["title"]["text"] == "KV head"
     assert at.selectbox(key="heads_head").value.startswith("L") and "KV" in at.selectbox(key="heads_head").value
+
+
+def test_heads_page_example_pattern_and_recompute(model_env, tiny_model_dir):
+    """On a real run of the tiny model: the pattern of a head on a stored example, and the per-example
+    scores recomputed in the background (the run kept only the average)."""
+    from headscope.analyses.base import run_analysis
+    from headscope.app import ui
+    root, _ = model_env
+    loaded = ui.model_pool().get(str(tiny_model_dir), timeout=TIMEOUT)
+    run = run_analysis("induction", lm=loaded.lm, probe=loaded.probe, out=root / "tiny-ind", progress=False,
+                       options={"n_examples": 3, "seq_len": 5})
+    at = page("heads_page")
+    at.query_params["run"] = "tiny-ind"
+    at.run()
+    at.selectbox(key="heads_score").select("induction").run()
+    at.selectbox(key="heads_head").select("L1H2").run()
+    at.selectbox(key="pat_example").select("seq0001").run()
+    at.slider(key="pat_len").set_value(8).run()
+    at.button(key="pat_go").click().run()
+    no_errors(at)
+    pat = next(c for c in charts(at) if c["layout"]["title"]["text"].startswith("L1H2 on seq0001"))
+    z = arr(pat["data"][0]["z"])
+    assert z.shape == (8, 8)  # queries 0-7, keys up to the last query (causal)
+    np.testing.assert_allclose(z.sum(1), 1.0, atol=1e-5)
+    at.button(key="perex_go").click().run()
+    task = ui.tasks().get("perex:tiny-ind")
+    t0 = time.time()
+    while task.active and time.time() - t0 < TIMEOUT:
+        time.sleep(0.1)
+    at.run()
+    no_errors(at)
+    per = next(c for c in charts(at) if "per example" in c["layout"]["title"]["text"])
+    vals = arr(per["data"][0]["y"])
+    assert len(vals) == 3 and vals.mean() == pytest.approx(run.scores()["induction"][1, 2], abs=1e-6)
 
 
 # --------------------------------------------------------------------------- model pages

@@ -174,3 +174,25 @@ def test_cli_report_command(runs, tmp_path, monkeypatch, capsys):
     assert [r["id"] for r in data["runs"]] == ["ind-a", "ind-b"]
     assert main(["report", "no-such-run", "--format", "json", "--out", str(out)]) == 2
     assert "no run" in capsys.readouterr().err
+
+
+def test_group_and_rank_scores(tmp_path):
+    """A membership score (Sahara's step, 0 = not chosen) names only members; a rank score no one."""
+    step = np.zeros((4, 6))
+    step[1, 2], step[3, 0] = 1, 2
+    run = write_run(tmp_path, "sahara", analysis="sahara", scores={"sahara_step": step, "top_rank": np.ones((4, 6))})
+    c = report.build_circuit([run], "synth-model")
+    assert {n["head"]: [r["role"] for r in n["roles"]] for n in c["nodes"]} == {"L1H2": ["safety"], "L3H0": ["safety"]}
+
+
+def test_ablation_scores_become_effects(tmp_path):
+    kl = np.zeros((4, 6))
+    kl[2, 1], kl[0, 5] = 0.9, 0.3
+    run = write_run(tmp_path, "ships", analysis="ships", scores={"ships": kl},
+                    score_meta={"ships": {"description": "mean KL(clean || head ablated, uniform)", "index": "query_head",
+                                          "higher_is": "safety head", "threshold": None}})
+    c = report.build_circuit([run], "synth-model")
+    eff = {n["head"]: n["effects"] for n in c["nodes"]}
+    assert set(eff) == {"L2H1", "L0H5"}
+    assert eff["L2H1"] == [{"run": "ships", "kind": "ablation score", "metric": "ships", "value": 0.9}]
+    assert [r["role"] for n in c["nodes"] for r in n["roles"]] == ["safety", "safety"]

@@ -408,6 +408,37 @@ def test_tiny_retrieval_run_and_resume(tiny, tmp_path):
     assert [r["id"] for r in run2.examples()] == [r["id"] for r in recs]
 
 
+def test_tiny_teacher_forced_matches_eager(tiny, tmp_path):
+    """teacher_forced: one eager forward over prompt + gold answer, the reference loop on each answer
+    token's predicting row; needles from --data in the reference's JSONL format."""
+    from headscope.analyses.base import run_analysis
+    from headscope.probe import Probe
+    data = tmp_path / "needles.jsonl"
+    data.write_text(json.dumps({"needle": "The lantern code is seven purple owls.", "question": "What is the code?",
+                                "real_needle": "seven purple owls"}) + "\n")
+    run = run_analysis("retrieval", lm=tiny, probe=Probe(tiny), out=tmp_path / "tf", data=data, progress=False,
+                       options={"lengths": "400", "depths": "0.5", "needles": "all", "teacher_forced": True,
+                                "template": "base"})
+    assert run.meta["summary"]["score"] == "retrieval_teacher_forced" and "retrieval" not in run.scores()
+    rec = run.examples()[0]
+    inst = NiahBuilder(tiny.tokenizer, HAYSTACK, max_context=2048, template="base").build(
+        load_needles(data)[0], 400, 0.5)
+    gold = tiny.tokenizer(" seven purple owls", add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([inst.input_ids + gold])
+    prev = tiny.model.config._attn_implementation
+    tiny.model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            att = tiny.model(ids, output_attentions=True).attentions          # L x [1, H, T, T]
+    finally:
+        tiny.model.set_attn_implementation(prev)
+    n = len(inst.input_ids)
+    rows = [torch.stack([a[0, :, n - 1 + i].double() for a in att]) for i in range(len(gold))]
+    ref = reference_retrieval_calculate(rows, gold, inst.input_ids, inst.span)
+    np.testing.assert_allclose(run.scores()["retrieval_teacher_forced"], ref, atol=1e-9)
+    assert rec["n_gold_tokens"] == len(gold) and rec["span"] == list(inst.span)
+
+
 def test_retrieval_option_errors(tiny, tmp_path):
     from headscope.analyses.base import run_analysis
     from headscope.probe import Probe

@@ -255,7 +255,11 @@ def test_ships_refusal_metrics_match_independent_runs(tiny, tmp_path):
     assert rec["ablated"] == [f"L{l}H{h}"]
     m = _ablated_copy(lm.model, [(l, h)])
     assert rec["after"]["projection"] == pytest.approx(float(_ref_states(m, [enc(harmful[0])])[0] @ d), abs=1e-4)
-    for key, model in (("before", lm.model), ("after", m)):
+    rand = [tuple(int(x) for x in name[1:].split("H")) for name in rec["random_heads"]]
+    assert len(rand) == 1 and rand[0] != (l, h)
+    mr = _ablated_copy(lm.model, rand)
+    assert rec["random"]["projection"] == pytest.approx(float(_ref_states(mr, [enc(harmful[0])])[0] @ d), abs=1e-4)
+    for key, model in (("before", lm.model), ("after", m), ("random", mr)):
         with torch.no_grad():
             out = model.generate(torch.tensor([enc(harmful[0])]), max_new_tokens=6, do_sample=False,
                                  pad_token_id=tok.pad_token_id)
