@@ -362,7 +362,7 @@ def ships_scores(probe, ids: Sequence[int], kind: str = "uniform", epsilon: floa
     return scores.double().numpy()
 
 
-def _continuation_ids(tokenizer, prompt_text: str, prompt_ids: list[int], cont: str) -> list[int]:
+def _continuation_ids(tokenizer, prompt_text: str, cont: str) -> list[int]:
     """Tokens of ``cont`` as they follow the prompt: tokenized jointly when the prompt's ids are a
     prefix of the joint encoding (merges across the boundary are then respected)."""
     joint = tokenizer(prompt_text + cont, add_special_tokens=False)["input_ids"]
@@ -372,11 +372,11 @@ def _continuation_ids(tokenizer, prompt_text: str, prompt_ids: list[int], cont: 
     return list(tokenizer(cont, add_special_tokens=False)["input_ids"])
 
 
-def refusal_continuations(tokenizer, prompt_text: str, prompt_ids: list[int], fmt: str,
+def refusal_continuations(tokenizer, prompt_text: str, fmt: str,
                           openings: Sequence[str] = REFUSAL_OPENINGS) -> list[list[int]]:
     """Distinct token sequences of the refusal openings after this prompt, prefix-free (a sequence
     that extends another is dropped: its probability is already inside the shorter one's)."""
-    seqs = {tuple(_continuation_ids(tokenizer, prompt_text, prompt_ids, sep + o))
+    seqs = {tuple(_continuation_ids(tokenizer, prompt_text, sep + o))
             for o in openings for sep in _SEPARATORS[fmt]}
     seqs = sorted(s for s in seqs if s)
     return [list(s) for s in seqs if not any(len(t) < len(s) and s[:len(t)] == t for t in seqs)]
@@ -479,7 +479,7 @@ class _SafetyBase(Analysis):
         """Refusal metrics of one prompt under ``ops``: logprob, projection, optional response."""
         tok, fmt = ctx.lm.tokenizer, ctx.options["input_format"]
         if "conts" not in p:
-            p["conts"] = refusal_continuations(tok, p["rendered"], p["ids"], fmt)
+            p["conts"] = refusal_continuations(tok, p["rendered"], fmt)
         pad = _pad_id(tok)
         if state is None:
             state = last_states(ctx.probe, [p["ids"]], ops, pad=pad)[0]
@@ -712,16 +712,18 @@ class SaharaAnalysis(_SafetyBase):
         return out
 
 
+# gships = Sahara's first step without the search, evaluation or refusal set-up
+_GSHIPS_FIXED = {"steps": 1, "evaluate": False, "n_random": 0, "gen_tokens": 0, "direction_n": 1, "harmless": ""}
+
+
 @register
 class GShipsAnalysis(SaharaAnalysis):
     name = "gships"
     description = ("Generalized Ships per head: principal angle (degrees) between the leading left singular "
                    "vectors of harmful-query final-norm states, clean vs the head ablated (Sahara's first step).")
-    options = tuple(o for o in SaharaAnalysis.options if o.name not in ("steps", "evaluate", "n_random"))
+    options = tuple(o for o in SaharaAnalysis.options if o.name not in _GSHIPS_FIXED)
     single_step = True
 
     @classmethod
     def parse_options(cls, raw: dict) -> dict:
-        opts = super().parse_options(raw)
-        opts.update(steps=1, evaluate=False, n_random=0)
-        return opts
+        return {**super().parse_options(raw), **_GSHIPS_FIXED}

@@ -17,7 +17,7 @@ from headscope.errors import HeadscopeError
 
 from .views import head_label, softmax
 
-MAX_ROWS = 512       # query rows of full attention pattern captured at once
+MAX_ROWS = 256       # query rows of full attention pattern captured at once (memory: layers x H x rows x T)
 
 
 # --------------------------------------------------------------------------- tokens
@@ -136,8 +136,8 @@ def fai_waad_series(probe, lm, ids: Sequence[int]) -> dict | None:
 KINDS = ("zero", "uniform", "scale", "mean", "patch")
 
 
-def head_z(probe, ids: Sequence[int], layers: Sequence[int]) -> dict[int, "torch.Tensor"]:
-    """``blocks.{l}.attn.hook_z`` [1, T, H, d_head] of ``ids`` for each layer."""
+def head_z(probe, ids: Sequence[int], layers: Sequence[int]) -> dict:
+    """``{layer: blocks.{l}.attn.hook_z}`` of ``ids``, each a tensor [1, T, H, d_head]."""
     import torch
     names = [f"blocks.{l}.attn.hook_z" for l in sorted(set(layers))]
     with probe.capture(activations=names) as cap:
@@ -173,7 +173,8 @@ def make_ops(probe, ids: Sequence[int], heads: Sequence[tuple[int, int]], kind: 
     by_layer: dict[int, list[int]] = {}
     for l, h in heads:
         by_layer.setdefault(l, []).append(h)
-    return [Patch(f"blocks.{l}.attn.hook_z", positions=list(range(n)), heads=hs, value=z[l]) for l, hs in by_layer.items()]
+    return [Patch(f"blocks.{l}.attn.hook_z", positions=list(range(n)), heads=hs, value=z[l])
+            for l, hs in by_layer.items()]
 
 
 def intervention_effect(probe, lm, ids: Sequence[int], ops: list, *, max_new_tokens: int = 0,

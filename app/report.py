@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import html
+import io
 import json
 import math
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -99,7 +101,8 @@ def _role_heads(name: str, analysis: str, m: np.ndarray, meta: dict) -> list[tup
     role = ROLE_BY_SCORE.get(name) or ROLE_BY_ANALYSIS.get(analysis) or name
     thr = meta.get("threshold")
     if thr is not None:
-        idx = [i for i in np.argsort(-np.where(finite, flat, -np.inf), kind="mergesort") if finite[i] and flat[i] >= thr]
+        idx = [i for i in np.argsort(-np.where(finite, flat, -np.inf), kind="mergesort")
+               if finite[i] and flat[i] >= thr]
     else:
         idx = [i for i in np.argsort(-np.where(finite, flat, -np.inf), kind="mergesort")[:ROLE_TOP_K]
                if finite[i] and flat[i] > 0]
@@ -291,7 +294,8 @@ def _run_overview(e: dict) -> dict:
 
 
 def _node_rows(c: dict) -> list[dict]:
-    return [{"head": n["head"], "roles": [f"{r['role']} ({r['score']} {r['value']:.3g}, #{r['rank']})" for r in n["roles"]],
+    return [{"head": n["head"],
+             "roles": [f"{r['role']} ({r['score']} {r['value']:.3g}, #{r['rank']})" for r in n["roles"]],
              "effects": [f"{e['kind']}: {e['metric']}={e['value']:.3g}" for e in n["effects"]]} for n in c["nodes"]]
 
 
@@ -301,8 +305,9 @@ def _intervention_rows(data: dict) -> list[dict]:
 
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:13px}td,th{border:1px solid #ddd;padding:3px 8px;text-align:left}
-th{background:#f3f3f3}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}code{background:#f3f3f3;padding:0 3px}"""
+table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:13px}
+td,th{border:1px solid #ddd;padding:3px 8px;text-align:left}th{background:#f3f3f3}
+h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}code{background:#f3f3f3;padding:0 3px}"""
 
 
 def render_html(data: dict) -> str:
@@ -337,8 +342,8 @@ def render_html(data: dict) -> str:
         for name, fig in run_figures(e):
             parts.append(fig_html(fig))
             parts.append(f"<p>top heads by <b>{_esc(name)}</b></p>" + _html_table(e["scores"][name]["top_heads"]))
-        parts.append("<details><summary>config and versions</summary><pre>" +
-                     _esc(json.dumps({"config": e["config"], "versions": e["versions"]}, indent=1)) + "</pre></details>")
+        cfg = json.dumps({"config": e["config"], "versions": e["versions"]}, indent=1)
+        parts.append(f"<details><summary>config and versions</summary><pre>{_esc(cfg)}</pre></details>")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>headscope report: {_esc(models)}</title>"
             f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>\n")
 
@@ -350,7 +355,7 @@ def _slug(s: str) -> str:
 def render_markdown(data: dict, files_dir: str) -> tuple[str, dict[str, str]]:
     """Markdown text and its SVG figures ``{relative path: svg}`` under ``files_dir``."""
     files: dict[str, str] = {}
-    md = [f"# headscope circuit report\n",
+    md = ["# headscope circuit report\n",
           f"model(s): **{', '.join(m['id'] for m in data['models'])}** · {len(data['runs'])} run(s) · "
           f"created {data['created']} · headscope {data['versions']['headscope']}\n",
           "## Runs\n", _md_table([_run_overview(e) for e in data["runs"]])]
@@ -397,6 +402,24 @@ def render(runs: list, fmt: str, stem: str = "report") -> dict[str, bytes]:
         return {f"{stem}.html": render_html(data).encode()}
     text, figs = render_markdown(data, f"{stem}_files")
     return {f"{stem}.md": text.encode(), **{k: v.encode() for k, v in figs.items()}}
+
+
+def bundle_name(fmt: str, stem: str = "report") -> str:
+    """File name of ``bundle``'s download: the report itself, or a zip for Markdown + figures."""
+    return f"{stem}.zip" if fmt == "md" else f"{stem}.{fmt}"
+
+
+def bundle(runs: list, fmt: str, stem: str = "report") -> tuple[str, bytes]:
+    """The report as one downloadable file (the dashboard's export): Markdown comes zipped with its
+    figure folder so its image links keep working."""
+    files = render(runs, fmt, stem)
+    if fmt != "md":
+        return bundle_name(fmt, stem), next(iter(files.values()))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for rel, data in files.items():
+            z.writestr(rel, data)
+    return bundle_name(fmt, stem), buf.getvalue()
 
 
 def write_report(runs: list, fmt: str = "html", out: str | Path | None = None) -> Path:

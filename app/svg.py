@@ -60,7 +60,8 @@ def heatmap_svg(m: np.ndarray, title: str = "", *, unit: str = "head", cell: int
         out.append(f'<text x="{left - 4}" y="{top + l * cell + cell * 0.75}" text-anchor="end">{l}</text>')
     step_h = max(1, H // 20)
     for hh in range(0, H, step_h):
-        out.append(f'<text x="{left + hh * cell + cell / 2}" y="{top + L * cell + 12}" text-anchor="middle">{hh}</text>')
+        out.append(f'<text x="{left + hh * cell + cell / 2}" y="{top + L * cell + 12}" '
+                   f'text-anchor="middle">{hh}</text>')
     out.append(f'<text x="{left + H * cell / 2}" y="{h - 4}" text-anchor="middle">{unit}</text>')
     out.append(f'<text x="10" y="{top + L * cell / 2}" transform="rotate(-90 10 {top + L * cell / 2})" '
                f'text-anchor="middle">layer</text>')
@@ -100,7 +101,8 @@ def circuit_svg(nodes: list[dict], n_layers: int, n_heads: int, title: str = "",
         out.append(f'<circle cx="{cx}" cy="{cy}" r="{min(cw, ch) / 2 - 2}" fill="{role_color(role_of(n))}"{ring}>'
                    f'<title>{escape(n["head"])}: {escape(tip)}</title></circle>')
         if len(nodes) <= 60:  # a static figure has no hover: name the heads
-            out.append(f'<text x="{cx + min(cw, ch) / 2}" y="{cy - ch / 2 + 7}" font-size="8">{escape(n["head"])}</text>')
+            out.append(f'<text x="{cx + min(cw, ch) / 2}" y="{cy - ch / 2 + 7}" '
+                       f'font-size="8">{escape(n["head"])}</text>')
     lx = left + n_layers * cw + 14
     for i, role in enumerate(roles):
         out.append(f'<circle cx="{lx + 6}" cy="{top + 10 + 20 * i}" r="6" fill="{role_color(role)}"/>'

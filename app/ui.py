@@ -9,10 +9,8 @@ and ``HEADSCOPE_MODEL`` (the model it opens on). Every path that comes from the 
 """
 from __future__ import annotations
 
-import io
 import os
 import sys
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +30,7 @@ SAMPLE_PROMPTS = [
     "Alice gave Bob a book. Then Bob gave the book back to",
     "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
 ]
+SAMPLE_PATCH_SOURCE = "The capital of Germany is Berlin. The capital of Japan is Tokyo. The capital of Spain is"
 
 
 # --------------------------------------------------------------------------- settings and resources
@@ -198,9 +197,32 @@ def _run_details(runs: list) -> None:
         name = st.selectbox("score", list(scores), key="details_score")
         _chart(views.heatmap_figure(scores[name], name, meta=m.get("score_meta", {}).get(name)), "details_heatmap")
         _link_heads(st, run.id)
+    other = {n: v for n, v in run.scores().items() if v.ndim == 1}
+    for n, v in other.items():
+        _chart(views.bar_figure(v, n, "layer" if len(v) == info.get("n_layers") else "index"), f"details_bar_{n}")
+    _arrays(run)
     with st.expander("config, versions, timings"):
         st.json({"config": m.get("config"), "versions": m.get("versions"), "timings": m.get("timings"),
                  "path": str(run.path)})
+
+
+def _arrays(run) -> None:
+    """The run's ``arrays.npz``: per-token series as lines, per-head maps as heatmaps, others by shape."""
+    shapes = run.meta.get("array_shapes") or {}
+    if not shapes:
+        return
+    st.markdown("**Arrays** (`arrays.npz`)")
+    name = st.selectbox("array", list(shapes), key="details_array",
+                        format_func=lambda k: f"{k} {tuple(shapes[k])}")
+    a = run.arrays().get(name)
+    if a is None:
+        st.caption("arrays.npz is missing")
+    elif a.ndim == 1:
+        _chart(views.series_figure({name: a}, title=name), "details_array_fig")
+    elif a.ndim == 2 and a.shape[0] == run.meta.get("model", {}).get("n_layers"):
+        _chart(views.heatmap_figure(a, name), "details_array_fig")
+    else:
+        st.caption(f"{name}: shape {a.shape}, dtype {a.dtype} (no standard view)")
 
 
 def _compare(runs: list) -> None:
@@ -241,24 +263,18 @@ def _export(runs: list) -> None:
         st.info("Pick at least one run.")
         return
     try:
-        files = report.render(chosen, fmt, "headscope-report")
+        data = report.build_report(chosen)
+        report.validate_report(data)
     except HeadscopeError as e:
         _error(e)
         return
-    if len(files) == 1:
-        name, data = next(iter(files.items()))
-    else:  # markdown plus its figures: one zip
-        buf = io.BytesIO()
-        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-            for rel, b in files.items():
-                z.writestr(rel, b)
-        name, data = "headscope-report.zip", buf.getvalue()
-    st.download_button(f"download {name}", data, file_name=name, key="exp_download")
-    if fmt != "json":
-        data = report.build_report(chosen)
-        for c in data["circuits"]:
-            if c["nodes"]:
-                _chart(report.circuit_figure(c), f"exp_circuit_{c['model']}")
+    name = report.bundle_name(fmt, "headscope-report")
+    # deferred: the file (HTML inlines plotly.js, ~5 MB) is built only when the button is pressed
+    st.download_button(f"download {name}", lambda: report.bundle(chosen, fmt, "headscope-report")[1],
+                       file_name=name, key="exp_download")
+    for c in data["circuits"]:
+        if c["nodes"]:
+            _chart(report.circuit_figure(c), f"exp_circuit_{c['model']}")
 
 
 # --------------------------------------------------------------------------- Heads
@@ -278,7 +294,8 @@ def heads_page() -> None:
     index = meta.get("index", "query_head")
     _chart(views.heatmap_figure(scores[name], f"{run.analysis}: {name}", meta=meta), "heads_heatmap")
     if meta.get("higher_is"):
-        st.caption(f"high value = {meta['higher_is']}" + (f"; threshold {meta['threshold']}" if meta.get("threshold") is not None else ""))
+        thr = meta.get("threshold")
+        st.caption(f"high value = {meta['higher_is']}" + ("" if thr is None else f"; threshold {thr}"))
 
     st.subheader("Top heads")
     c1, c2 = st.columns(2)
@@ -349,10 +366,11 @@ def _example_pattern(run, layer: int, head: int, index: str) -> None:
     ex = c1.selectbox("example", [str(r.get("id")) for r in records], key="pat_example")
     start = c2.number_input("first query", 0, None, 0, key="pat_start")
     length = c3.slider("window (queries)", 4, 128, 32, key="pat_len")
-    if not st.button("show pattern", key="pat_go"):
-        cached = st.session_state.get("pat_result")
-        if not cached or cached[0] != (run.id, ex, layer, head, start, length):
-            return
+    cache_key = (run.id, ex, layer, head, start, length)
+    cached = st.session_state.get("pat_result")
+    have = cached is not None and cached[0] == cache_key
+    if not st.button("show pattern", key="pat_go") and not have:
+        return
     loaded = loaded_model()
     if loaded is None:
         return
@@ -360,15 +378,14 @@ def _example_pattern(run, layer: int, head: int, index: str) -> None:
         st.warning(f"this run is of {views.run_model(run)}; switch the model in the sidebar to see patterns")
         return
     try:
-        cache_key = (run.id, ex, layer, head, start, length)
-        cached = st.session_state.get("pat_result")
-        if cached and cached[0] == cache_key:
+        if have:
             ids, pat, a = cached[1]
         else:
             with st.spinner("capturing…"):
                 ids = live.example_input_ids(run, ex, loaded.lm, loaded.probe)
                 a = min(int(start), len(ids) - 1)
-                cap = live.capture_prompt(loaded.probe, loaded.lm, ids, [(layer, head)], rows=(a, min(len(ids), a + length)))
+                cap = live.capture_prompt(loaded.probe, loaded.lm, ids, [(layer, head)],
+                                          rows=(a, min(len(ids), a + length)))
                 pat = cap.patterns[(layer, head)]
             st.session_state["pat_result"] = (cache_key, (ids, pat, a))
     except HeadscopeError as e:
@@ -380,6 +397,10 @@ def _example_pattern(run, layer: int, head: int, index: str) -> None:
     ds = views.downsample_pattern(pat[:, :b], keep_first=4)
     _chart(views.pattern_figure(ds, toks, q_offset=a, title=f"L{layer}H{head} on {ex}, queries {a}–{b - 1}"),
            "pat_fig")
+    stats = views.pattern_stats(pat, a)
+    st.caption(f"on these queries: entropy {stats['entropy']:.3f} nats · mean distance {stats['mean_distance']:.2f} "
+               f"tokens · {stats['first_key_mass']:.0%} of attention on token 0 · most attended key: "
+               f"{views.token_label(stats['top_key'], toks[stats['top_key']])}")
 
 
 # --------------------------------------------------------------------------- Inspect
@@ -406,7 +427,8 @@ def _default_heads(model: str, valid: list[str]) -> list[str]:
     for r in _runs():
         if views.run_model(r) == model and r.status == "complete":
             smeta = r.meta.get("score_meta", {}) or {}
-            q = {n: m for n, m in views.matrix_scores(r).items() if (smeta.get(n) or {}).get("index", "query_head") == "query_head"}
+            q = {n: m for n, m in views.matrix_scores(r).items()
+                 if (smeta.get(n) or {}).get("index", "query_head") == "query_head"}
             heads = [h for h in live.heads_default(q) if h in valid]
             if heads:
                 return heads
@@ -533,9 +555,9 @@ def intervene_page() -> None:
                              "mean: output := its mean over positions · patch: output from a source prompt")
     scale = c2.number_input("α (scale)", value=0.0, step=0.1, key="iv_scale") if kind == "scale" else 0.0
     n_new = c3.slider("generate tokens", 0, 40, 12, key="iv_gen")
-    source = st.text_input("source prompt (patch from)", key="iv_source",
-                           value="The capital of Germany is Berlin. The capital of Japan is Tokyo. The capital of Spain is") \
-        if kind == "patch" else None
+    source = None
+    if kind == "patch":
+        source = st.text_input("source prompt (patch from)", key="iv_source", value=SAMPLE_PATCH_SOURCE)
     target = st.text_input("target token (optional, metric log p)", key="iv_target", value="")
     try:
         ids = live.encode(lm, text)
@@ -589,7 +611,8 @@ def _option_widget(o, key: str):
     """A widget for one analysis Option; returns the raw value for ``Option.parse``."""
     label = o.name.replace("_", " ")
     if o.choices is not None:
-        return st.selectbox(label, list(o.choices), index=list(o.choices).index(o.default) if o.default in o.choices else 0,
+        choices = list(o.choices)
+        return st.selectbox(label, choices, index=choices.index(o.default) if o.default in choices else 0,
                             key=key, help=o.help)
     if o.type is bool:
         return st.checkbox(label, bool(o.default), key=key, help=o.help)

@@ -391,6 +391,17 @@ def downsample_pattern(pattern: np.ndarray, max_q: int = 160, max_k: int = 160, 
     return Downsampled(rows, qe, ke)
 
 
+def pattern_stats(pattern: np.ndarray, q_start: int = 0) -> dict:
+    """Summary of pattern rows ``[R, T]`` for queries ``q_start..``: mean entropy (nats), mean
+    query-key distance, mean attention on key 0, and the key with the most attention in total."""
+    p = np.asarray(pattern, dtype=np.float64)
+    t = np.arange(q_start, q_start + p.shape[0])[:, None]
+    s = np.arange(p.shape[1])[None, :]
+    ent = -(p * np.log(np.where(p > 0, p, 1.0))).sum(1)
+    return {"entropy": float(ent.mean()), "mean_distance": float((p * np.clip(t - s, 0, None)).sum(1).mean()),
+            "first_key_mass": float(p[:, 0].mean()), "top_key": int(p.sum(0).argmax())}
+
+
 def pattern_figure(ds: Downsampled, tokens: Sequence[str], *, q_offset: int = 0, title: str = "",
                    sink_positions: Iterable[int] = (), height: int = 520) -> go.Figure:
     """Heatmap of a (possibly pooled) pattern; key bins containing a sink token are marked on the axis."""

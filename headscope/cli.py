@@ -105,7 +105,7 @@ def cmd_app(args) -> int:
     cmd = [sys.executable, "-m", "streamlit", "run", str(APP_MAIN),
            "--server.address", args.host, "--server.port", str(args.port),
            "--server.headless", "true" if args.headless else "false",
-           "--browser.gatherUsageStats", "false"]
+           "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal"]
     print(f"headscope dashboard on http://{args.host}:{args.port}  (runs: {env['HEADSCOPE_RUNS']})")
     return subprocess.call(cmd, env=env)
 

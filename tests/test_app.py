@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-from headscope.analyses.store import create_run, list_runs, load_run  # noqa: E402
+from headscope.analyses.store import atomic_write_npz, create_run, list_runs, load_run  # noqa: E402
 
 SYNTH_MODEL = {"id": "synth-model", "name": "synth-model", "n_layers": 4, "n_heads": 6, "n_kv_heads": 2}
 TIMEOUT = 60
@@ -48,8 +48,9 @@ def make_tiny_model_dir(path: Path, seed: int = 0) -> Path:
 
 def write_run(root: Path, rid: str, *, analysis: str = "induction", scores: dict | None = None,
               score_meta: dict | None = None, status: str = "complete", created: str = "2025-01-01T00:00:00",
-              model: dict | None = None, records: list | None = None, extra: dict | None = None):
-    """A run folder as ``run_analysis`` leaves it, with the given scores."""
+              model: dict | None = None, records: list | None = None, extra: dict | None = None,
+              arrays: dict | None = None):
+    """A run folder as ``run_analysis`` leaves it, with the given scores (and ``arrays.npz``)."""
     meta = {"analysis": analysis, "created": created, "model": dict(model or SYNTH_MODEL),
             "config": {"seed": 0, "limit": None}, "versions": {"python": "3"}}
     run, _ = create_run(Path(root) / rid, meta)
@@ -61,6 +62,10 @@ def write_run(root: Path, rid: str, *, analysis: str = "induction", scores: dict
     run.meta.update({"status": status, "n_examples": len(records or []), "n_used": len(records or []),
                      "error": "boom" if status == "failed" else None, "timings": {"run_s": 1.0}})
     run.meta.update(extra or {})
+    if arrays:
+        atomic_write_npz(run.path / "arrays.npz", arrays)
+        run.meta["arrays"] = "arrays.npz"
+        run.meta["array_shapes"] = {k: list(np.shape(v)) for k, v in arrays.items()}
     for r in records or []:
         run.append_example(r)
     run.save_meta()
@@ -80,7 +85,8 @@ def make_runs(root: Path, seed: int = 0) -> dict:
                                    "threshold": None}}
     runs = {
         "ind-a": write_run(root, "ind-a", scores=ind_a, score_meta=ind_meta, created="2025-01-01T00:00:00",
-                           records=[{"id": f"seq{i}", "skip": False, "induction": per[i].tolist()} for i in range(3)]),
+                           records=[{"id": f"seq{i}", "skip": False, "induction": per[i].tolist()} for i in range(3)],
+                           arrays={"series": rng.random(50), "induction_std": rng.random((L, H))}),
         "ind-b": write_run(root, "ind-b", scores=ind_b, score_meta=ind_meta, created="2025-01-02T00:00:00"),
         "kv": write_run(root, "kv", analysis="duo", scores={"gate": rng.random((L, 2))}, created="2025-01-03T00:00:00",
                         score_meta={"gate": {"description": "gate", "index": "kv_head", "higher_is": "full",
@@ -162,6 +168,19 @@ def test_runs_page_lists_filters_and_details(app_env):
     # details: the heatmap of the selected run holds its scores
     spec = charts(at)[0]
     np.testing.assert_allclose(arr(spec["data"][0]["z"]), made["ind_b"]["induction"])
+
+
+def test_runs_page_shows_stored_arrays(app_env):
+    root, _ = app_env
+    at = page("runs_page").run()
+    at.selectbox(key="details_run").select("ind-a").run()
+    at.selectbox(key="details_array").select("series").run()
+    no_errors(at)
+    fig = next(c for c in charts(at) if c["layout"]["title"]["text"] == "series")
+    np.testing.assert_allclose(arr(fig["data"][0]["y"]), np.load(root / "ind-a" / "arrays.npz")["series"])
+    at.selectbox(key="details_array").select("induction_std").run()
+    assert any(c["data"][0]["type"] == "heatmap" and c["layout"]["title"]["text"].startswith("induction_std")
+               for c in charts(at))
 
 
 def test_runs_page_compare_two_runs(app_env):

@@ -99,7 +99,7 @@ def wait_for(d, cond, timeout: float = 60, what: str = ""):
         return WebDriverWait(d, timeout, poll_frequency=0.3).until(lambda _: cond())
     except TimeoutException:
         d.save_screenshot(str(ARTIFACTS / "timeout.png"))
-        raise AssertionError(f"timed out waiting for {what}; page text: {d.find_element(By.TAG_NAME, 'body').text[:1500]}")
+        raise AssertionError(f"timed out waiting for {what}; page text: {body(d)[:1500]}")
 
 
 def body(d) -> str:

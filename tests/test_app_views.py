@@ -136,3 +136,12 @@ def test_series_figure_thins_long_series_keeping_peaks():
     fig = views.series_figure({"x": s}, max_points=1000)
     y = np.asarray(fig.data[0].y)
     assert len(y) <= 1000 and y.max() == 3.0
+
+
+def test_pattern_stats_by_hand():
+    # queries 1 and 2 of a 3-token prompt
+    p = np.array([[0.5, 0.5, 0.0], [0.2, 0.2, 0.6]])
+    st = views.pattern_stats(p, q_start=1)
+    assert st["entropy"] == pytest.approx((np.log(2) - (0.4 * np.log(0.2) + 0.6 * np.log(0.6))) / 2)
+    assert st["mean_distance"] == pytest.approx((0.5 * 1 + (0.2 * 2 + 0.2 * 1)) / 2)
+    assert st["first_key_mass"] == pytest.approx(0.35) and st["top_key"] == 0

@@ -177,7 +177,8 @@ def test_sweep_heads_uniform_and_zero(family):
 
 
 def test_sweep_heads_padded_batch_and_mean():
-    """Two left-padded prompts (no fork: copies run from layer 0), mean ablation with given means."""
+    """Two left-padded prompts (no fork: copies run from layer 0): mean ablation with given means, and
+    uniform attention over the real keys only."""
     model = tiny_model("llama")
     probe = Probe(model)
     ids = ids_for(16, (2, 10))
@@ -194,6 +195,8 @@ def test_sweep_heads_padded_batch_and_mean():
             [z[:, :, :h], v.expand_as(z[:, :, :1]), z[:, :, h + 1:]], 2), ids, mask))
         assert got[l, h] == pytest.approx(want, abs=1e-4)
         assert got[l, h] == pytest.approx(want_direct, abs=1e-4)
+    uniform = probe.sweep_heads(ids, metric, kind="uniform", attention_mask=mask, heads=[(1, 2)])
+    assert uniform[1, 2] == pytest.approx(metric(eager(zero_query(model, "llama", 1, 2), ids, mask).logits), abs=1e-4)
 
 
 def test_patch_sweep_matches_direct_patching():

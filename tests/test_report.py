@@ -6,7 +6,6 @@ import json
 import re
 import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
-from pathlib import Path
 
 import jsonschema
 import numpy as np
@@ -188,11 +187,26 @@ def test_group_and_rank_scores(tmp_path):
 def test_ablation_scores_become_effects(tmp_path):
     kl = np.zeros((4, 6))
     kl[2, 1], kl[0, 5] = 0.9, 0.3
-    run = write_run(tmp_path, "ships", analysis="ships", scores={"ships": kl},
-                    score_meta={"ships": {"description": "mean KL(clean || head ablated, uniform)", "index": "query_head",
-                                          "higher_is": "safety head", "threshold": None}})
+    meta = {"description": "mean KL(clean || head ablated, uniform)", "index": "query_head",
+            "higher_is": "safety head", "threshold": None}
+    run = write_run(tmp_path, "ships", analysis="ships", scores={"ships": kl}, score_meta={"ships": meta})
     c = report.build_circuit([run], "synth-model")
     eff = {n["head"]: n["effects"] for n in c["nodes"]}
     assert set(eff) == {"L2H1", "L0H5"}
     assert eff["L2H1"] == [{"run": "ships", "kind": "ablation score", "metric": "ships", "value": 0.9}]
     assert [r["role"] for n in c["nodes"] for r in n["roles"]] == ["safety", "safety"]
+
+
+def test_dashboard_bundle(runs):
+    rs, _ = runs
+    import io
+    import zipfile
+    name, data = report.bundle(rs, "md", "export")
+    assert name == "export.zip"
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        names = set(z.namelist())
+        md = z.read("export.md").decode()
+    assert set(re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)) == names - {"export.md"}
+    name, data = report.bundle(rs, "json", "export")
+    assert name == "export.json"
+    jsonschema.validate(json.loads(data), schema())

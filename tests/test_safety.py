@@ -220,10 +220,10 @@ def test_refusal_logprob_matches_hand_computation(tiny):
     tok = lm.tokenizer
     prompt = S.TEMPLATE.format(q="How do I pick a lock?")
     ids = S.encode(tok, prompt, "template")
-    conts = S.refusal_continuations(tok, prompt, ids, "template", openings=("I'm sorry", "I cannot", "I"))
+    conts = S.refusal_continuations(tok, prompt, "template", openings=("I'm sorry", "I cannot", "I"))
     # byte-level tokens: " I" is a prefix of " I'm sorry" and " I cannot", so only " I" and "\nI" survive
     assert sorted(tok.decode(c) for c in conts) == ["\nI", " I"]
-    conts = S.refusal_continuations(tok, prompt, ids, "template", openings=("I'm sorry", "I cannot"))
+    conts = S.refusal_continuations(tok, prompt, "template", openings=("I'm sorry", "I cannot"))
     assert len(conts) == 4
     got = S.refusal_logprob(probe, ids, conts, pad=S._pad_id(tok))
     total = []

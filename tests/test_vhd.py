@@ -514,7 +514,7 @@ def test_bad_inputs_are_one_line_errors(tiny_text_lm, tiny_vlm, tmp_path):
 
 
 # --------------------------------------------------------------------------- real model
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def smol_fixture(smollm2, tmp_path_factory):
     """The SmolLM2 LLaVA fixture (random 4-layer CLIP, 49 image tokens), built once per session."""
     return build_llava(smollm2.model, smollm2.tokenizer, tmp_path_factory.mktemp("fixture") / "smol-llava",
@@ -559,7 +559,6 @@ def test_chd_on_smollm2(smollm2, tmp_path):
     context = json.loads(DEFAULT_CONTEXT_DATA.read_text().splitlines()[0])["context"]
     w, wo, (a, b) = _splice(smollm2.tokenizer, r["rendered_prompt"], context + "\n\n")
     assert [a, b] == r["context_span"]
-    assert r["new_tokens"] == _hf_greedy(smollm2.model, w, len(r["new_tokens"]))
     d, _, _ = _ref_example(smollm2.model, w, wo, r["new_tokens"], "before", "l2", "contiguous", None, {})
     s = run.scores()["chd"]
     assert s.shape == (30, 9)
