@@ -36,7 +36,7 @@ import importlib.util
 import json
 import random
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from headscope.errors import HeadscopeError
@@ -320,7 +320,3 @@ class NiahBuilder:
         else:
             context = text[:p] + " " + needle.strip() + text[p:]
         return context, p / max(len(text), 1)
-
-
-def instance_dict(inst: NiahInstance) -> dict:
-    return {**inst.describe(), "needle": asdict(inst.needle)}

@@ -230,7 +230,8 @@ class RetrievalAnalysis(Analysis):
         thr = o["score_threshold"]
         above = scores > thr
         order = _ranked(scores)
-        form = "set form (distinct needle positions)" if o["set_form"] else "code form (no de-duplication, can exceed 1)"
+        form = ("set form (distinct needle positions)" if o["set_form"]
+                else "code form (no de-duplication, can exceed 1)")
         desc = (f"top-{o['topk']} copy-paste rate from the needle per decoded token, {form}, mean over "
                 + ("ALL instances, teacher-forced on the gold answer (not the reference score)" if o["teacher_forced"]
                    else f"instances with ROUGE-1 recall > {o['rouge_threshold']}"))

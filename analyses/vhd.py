@@ -320,7 +320,7 @@ class VHDAnalysis(_Divergence):
         from headscope.probe.vlm import LoadedVLM
 
         if not isinstance(ctx.lm, LoadedVLM):
-            raise HeadscopeError(f"vhd needs a vision-language model directory (LLaVA / LLaVA-NeXT / Gemma-3); "
+            raise HeadscopeError(f"vhd needs a LLaVA-family vision-language model directory (LLaVA-1.5 / LLaVA-NeXT); "
                                  f"{ctx.lm.name} is text-only: use `headscope score chd` for the text form")
         if ctx.lm.vlm_type == "gemma3":
             raise HeadscopeError("vhd: Gemma-3's image tokens attend to each other bidirectionally, which the probe's "

@@ -28,9 +28,13 @@ Why it is shaped like this (measured on the 2-core AVX-512 CPU, see ``benchmarks
   ``masked_fill`` over the block costs as much as the softmax).
 - Score buffers are allocated once per call and reused (``matmul(out=)``, ``softmax(out=)``):
   a fresh multi-MB tensor per block costs page faults comparable to the GEMM itself.
-- Row features ride along in the output GEMM (up to 16 extra columns cost ~3%); a separate
-  skinny GEMM ``u @ E`` is ~10x slower in MKL. F is stored transposed so the distance
-  columns, rewritten per block, are contiguous.
+- Row features ride along in the output GEMM (up to 16 extra columns cost ~3%). F is stored
+  transposed so the distance columns, rewritten per block, are contiguous. A single-block
+  call (decoding) skips F, whose copy of v would cost as much as the call, and multiplies v
+  and the feature rows separately (``E @ p^T``; ``p @ E`` with few columns is ~10x slower).
+- Few query rows (decoding): ``k @ q^T`` then a transpose is 2-4x faster than ``q @ k^T``.
+- Small workspaces are reused across calls (``_workspace``): page faults on fresh buffers
+  were a third of a decoding step.
 - Top-k never runs ``torch.topk`` over whole rows (nor ``torch.max`` with indices): group
   maxima over 64-key groups pick candidates, and only rows with exact ties near the top-k
   boundary take the slow exact path (see ``_topk_lowest_index``).
@@ -223,10 +227,11 @@ def attend_chunked(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | No
                    block_q: int | None = None) -> AttnResult:
     """Attention output and ``spec`` statistics with ``edits`` applied, exact up to fp32.
 
-    ``block_q`` is the number of query rows per block (default: sized so one [B, H, C, S] fp32
-    score buffer is ~16 MB). Inputs of any float dtype are upcast to fp32 (q and k per block, v
-    once into the feature matrix); ``out`` comes back in ``v``'s dtype, statistics in fp32
-    (indices and ``col_count`` int64).
+    ``block_q`` is the number of query rows per block (default: ``_auto_block``, one [B, H, C, S]
+    fp32 score buffer of ~32 MB). Inputs of any float dtype are upcast to fp32 (q and k per
+    block, v once into the feature matrix); ``out`` comes back in ``v``'s dtype, statistics in
+    fp32 (indices and ``col_count`` int64). Raises ValueError on inconsistent shapes, a window
+    < 1 or a block_q < 1.
     """
     spec = spec or StatsSpec()
     B, H, H_kv, Tq, Tk, D = check_inputs(q, k, v, kv_valid)
@@ -419,7 +424,7 @@ def attend_chunked(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | No
             st["topk_idx"][:, :, i0:i1] = idx.view(B, H, c, kk)
         if spec.entropy:
             # p = exp(s) / Z, weights q = p * w, p' = q / Zw:
-            # H = log Z + log Zw - (sum q s + sum_kp q log w) / Zw
+            # entropy = log Z + log Zw - (sum q s + sum_kp q log w) / Zw
             qs = torch.einsum("bhcs,bhcs->bhc", p, s)
             if ed.reweights and sel.numel():
                 lw = torch.where(w > 0, torch.log(w.clamp_min(1e-45)), 0.0)
@@ -447,17 +452,18 @@ def attend_chunked(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | No
     return AttnResult(out=out, stats=st)
 
 
-def _col_mass_block(col: torch.Tensor, u: torch.Tensor, rinv: torch.Tensor, t0: int, t1: int,
+def _col_mass_block(col: torch.Tensor, p: torch.Tensor, rinv: torch.Tensor, t0: int, t1: int,
                     k0: int, k1: int, band) -> None:
     """col[b, h, s] += sum over this block's rows t (in the band lo <= t - s <= hi) of p[t, s].
 
-    Keys every row of the block counts are one matvec ``(1/Z)^T u``; only the two edges of the
-    band (at most ~block_q keys wide each) need an elementwise mask.
+    p: [B, H, c, S] weights of keys [k0, k1), rinv: [B, H, c] their row normalisers. Keys every
+    row of the block counts are one matvec ``rinv^T p``; only the two edges of the band (at most
+    ~block_q keys wide each) need an elementwise mask.
     """
-    dev = u.device
+    dev = p.device
     r = rinv[..., None, :]                                                # [B, H, 1, c]
     if band is None:
-        col[..., k0:k1] += (r @ u).squeeze(-2)
+        col[..., k0:k1] += (r @ p).squeeze(-2)
         return
     lo, hi = band
     some_a = k0 if hi is None else max(k0, t0 - hi)                       # keys some row counts
@@ -472,10 +478,10 @@ def _col_mass_block(col: torch.Tensor, u: torch.Tensor, rinv: torch.Tensor, t0: 
         if a < b:
             d = t - torch.arange(a, b, device=dev)                        # [c, b - a]
             inb = (d >= lo) if hi is None else (d >= lo) & (d <= hi)
-            col[..., a:b] += (u[..., a - k0:b - k0] * (rinv[..., None] * inb)).sum(-2)
+            col[..., a:b] += (p[..., a - k0:b - k0] * (rinv[..., None] * inb)).sum(-2)
 
     if all_a < all_b:
-        col[..., all_a:all_b] += (r @ u[..., all_a - k0:all_b - k0]).squeeze(-2)
+        col[..., all_a:all_b] += (r @ p[..., all_a - k0:all_b - k0]).squeeze(-2)
         partial(some_a, all_a)
         partial(all_b, some_b)
     else:

@@ -35,15 +35,16 @@ Falls back to ``attend_chunked`` for: ``topk > MAX_TOPK`` (top-k only; the rest 
 Triton). Not done: split-K decoding (``Tq == 1`` runs one program per head over all keys, which
 under-fills a large GPU at long context).
 
-Numerics: scores, softmax and statistics in fp32. fp32 inputs use IEEE fp32 dots (TF32 would
-put ~1e-3 relative error into the logits); bf16/fp16 inputs use tensor-core dots with fp32
-accumulation and P cast to V's dtype for P @ V, as in FlashAttention.
+Numerics: scores, softmax and statistics in fp32. fp32 inputs use 3xTF32 dots (``tf32x3``,
+fp32-accurate on tensor cores; plain TF32 would put ~1e-3 relative error into the logits);
+bf16/fp16 inputs use tensor-core dots with fp32 accumulation and P cast to V's dtype for P @ V,
+as in FlashAttention, so ``out`` carries bf16-level error while the statistics stay fp32.
 
 Interpreter (``TRITON_INTERPRET=1``, CPU tensors) for tests: bf16 operands to ``tl.dot`` give
 wrong results there, so every operand is upcast to fp32 (``UPCAST``); autotuning with more than
 one config fails there, so a single small config is used; ``tanh`` is written with ``exp``
-(libdevice is unavailable). The interpreter checks semantics only, not compilation limits,
-races or speed.
+(libdevice is unavailable). The interpreter checks semantics only, not compilation, register
+or shared-memory limits, or speed: those are exercised by ``benchmarks/kernels.py`` on a GPU.
 """
 from __future__ import annotations
 

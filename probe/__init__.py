@@ -18,9 +18,10 @@ from headscope.kernels import StatsSpec, resolve_backend
 
 from .capture import Capture, ForwardResult, run_forward
 from .generate import Generation, generate
-from .hook import ATTN_NAME, AttnContext, Anatomy, register
+from .hook import ATTN_NAME, Anatomy, AttnContext, register
 from .intervene import (Edits, HeadAblation, InterventionSet, KeyReweight, Patch, kl_div, logit_diff,
                         patch_sweep, sweep_heads, target_logprob)
+from .models import LoadedModel, ModelInfo, load_model
 
 
 class Probe:
@@ -34,6 +35,8 @@ class Probe:
     Failure modes (``HeadscopeError``): a model whose attention does not route through
     transformers' AttentionInterface, or which builds its own masks (named by model type); inputs
     longer than the model's context without ``allow_beyond_context``; nested captures.
+    Not thread-safe per model: the attention switch is model state. Serialise probe calls on one
+    model. A call that loses the switch mid-forward raises instead of returning mixed results.
     """
 
     def __init__(self, lm, backend: str = "auto", tokenizer=None, check_finite: bool = True):
@@ -151,7 +154,7 @@ class Probe:
             capture.begin(past, past + T)
             if capture.wants_logits:
                 on_logits = lambda first, lg: capture.store("logits", first, lg)  # noqa: E731
-                keep_n = 0 if keep_n == 0 else max(keep_n, past + T - capture.first_position)
+                keep_n = 0 if keep_n == 0 else max(keep_n, capture.logits_needed(past + T))
         ctx = AttnContext(an.layer_of, self.backend, plan=plan, record=capture.record if capture is not None else None,
                           row_edits=row_edits or {}, check_finite=capture is not None and capture.check_finite)
         res = run_forward(an, ids, mask, ctx=ctx, chunk_size=chunk_size, cache=cache, hooks=hooks,
@@ -211,14 +214,6 @@ class Probe:
             raise HeadscopeError(f"{what} runs many forwards; call it outside a capture block")
 
 
-def __getattr__(name):
-    # load_model and friends live in probe/models.py; importing them lazily keeps this module light
-    if name in ("load_model", "LoadedModel", "ModelInfo"):
-        from . import models
-        return getattr(models, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = ["Probe", "load_model", "HeadAblation", "KeyReweight", "Patch", "Capture", "Generation",
-           "ForwardResult", "sweep_heads", "patch_sweep", "logit_diff", "kl_div", "target_logprob",
+__all__ = ["Probe", "load_model", "LoadedModel", "ModelInfo", "HeadAblation", "KeyReweight", "Patch", "Capture",
+           "Generation", "ForwardResult", "sweep_heads", "patch_sweep", "logit_diff", "kl_div", "target_logprob",
            "ATTN_NAME", "StatsSpec"]

@@ -21,13 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from transformers import DynamicCache
+
 from headscope.errors import HeadscopeError
 from headscope.kernels import StatsSpec
 
-from .hook import Anatomy, LayerCall
+from .hook import Anatomy, LayerCall, active, installed
 
-ROW_STATS = ("lse", "topk_idx", "topk_prob", "entropy", "segment_mass", "win_dist", "mean_dist")
-COL_STATS = ("col_mass", "col_count")
+COL_STATS = ("col_mass", "col_count")  # summed over chunks; every other statistic is per query row
 
 _LAYER_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "attn.hook_z", "attn.hook_result",
                 "hook_attn_out", "hook_mlp_out")
@@ -190,9 +191,8 @@ class Capture:
         Explicit ``positions`` are absolute; negative ones count back from ``q_end``.
         """
         p = self._positions_arg
-        span = torch.arange(q_start, q_end)
         if p is None:
-            pos = span
+            pos = torch.arange(q_start, q_end)
         elif isinstance(p, slice):
             pos = torch.arange(q_end)[p]
             pos = pos[pos >= q_start]
@@ -210,10 +210,9 @@ class Capture:
         self._acts: dict[str, list[torch.Tensor]] = {n: [] for n in self.names}
         self.stats, self.acts = {}, {}
 
-    @property
-    def first_position(self) -> int:
-        """The first kept query position (the forward's end if none is kept)."""
-        return int(self.positions.min()) if len(self.positions) else int(1 << 62)
+    def logits_needed(self, q_end: int) -> int:
+        """How many final positions' logits cover every kept position (for ``logits_to_keep``)."""
+        return q_end - int(self.positions.min()) if len(self.positions) else 0
 
     def keep(self, q_start: int, n_q: int) -> torch.Tensor | None:
         """Indices (relative to a call's queries) of kept positions; None = keep all."""
@@ -325,13 +324,10 @@ def run_forward(an: Anatomy, input_ids: torch.Tensor, attention_mask: torch.Tens
     past + T, as in HF. ``chunk_size``: prefill in chunks of that many tokens through a
     DynamicCache; each chunk's queries see every earlier key. ``hooks(q_start) -> handles``
     installs module hooks; ``q_start()`` is the absolute position of the current chunk's first
-    token. ``on_logits(first_position, logits)`` sees each chunk's computed logits. ``logits_to_keep`` = k > 0 keeps
-    only the last k positions' logits, which saves [T, vocab] memory at long context.
+    token. ``on_logits(first_position, logits)`` sees each chunk's computed logits.
+    ``logits_to_keep`` = k > 0 keeps only the last k positions' logits, which saves [T, vocab]
+    memory at long context.
     """
-    from transformers import DynamicCache  # local: keeps `import headscope.probe` light
-
-    from .hook import active, installed
-
     model = an.model
     B, T = input_ids.shape
     if cache is None and chunk_size is not None and chunk_size < T:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from transformers import DynamicCache
 
 from headscope.errors import HeadscopeError
 from headscope.kernels import StatsSpec
@@ -79,8 +80,6 @@ def generate(probe, input_ids, max_new_tokens: int = 50, stop_strings=(), do_sam
              stats: StatsSpec | None = None, layers=None, activations=(), capture_prefill: bool = False,
              chunk_size: int | None = None, allow_beyond_context: bool = False) -> Generation:
     """See ``Probe.generate``."""
-    from transformers import DynamicCache
-
     ids, _ = probe._inputs(input_ids, None)
     if ids.shape[0] != 1:
         raise HeadscopeError(f"generate takes one prompt (batch 1), got batch {ids.shape[0]}")

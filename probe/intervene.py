@@ -184,10 +184,6 @@ class Edits:
                 raise HeadscopeError(f"KeyReweights on layer {l} use different key positions; the kernel takes one key set per layer")
         self.patches = [op for op in ops if isinstance(op, Patch)]
 
-    @property
-    def empty(self) -> bool:
-        return not (self.ablations or self.reweights or self.patches)
-
     def edits_for(self, call: LayerCall, device) -> HeadEdits | None:
         """The ``HeadEdits`` of one attention call (positions made call-relative)."""
         abl, rws = self.ablations.get(call.layer, ()), self.reweights.get(call.layer, ())

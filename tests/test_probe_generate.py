@@ -169,3 +169,22 @@ def test_context_limit():
     gpt2 = Probe(tiny_model("gpt2"))
     with pytest.raises(HeadscopeError, match="learned position"):
         gpt2.forward(long, allow_beyond_context=True)
+
+
+@pytest.mark.slow
+def test_real_model_steps_match_hf_generate(smollm2):
+    model = smollm2.model
+    ids = smollm2.tokenizer("The opposite of hot is cold. The opposite of up is", return_tensors="pt").input_ids
+    T, n = ids.shape[1], 6
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        ref = hf_generate(model, ids, n)
+    finally:
+        model.set_attn_implementation(previous)
+    gen = Probe(smollm2).generate(ids, max_new_tokens=n, stats=StatsSpec(topk=1))
+    assert gen.new_tokens == ref.sequences[0, T:].tolist()
+    top = gen.stacked("topk_idx")[..., 0, 0]                      # [steps, L, 1, H]
+    for i in range(n):
+        rows = torch.stack([a[:, :, -1] for a in ref.attentions[i]])  # [L, 1, H, T + i]
+        assert_top1(top[i], rows)

@@ -6,13 +6,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from headscope.analyses.niah import (BUILTIN_HAYSTACK, NEEDLES_FILE, Needle, NiahBuilder, find_needle_span,
+from headscope.analyses.niah import (BUILTIN_HAYSTACK, Needle, NiahBuilder, find_needle_span,
                                      load_haystack, load_needles, locate_answer, select_needles)
 from headscope.analyses.retrieval import copy_scores, head_sets, rouge1_recall
 from headscope.errors import HeadscopeError

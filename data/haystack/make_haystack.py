@@ -4,8 +4,9 @@ The haystack is original, procedurally generated prose (a chronicle of an invent
 so the project owns it outright and can ship it; it deliberately avoids cities, numbers, codes and
 instructions, the material the needles are made of, so a needle stands out as the one sentence of
 its kind. Run ``python data/haystack/make_haystack.py`` from the repository root; the output depends
-only on ``SEED`` and the word lists below (``random.Random`` is stable across Python versions for
-``choice``/``randint``/``shuffle`` with an int seed).
+only on ``SEED`` and the word lists below (``random.Random`` with an int seed; the test suite
+checks that the shipped files still regenerate exactly, which would catch a Python release that
+changed ``choice``/``sample``/``randint``).
 """
 from __future__ import annotations
 
@@ -155,7 +156,8 @@ def sentence(rng: random.Random, topic: str, lead: str) -> str:
     pron, pron_pos = _pronoun(person)
     animal = rng.choice(ANIMALS)
     s = tpl.format(person=person, Person=person[0].upper() + person[1:], person2=person2, place=rng.choice(PLACES),
-                   season=season, season_adj=SEASON_ADJ[season], season_word=SEASON_WORD[season], weather=rng.choice(WEATHER), animal=animal,
+                   season=season, season_adj=SEASON_ADJ[season], season_word=SEASON_WORD[season],
+                   weather=rng.choice(WEATHER), animal=animal,
                    Animal=animal[0].upper() + animal[1:], craft=rng.choice(CRAFTS), goods=rng.choice(GOODS),
                    feeling=rng.choice(FEELINGS), adverb=rng.choice(ADVERBS), pronoun=pron, pronoun_pos=pron_pos)
     if rng.random() > 0.15:
