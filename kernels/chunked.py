@@ -58,11 +58,11 @@ _GROUP = 64                           # keys per group for the top-k candidate s
 
 
 def _auto_block(B: int, H: int, Tq: int, Tk: int, window: int | None) -> int:
-    """Query block size: one [B, H, C, S] fp32 score buffer near ``_BLOCK_ELEMS`` (bounds memory;
-    blocks past a few MB gain nothing on CPU), a multiple of 16 rows (MKL's GEMM is ~15% faster
-    at 64 rows than at 42), at least 32 rows unless there are fewer queries."""
+    """Query block size: one [B, H, C, S] fp32 score buffer near ``_BLOCK_ELEMS`` (bounds memory
+    at long context), a multiple of 16 rows and at least 64 (MKL's GEMMs run ~30% faster at 64
+    rows than at 32; at T = 16k, 96-row blocks beat 32-row ones by 25% overall), at most 256."""
     per_row = B * H * (Tk if window is None else min(Tk, window + 256))
-    c = max(32, _BLOCK_ELEMS // max(per_row, 1) // 16 * 16)
+    c = max(64, _BLOCK_ELEMS // max(per_row, 1) // 16 * 16)
     return int(min(Tq, 256, c))
 
 
