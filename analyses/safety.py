@@ -564,7 +564,8 @@ class ShipsAnalysis(_SafetyBase):
         }
         if o["refusal_metrics"] and used and "before" in used[0]:
             summary.update(_refusal_summary(used, ("before", "after", "random")))
-            summary["refusal_direction"] = getattr(self, "dir_info", None)
+            self._direction(ctx)  # cached, unless a resumed run had nothing left to process
+            summary["refusal_direction"] = self.dir_info
             summary["after_means"] = f"each query's own top-{o['n_ablate']} Ships head(s) ablated ({o['ablation']})"
             summary["random_means"] = f"{o['n_ablate']} random head(s) per query ablated ({o['ablation']})"
         return Finalized(scores=scores, score_meta=meta, summary=summary, arrays={"ships_std": agg["ships"].std})
