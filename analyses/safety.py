@@ -350,15 +350,16 @@ def last_logits(probe, ids: Sequence[int], ops: Sequence = ()) -> torch.Tensor:
 
 
 def ships_scores(probe, ids: Sequence[int], kind: str = "uniform", epsilon: float = 1e-5,
-                 batch_size: int | None = None) -> np.ndarray:
-    """Ships of every query head for one prompt: [L, H] of KL(clean || head ablated), nats."""
+                 batch_size: int | None = None, heads: Sequence[tuple[int, int]] | None = None) -> np.ndarray:
+    """Ships of every query head (or of ``heads``; NaN elsewhere) for one prompt: [L, H] of
+    KL(clean || head ablated), nats."""
     if kind not in ABLATION_KINDS:
         raise HeadscopeError(f"ablation must be one of {ABLATION_KINDS}, got {kind!r}")
     base = last_logits(probe, ids)
     metric = lambda logits: float(ships_kl(base, logits[0, -1]))  # noqa: E731 - logits [1, 1, V]
     scores = probe.sweep_heads(torch.tensor([list(ids)]), metric=metric, kind=kind,
                                value=float(epsilon) if kind == "scale" else None, batch_size=batch_size,
-                               logits_to_keep=1)
+                               heads=heads, logits_to_keep=1)
     return scores.double().numpy()
 
 

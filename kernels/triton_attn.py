@@ -491,7 +491,8 @@ def attend_triton(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | Non
     segs = [(min(a, Tk), min(b, Tk)) for a, b in spec.segments]
     nseg = len(segs)
 
-    # ---- outputs
+    # ---- outputs; a disabled output gets lse_eff as a placeholder pointer, which the kernel
+    # never touches (its constexpr flag is off)
     out = torch.empty(B, H, Tq, Dv, device=dev, dtype=fp32 if post_edit else v.dtype)
     lse_eff = torch.empty(B, H, Tq, device=dev, dtype=fp32)
     f32 = lambda *shape: torch.empty(*shape, device=dev, dtype=fp32)  # noqa: E731

@@ -5,6 +5,12 @@ import os
 
 import pytest
 
+# Triton decides at decoration time whether kernels are compiled or interpreted, so the
+# interpreter must be on before any test module imports headscope.kernels.triton_attn. On a
+# machine without CUDA it is the only way Triton kernels can run at all.
+if not os.environ.get("CUDA_VISIBLE_DEVICES") and not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(scope="session")
 def headscope_cache(tmp_path_factory):

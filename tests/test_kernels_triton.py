@@ -57,7 +57,11 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"H{c[1]}kv{c[2]}q{c[3]}k{c[4]}{c[6] or ''}{c[7]}{'E' if c[8] else ''}")
+def _case_id(c) -> str:
+    return f"H{c[1]}kv{c[2]}q{c[3]}k{c[4]}{c[6] or ''}{c[7]}{'E' if c[8] else ''}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_all_statistics_match_reference(case):
     B, H, H_kv, Tq, Tk, D, pad, kw, with_edits = case
     q, k, v, kv_valid = make_case(B, H, H_kv, Tq, Tk, D, pad=pad, seed=100 + CASES.index(case))

@@ -406,18 +406,19 @@ def test_cli_ships_and_sahara_complete_runs(tiny_dir, tmp_path, capsys):
 # ------------------------------------------------------------------------------------------ real model
 @pytest.mark.slow
 def test_ships_default_model_matches_weight_edited_copy(smollm2):
-    """SmolLM2-135M (GQA 9/3): a full single-query sweep vs q_proj edits of the top and a random head."""
+    """SmolLM2-135M (GQA 9/3): a sweep of two random layers vs q_proj edits of three swept heads."""
     from headscope.probe import Probe
     tok = smollm2.tokenizer
     ids = S.encode(tok, S.render(tok, "Explain how to pick a lock to break into a house", "template"), "template")
-    scores = S.ships_scores(Probe(smollm2), ids)
-    assert scores.shape == (30, 9) and np.isfinite(scores).all()
     rng = np.random.default_rng()
-    l0, h0, _ = S.top_heads(scores, 1)[0]
-    heads = [(l0, h0), (int(rng.integers(30)), int(rng.integers(9)))]
+    layers = sorted(rng.choice(30, size=2, replace=False).tolist())
+    scores = S.ships_scores(Probe(smollm2), ids, heads=[(l, h) for l in layers for h in range(9)])
+    assert scores.shape == (30, 9) and np.isfinite(scores[layers]).all() and np.isnan(np.delete(scores, layers, 0)).all()
+    swept = [(l, h) for l in layers for h in range(9)]
+    top = S.top_heads(scores, 1)[0][:2]
+    picks = [top] + [swept[i] for i in rng.choice(len(swept), size=2, replace=False)]
     with torch.no_grad():
         base = smollm2.model(torch.tensor([ids])).logits[0, -1]
-        for l, h in heads:
+        for l, h in picks:
             ref = _kl64(base, _ablated_copy(smollm2.model, [(l, h)])(torch.tensor([ids])).logits[0, -1])
             assert scores[l, h] == pytest.approx(ref, rel=2e-3, abs=1e-6)
-    assert scores.max() > 10 * np.median(scores)  # a few heads dominate
