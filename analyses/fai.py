@@ -207,13 +207,25 @@ def find_peaks(x: np.ndarray, valid: np.ndarray, q: float) -> np.ndarray:
     return valid & (x >= thr) & (x > left) & (x >= right)
 
 
-def token_entropy(logits: torch.Tensor, block: int = 256) -> np.ndarray:
-    """Entropy (nats) of softmax over the last dim of logits [T, V], float64, ``block`` rows at a
-    time (a float64 copy of 8k x 49k logits would take 3 GB)."""
+def token_entropy(final: torch.Tensor, model, block: int = 256) -> np.ndarray:
+    """Next-token entropy (nats, float64) at each row of the final-norm output ``final`` [T, d_model].
+
+    Logits are rebuilt ``block`` rows at a time with the model's output embedding (and its final
+    logit soft-cap, if any), so [T, vocab] logits are never held: at 8k tokens and a 49k vocabulary
+    they would take 1.6 GB per copy. Tests check the result against the model's own logits.
+    """
+    head = model.get_output_embeddings()
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    w = head.weight
     out = []
-    for i in range(0, logits.shape[0], block):
-        lp = torch.log_softmax(logits[i:i + block].double(), dim=-1)
-        out.append(-(lp.exp() * lp).sum(-1))
+    with torch.no_grad():
+        for i in range(0, final.shape[0], block):
+            lg = head(final[i:i + block].to(w.device, w.dtype)).double()
+            if cap:
+                lg = cap * torch.tanh(lg / cap)
+            lp = torch.log_softmax(lg, dim=-1)
+            out.append(-(lp.exp() * lp).sum(-1).cpu())
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 
@@ -273,7 +285,7 @@ class FAIAnalysis(Analysis):
         Option("max_tokens", int, 8192, "truncate each sequence to this many tokens"),
         Option("peak_quantile", float, 0.9, "peaks must reach this per-sequence quantile"),
         Option("fai_min_queries", int, 10, "FAI peaks need |T(s)| >= this many queries"),
-        Option("token_entropy", bool, True, "store next-token entropy per span token (needs span logits)"),
+        Option("token_entropy", bool, True, "store the entropy of the next-token distribution behind each span token"),
     )
 
     def examples(self, ctx):
@@ -299,7 +311,7 @@ class FAIAnalysis(Analysis):
         spec = StatsSpec(mean_dist=True, window_dist=o["W"], col_mass=True, col_band=(o["H_lo"], o["H_hi"]),
                          segments=((0, 1),) if o["exclude_bos"] else ())
         first = max(a - 1, 0) if o["token_entropy"] else a   # row a-1 gives the logits that produced token a
-        acts = ["logits"] if o["token_entropy"] else []
+        acts = ["ln_final.hook_normalized"] if o["token_entropy"] else []
         with ctx.probe.capture(stats=spec, activations=acts, positions=slice(first, N)) as cap:
             ctx.probe.forward(torch.tensor([enc.ids]), logits_to_keep=1)
         L = info.n_layers
@@ -312,9 +324,9 @@ class FAIAnalysis(Analysis):
         fai_peak = find_peaks(r["fai"], r["count"] >= o["fai_min_queries"], o["peak_quantile"])
         ent = np.full(N - a, np.nan)
         if o["token_entropy"]:
-            lg = cap.acts["logits"][0]                       # [N - first, vocab], rows first..N-1
+            fin = cap.acts["ln_final.hook_normalized"][0]    # [N - first, d_model], rows first..N-1
             # distributions at positions first..N-2 produced tokens first+1..N-1 (first + 1 - a is 0 or 1)
-            ent[first + 1 - a:] = token_entropy(lg[: N - 1 - first])
+            ent[first + 1 - a:] = token_entropy(fin[: N - 1 - first], ctx.lm.model)
         tok = ctx.lm.tokenizer
         is_loc = np.zeros((L, info.n_heads))
         is_glob = np.zeros((L, info.n_heads))

@@ -364,15 +364,11 @@ class RetrievalMaskAnalysis(Analysis):
                    "curve": curve, "top_heads": [_head_name(h, H) for h in self.top[: self.ks[-1]]],
                    "random_heads": [[_head_name(h, H) for h in r[: self.ks[-1]]] for r in self.random],
                    "ablation": "uniform attention (q = 0) on decode steps only; KV cache from the unmasked prefill"}
-        # the masked rank: 1 for the top head, ..., K_max; 0 = never masked as a top head
-        rank = np.zeros(self.scores.size)
-        rank[self.top[: self.ks[-1]]] = np.arange(1, self.ks[-1] + 1)
-        meta = {"top_rank": ScoreMeta(f"rank of the head in the source run's {self.source['score']} score "
-                                      f"(1 = masked first; 0 = outside the top {self.ks[-1]})",
-                                      index="query_head", higher_is="masked later")}
+        meta = {"source_retrieval": ScoreMeta(f"{self.source['score']} score of the source run {self.source['id']} "
+                                              f"(copied, not recomputed): the top-K heads masked here are its K highest",
+                                              index="query_head", higher_is="retrieval head")}
         arrays = {k: agg[k].mean for k in ("recall_top", "recall_random", "solved_top", "solved_random")}
-        return Finalized(scores={"top_rank": rank.reshape(self.scores.shape)}, score_meta=meta, summary=summary,
-                         arrays=arrays)
+        return Finalized(scores={"source_retrieval": self.scores}, score_meta=meta, summary=summary, arrays=arrays)
 
 
 def head_sets(scores: np.ndarray, ks: list[int], n_random: int, seed: int) -> tuple[list[int], list[list[int]]]:
