@@ -8,7 +8,8 @@ chat transcript, or a whole plain text), with ``A`` the post-softmax attention o
 - head span ``d(l,h) = (1/|R|) sum_{t in R} sum_{s<=t} A[t,s] (t-s)`` from the kernels' ``mean_dist``
   (never a materialised pattern). With ``exclude_bos`` the first position's term is removed and the
   row renormalised: ``(mean_dist_t - t A[t,0]) / (1 - A[t,0])`` (A[t,0] from ``segment_mass``), so
-  sink heads are ranked by where they look when not sinking (rows with 1 - A[t,0] < 1e-6 count as 0);
+  sink heads are ranked by where they look when not sinking (rows with 1 - A[t,0] < 1e-6 count as 0;
+  the subtraction works on fp32 statistics, so its error grows like 1e-7 t / (1 - A[t,0]));
 - local heads = the bottom ``local_frac`` (default 0.3) of heads by d, global heads = the top
   ``global_frac`` (0.3), among the heads of ``layers`` (default all; ``rl`` = the paper's RL choice of
   5 evenly spaced layers in [L/3, 2L/3]); heads are classified per example (per transcript);
