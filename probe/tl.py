@@ -223,7 +223,7 @@ class BridgeProbe:
             return z
         return fn
 
-    def forward(self, input_ids) -> Any:
+    def forward(self, input_ids) -> ForwardResult:
         """Run the bridge on ``input_ids`` [B, T] with the active interventions; fills the capture."""
         an, cap = self.anatomy, self._capture
         ids = torch.as_tensor(input_ids, dtype=torch.long)
