@@ -133,10 +133,10 @@ def encode_record(rec: dict, tok, *, chat_template: bool = True, prepend_bos: bo
     return out
 
 
-def data_examples(ctx, default_file: str) -> tuple[list[Example], Path]:
+def data_examples(ctx, default_file: str) -> list[Example]:
     """Examples from ``--data`` or the shipped default file; ``Example.data`` is the record."""
     path = ctx.data_path or shipped_data(default_file)
-    return [Example(id=r["id"], data=r) for r in load_span_records(path)], path
+    return [Example(id=r["id"], data=r) for r in load_span_records(path)]
 
 
 def parse_layers(spec: str, n_layers: int) -> list[int]:
@@ -299,7 +299,7 @@ class FAIAnalysis(Analysis):
         if not 0 <= o["peak_quantile"] <= 1:
             raise HeadscopeError("fai: --peak-quantile must be in [0, 1]")
         parse_layers(o["layers"], ctx.info.n_layers)
-        return data_examples(ctx, DEFAULT_DATA)[0]
+        return data_examples(ctx, DEFAULT_DATA)
 
     def process(self, ctx, ex):
         o, info = ctx.options, ctx.info
@@ -363,10 +363,10 @@ class FAIAnalysis(Analysis):
                                                             if o["exclude_bos"] else "")
         meta = {
             "head_span": ScoreMeta(what, higher_is="looks further back (global)"),
-            "local_freq": ScoreMeta(f"fraction of examples where the head is in the bottom {o['local_frac']:.0%} by span",
-                                    higher_is="local head (feeds WAAD)"),
-            "global_freq": ScoreMeta(f"fraction of examples where the head is in the top {o['global_frac']:.0%} by span",
-                                     higher_is="global head (feeds FAI)"),
+            "local_freq": ScoreMeta(f"fraction of examples with the head in the bottom {o['local_frac']:.0%} "
+                                    "by span", higher_is="local head (feeds WAAD)"),
+            "global_freq": ScoreMeta(f"fraction of examples with the head in the top {o['global_frac']:.0%} "
+                                     "by span", higher_is="global head (feeds FAI)"),
         }
         # per-token series, concatenated over examples (rebuilt from examples.jsonl, so resume-safe)
         keys = ("token_ids", "waad", "fai", "fai_count", "entropy")
@@ -401,7 +401,8 @@ class FAIAnalysis(Analysis):
             "entropy_at_waad_peaks": float(ent[ok & wpk].mean()) if (ok & wpk).any() else None,
             "entropy_at_fai_peaks": float(ent[ok & fpk].mean()) if (ok & fpk).any() else None,
             "fai_peak_on_waad_peak": float((fpk & wpk).sum() / max(fpk.sum(), 1)),
-            "peak_rule": f"local max >= per-sequence q{o['peak_quantile']}; WAAD t >= W, FAI |T(s)| >= {o['fai_min_queries']}",
+            "peak_rule": (f"local max >= per-sequence q{o['peak_quantile']}; "
+                          f"WAAD t >= W, FAI |T(s)| >= {o['fai_min_queries']}"),
         }
         span = scores["head_span"]
         order = np.argsort(span, axis=None, kind="stable")

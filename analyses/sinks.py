@@ -161,7 +161,7 @@ def massive_mask(resid: torch.Tensor, abs_threshold: float = 100.0, ratio: float
 def _inputs(ctx, kind: str):
     o = ctx.options
     if kind == "data":
-        return data_examples(ctx, DEFAULT_DATA)[0]
+        return data_examples(ctx, DEFAULT_DATA)
     return [Example(id=f"{kind}{i:04d}", data={"seed": o["seed"] * 100_003 + i}) for i in range(o["n_examples"])]
 
 
@@ -233,7 +233,8 @@ class SinksAnalysis(Analysis):
         T, k, L = o["T"], o["k"], info.n_layers
         ids, chat = _encode(ctx, ex, o["input"], T)
         if T and len(ids) < T:
-            return ExampleOutput(skip=True, details={"skip_reason": f"{len(ids)} tokens < T = {T}", "n_tokens": len(ids)})
+            return ExampleOutput(skip=True, details={"skip_reason": f"{len(ids)} tokens < T = {T}",
+                                                     "n_tokens": len(ids)})
         ids = ids[:T] if T else ids
         n = len(ids)
         if k >= n:
@@ -268,8 +269,8 @@ class SinksAnalysis(Analysis):
             })
         details = {
             "n_tokens": n, "first_token": tok.decode([ids[0]]), "sink_rate": sink_rate(alpha_k, o["eps"]),
-            "sink_tokens": [{"pos": s, "token": tok.decode([ids[s]]), "alpha_mean": round(float(alpha[..., s].mean()), 4)}
-                            for s in sinks],
+            "sink_tokens": [{"pos": s, "token": tok.decode([ids[s]]),
+                             "alpha_mean": round(float(alpha[..., s].mean()), 4)} for s in sinks],
             "act": {"sinks_by_position": {str(p): c for p, c in sorted(act_where.items())},
                     "heads_first_not_bos": int(first_not_bos.sum())},
             "primary": {"pos": primary, "active_range": [start, end]},
@@ -354,7 +355,7 @@ class MassiveAnalysis(Analysis):
     )
 
     def examples(self, ctx):
-        return data_examples(ctx, DEFAULT_DATA)[0]
+        return data_examples(ctx, DEFAULT_DATA)
 
     def process(self, ctx, ex):
         o, info = ctx.options, ctx.info

@@ -99,7 +99,8 @@ def test_fai_matches_eager(tmp_path, opts):
     lm = make_tiny_lm(seed)
     tok = lm.tokenizer
     prompts, responses = random_texts(rng, 2, 4, 9), random_texts(rng, 2, 12, 20)
-    recs = [{"prompt": p, "response": r} for p, r in zip(prompts, responses)] + [{"text": random_texts(rng, 1, 15, 25)[0]}]
+    recs = [{"prompt": p, "response": r} for p, r in zip(prompts, responses)]
+    recs.append({"text": random_texts(rng, 1, 15, 25)[0]})
     data = write_jsonl(tmp_path / "d.jsonl", recs)
     run = run_analysis("fai", lm=lm, probe=Probe(lm), data=data, out=tmp_path / "run", progress=False,
                        options={**opts, "seed": seed})

@@ -30,8 +30,9 @@ def make_tiny_lm(seed: int, n_layers: int = 3, std: float = 0.25):
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    tok.chat_template = ("<s> system : be brief </s> {% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s> "
-                         "{% endfor %}{% if add_generation_prompt %}<s> assistant : {% endif %}")
+    tok.chat_template = ("<s> system : be brief </s> {% for m in messages %}"
+                         "<s> {{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
+                         "{% if add_generation_prompt %}<s> assistant : {% endif %}")
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=96, num_hidden_layers=n_layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
