@@ -169,7 +169,7 @@ class RetrievalAnalysis(Analysis):
         if o["topk"] < 1:
             raise HeadscopeError("--topk must be >= 1")
         if o["max_new_tokens"] < 1:
-            raise HeadscopeError("--max_new_tokens must be >= 1")
+            raise HeadscopeError("--max-new-tokens must be >= 1")
         self.builder, exs = _grid(ctx, o, ctx.seed, o["max_new_tokens"])
         return exs
 
@@ -314,7 +314,7 @@ class RetrievalMaskAnalysis(Analysis):
             raise HeadscopeError(f"--ks: each K must be >= 1 and leave K random heads outside the top {self.ks[-1]} "
                                  f"(K <= {n // 2} for {n} heads)")
         if o["n_random"] < 1:
-            raise HeadscopeError("--n_random must be >= 1")
+            raise HeadscopeError("--n-random must be >= 1")
         self.builder, exs = _grid(ctx, {**o, **grid}, cfg.get("seed", 0), cfg.get("max_new_tokens", 50))
         self.top, self.random = head_sets(self.scores, self.ks, o["n_random"], ctx.seed)
         return exs

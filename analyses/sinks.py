@@ -290,7 +290,7 @@ class SinksAnalysis(Analysis):
         o = ctx.options
         used = [r for r in records if not r.get("skip")]
         if not used:
-            raise HeadscopeError(f"sinks: every input was skipped (shorter than T = {o['T']}?)")
+            raise HeadscopeError(f"sinks: every input was skipped (shorter than T = {o['T']}? --T 0 keeps whole inputs)")
         rates = np.array([r["sink_rate"] for r in used])
         scores = {"alpha_k": agg["alpha_k"].mean, "sink_frequency": agg["sink_k"].mean,
                   "sink_fraction": agg["sink_fraction"].mean, "act_sinks": agg["act_sinks"].mean}

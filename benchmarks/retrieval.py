@@ -106,7 +106,7 @@ def run_reference(lm, inst, steps: int):
     return dt, toks, top1, np.asarray(scores)
 
 
-def worker(mode: str, length: int, steps: int) -> dict:
+def worker(mode: str, length: int, steps: int, out_dir: str) -> dict:
     import torch
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     from headscope.probe import load_model
@@ -116,7 +116,7 @@ def worker(mode: str, length: int, steps: int) -> dict:
     base = psutil.Process().memory_info().rss
     with RssSampler() as rss:
         dt, toks, top1, scores = (run_headscope if mode == "headscope" else run_reference)(lm, inst, steps)
-    torch.save({"toks": toks, "top1": top1, "scores": torch.as_tensor(scores)}, f"/tmp/bench_retrieval_{mode}_{length}.pt")
+    torch.save({"toks": toks, "top1": top1, "scores": torch.as_tensor(scores)}, f"{out_dir}/{mode}_{length}.pt")
     return {"mode": mode, "length": length, "n_prompt": inst.n_prompt, "steps": len(toks), "time_s": round(dt, 2),
             "peak_rss_gb": round(rss.peak / 2**30, 3), "peak_over_loaded_gb": round((rss.peak - base) / 2**30, 3),
             "text": lm.tokenizer.decode(toks)[:60]}
@@ -126,23 +126,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", default="4096,16384")
     ap.add_argument("--steps", type=int, default=32)
-    ap.add_argument("--worker", nargs=2, metavar=("MODE", "LENGTH"), help=argparse.SUPPRESS)
+    ap.add_argument("--worker", nargs=3, metavar=("MODE", "LENGTH", "DIR"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.steps)))
+        print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.steps, args.worker[2])))
         return
+    import tempfile
+
     import torch
+    tmp = tempfile.mkdtemp(prefix="bench-retrieval-")
     rows = []
     for length in [int(x) for x in args.lengths.split(",")]:
         for mode in ("headscope", "reference"):
-            out = subprocess.run([sys.executable, __file__, "--worker", mode, str(length), "--steps", str(args.steps)],
-                                 capture_output=True, text=True)
+            out = subprocess.run([sys.executable, __file__, "--worker", mode, str(length), tmp,
+                                  "--steps", str(args.steps)], capture_output=True, text=True)
             if out.returncode:
                 print(out.stderr[-3000:], file=sys.stderr)
                 raise SystemExit(f"{mode} at {length} failed")
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]), flush=True)
-        a, b = (torch.load(f"/tmp/bench_retrieval_{m}_{length}.pt") for m in ("headscope", "reference"))
+        a, b = (torch.load(f"{tmp}/{m}_{length}.pt") for m in ("headscope", "reference"))
         same_tok = a["toks"] == b["toks"]
         agree = float((a["top1"] == b["top1"]).float().mean()) if same_tok else float("nan")
         score_diff = float((a["scores"] - b["scores"]).abs().max()) if same_tok else float("nan")
