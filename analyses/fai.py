@@ -249,6 +249,8 @@ def fai_waad(stats: dict[int, dict[str, torch.Tensor]], n_layers: int, N: int, s
     waad = torch.stack([stats[l]["win_dist"][0][h, rows].double() for l, h in loc]).mean(0).numpy()
     # FAI of the set-mean map = mean over heads of the banded column sums (also linear), / |T(s)|
     colsum = torch.stack([stats[l]["col_mass"][0][h, start:N].double() for l, h in glob]).mean(0).numpy()
+    # |T(s)| counted from the band itself: equal to the kernels' col_count on full-attention layers,
+    # and still the paper's count on sliding-window layers (whose col_count drops unseen queries)
     cnt = band_count(N, start, H_lo, H_hi)
     with np.errstate(invalid="ignore", divide="ignore"):
         fai = np.where(cnt > 0, colsum / np.maximum(cnt, 1), np.nan)
