@@ -4,11 +4,14 @@ For each sequence length T (batch 1, H heads, head dim D, causal, fp32 on CPU) i
   (a) naive   -- the full [B, H, T, T] probability matrix, statistics computed from it (what a
                  TransformerLens-style hook does); skipped with a 'needs N GB' message when it
                  cannot fit in the memory budget;
-  (b) chunked -- ``attend_chunked`` with every row and column statistic plus the output;
+  (b) chunked -- ``attend_chunked(..., output=False)``: every row and column statistic;
+  (b+) chunked + output -- the same plus the attention output (what the probe runs inside a
+                 model: the ``p @ v`` GEMM costs as much as ``q @ k^T``);
   (c) floor   -- bare ``q @ k^T`` + softmax over the same query chunks and key slices, nothing else:
                  what any exact method has to pay at least.
+(a), (b) and (c) compute no output; ratios are CPU-time ratios of the columns named.
 Each cell runs in a fresh subprocess so its memory baseline is clean. Peak extra memory is the
-maximum resident set size, sampled every 1 ms by a background thread from /proc/self/statm, minus
+maximum resident set size, sampled every 1 ms by a background thread (psutil, benchmarks/rss.py), minus
 the RSS just before the call (inputs excluded), on the first run; the time is the best of that run
 and ``--repeat - 1`` more runs without the sampler (which competes for the GIL). tracemalloc
 cannot see torch's allocations and torch has no CPU allocator statistics, hence the sampler;
@@ -25,10 +28,10 @@ import math
 import os
 import subprocess
 import sys
-import threading
 import time
 
 import torch
+from rss import RssSampler  # benchmarks/rss.py (scripts run with benchmarks/ on sys.path)
 
 
 def stats_spec(T: int, topk: int):
@@ -40,13 +43,12 @@ def stats_spec(T: int, topk: int):
 # ----------------------------------------------------------------------------- the three paths
 
 def naive(q, k, v, spec):
-    """Full-matrix attention and statistics, written the obvious way."""
+    """Full-matrix statistics, written the obvious way (no output, like the chunked column)."""
     T = q.shape[2]
     logits = q @ k.transpose(-1, -2)                                  # [B, H, T, T]
     logits.mul_(1.0 / math.sqrt(q.shape[-1]))
     logits.masked_fill_(torch.ones(T, T, dtype=torch.bool).triu_(1), float("-inf"))
     p = torch.softmax(logits, -1)
-    out = p @ v
     res = {"lse": torch.logsumexp(logits, -1)}
     del logits
     res["topk"] = p.topk(spec.topk, -1)
@@ -56,10 +58,15 @@ def naive(q, k, v, spec):
     res["mean_dist"] = (p * dist).sum(-1)
     res["win_dist"] = (p * dist.clamp_max(spec.window_dist)).sum(-1)
     res["col_mass"] = p.sum(-2)
-    return out, res
+    return res
 
 
 def chunked(q, k, v, spec, block_q=None):
+    from headscope.kernels.chunked import attend_chunked
+    return attend_chunked(q, k, v, spec, block_q=block_q, output=False)
+
+
+def chunked_out(q, k, v, spec, block_q=None):
     from headscope.kernels.chunked import attend_chunked
     return attend_chunked(q, k, v, spec, block_q=block_q)
 
@@ -80,7 +87,7 @@ def floor(q, k, v, spec, block_q=None):
         torch.softmax(s, -1, out=p_buf[:n].view_as(s))
 
 
-PATHS = {"naive": naive, "chunked": chunked, "floor": floor}
+PATHS = {"naive": naive, "chunked": chunked, "chunked_out": chunked_out, "floor": floor}
 
 
 def naive_bytes(B: int, H: int, T: int) -> int:
@@ -89,38 +96,6 @@ def naive_bytes(B: int, H: int, T: int) -> int:
 
 
 # ----------------------------------------------------------------------------- measurement
-
-class RssSampler:
-    """Peak resident set size of this process, sampled in a background thread."""
-
-    def __init__(self, interval: float = 1e-3):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-        self._page = os.sysconf("SC_PAGE_SIZE")
-
-    def rss(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self._page
-
-    def __enter__(self):
-        self.base = self.peak = self.rss()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.rss())
-            time.sleep(self.interval)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.rss())
-
-    @property
-    def extra(self) -> int:
-        return self.peak - self.base
-
 
 def worker(args) -> None:
     """One (path, T) measurement in this process; prints a JSON line."""
@@ -134,7 +109,7 @@ def worker(args) -> None:
     kw = {} if args.worker == "naive" else {"block_q": args.block_q}
     small = [x[:, :, :256].contiguous() for x in (q, k, v)]
     fn(*small, stats_spec(256, args.topk), **kw)                      # warm up MKL, thread pools
-    with RssSampler() as mem:                                          # memory run
+    with RssSampler(every=1e-3) as mem:                                # memory run
         w0, c0 = time.perf_counter(), time.process_time()
         fn(q, k, v, spec, **kw)
         wall, cpu = time.perf_counter() - w0, time.process_time() - c0
@@ -173,12 +148,13 @@ def fmt_mem(b: float) -> str:
 def cpu_report(args) -> None:
     threads = args.threads or torch.get_num_threads()
     print(f"CPU, fp32, B=1, H={args.H}, D={args.D}, causal, torch threads={threads}; statistics: lse, "
-          f"top-{args.topk}, entropy, 2 segments, window/mean distance, column mass (+ output)")
+          f"top-{args.topk}, entropy, 2 segments, window/mean distance, column mass")
     print("cells: wall time / process CPU time (best of --repeat runs), peak extra memory (max RSS sampled\n"
           "every 1 ms minus RSS before the call, fresh process per cell); ratios from CPU time, which\n"
           f"other jobs on a shared box distort far less than wall time (load average now {os.getloadavg()[0]:.1f})\n")
-    head = (f"{'T':>6} | {'naive':>24} | {'chunked, all statistics':>24} | {'floor: QK^T + softmax':>24} | "
-            f"{'naive/chunked':>13} | {'chunked/floor':>13} | {'chunked/naive mem':>17}")
+    cols = ("naive", "chunked, all statistics", "chunked + output", "floor: QK^T + softmax")
+    ratios = ("naive/chunked", "chunked/floor", "(+output)/floor", "chunked/naive mem")
+    head = " | ".join([f"{'T':>6}"] + [f"{c:>24}" for c in cols] + [f"{r:>17}" for r in ratios])
     print(head)
     print("-" * len(head))
     for T in args.T:
@@ -189,7 +165,7 @@ def cpu_report(args) -> None:
             n = {"skip": f"needs {need / 2**30:.0f} GB"}
         else:
             n = measure("naive", T, args)
-        c, f = measure("chunked", T, args), measure("floor", T, args)
+        c, co, f = (measure(p, T, args) for p in ("chunked", "chunked_out", "floor"))
 
         def show(x):
             if "skip" in x or "error" in x:
@@ -201,8 +177,9 @@ def cpu_report(args) -> None:
                 return "-"
             return f"{a[key] / max(b[key], 1):.3g}x" if key == "peak_bytes" else f"{a[key] / b[key]:.2f}x"
 
-        print(f"{T:>6} | {show(n):>24} | {show(c):>24} | {show(f):>24} | {ratio(n, c, 'cpu_s'):>13} | "
-              f"{ratio(c, f, 'cpu_s'):>13} | {ratio(c, n, 'peak_bytes'):>17}", flush=True)
+        cells = [f"{show(x):>24}" for x in (n, c, co, f)]
+        rs = [ratio(n, c, "cpu_s"), ratio(c, f, "cpu_s"), ratio(co, f, "cpu_s"), ratio(c, n, "peak_bytes")]
+        print(" | ".join([f"{T:>6}"] + cells + [f"{r:>17}" for r in rs]), flush=True)
 
 
 def cuda_report(args) -> None:
@@ -215,6 +192,7 @@ def cuda_report(args) -> None:
     spec = stats_spec(T, args.topk)
     runs = {"sdpa (output only)": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
             "triton (output + stats)": lambda: attend_triton(q, k, v, spec),
+            "triton (stats only)": lambda: attend_triton(q, k, v, spec, output=False),
             "triton (output + lse)": lambda: attend_triton(q, k, v, type(spec)(lse=True))}
     print(f"\nCUDA {torch.cuda.get_device_name()}, bf16, B=1, H={H}, D={D}, T={T}, causal")
     res = {}

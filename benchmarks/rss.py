@@ -11,7 +11,7 @@ class RssSampler:
         self.proc, self.every, self.peak, self._stop = psutil.Process(), every, 0, threading.Event()
 
     def __enter__(self):
-        self.peak = self.proc.memory_info().rss
+        self.base = self.peak = self.proc.memory_info().rss
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
         return self
@@ -25,3 +25,8 @@ class RssSampler:
         self._stop.set()
         self.thread.join()
         self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    @property
+    def extra(self) -> int:
+        """Peak minus the RSS on entry."""
+        return self.peak - self.base

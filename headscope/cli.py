@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from headscope.errors import HeadscopeError
@@ -140,9 +142,9 @@ def _score_parser(sub) -> None:
                        description="Run a registered analysis; `headscope score NAME --help` lists its options.")
     an = p.add_subparsers(dest="analysis", metavar="ANALYSIS", required=True)
     for name, cls in list_analyses().items():
-        q = an.add_parser(name, help=cls.description, description=cls.description,
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        q.add_argument("--model", default=DEFAULT_MODEL, help="registry name (see `headscope models`) or local path")
+        q = an.add_parser(name, help=cls.description, description=cls.description)
+        q.add_argument("--model", default=DEFAULT_MODEL,
+                       help=f"registry name (see `headscope models`) or local path (default: {DEFAULT_MODEL})")
         q.add_argument("--data", default=None, help=cls.data_help or "dataset file (.jsonl with 'text' or .txt)")
         q.add_argument("--out", default=None, help="run folder (default: $HEADSCOPE_RUNS/<analysis>-<model>-<time>)")
         q.add_argument("--resume", action="store_true", help="continue a partial run in --out")
@@ -150,7 +152,7 @@ def _score_parser(sub) -> None:
         for o in cls.all_options():
             flag = "--" + o.name.replace("_", "-")
             kw = {"dest": f"opt_{o.name}", "default": None,
-                  "help": f"{o.help} (default: {o.default})" + (f"; one of {', '.join(map(str, o.choices))}" if o.choices else "")}
+                  "help": o.help + (f" (default: {o.default})" if o.default is not None else "") + (f"; one of {', '.join(map(str, o.choices))}" if o.choices else "")}
             q.add_argument(flag, metavar=o.type.__name__.upper() if o.type is not bool else "BOOL", **kw)
 
 
@@ -182,7 +184,23 @@ def build_parser(with_score: bool = True) -> argparse.ArgumentParser:
     return p
 
 
+def _terminate(signum, frame) -> None:
+    """SIGTERM (kill, a batch scheduler, a closed terminal) ends a run like Ctrl-C: the finished
+    examples are kept and the run is marked partial, ready for --resume, instead of 'running'."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    if threading.current_thread() is not threading.main_thread():   # signals only reach the main thread
+        return _main(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         parser = build_parser(with_score="score" in argv)

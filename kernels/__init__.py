@@ -23,10 +23,13 @@ def resolve_backend(backend: str, device) -> str:
 
 def attend(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | None = None, *,
            scale: float | None = None, causal: bool = True, window: int | None = None,
-           softcap: float | None = None, kv_valid=None, backend: str = "auto", **opts) -> AttnResult:
+           softcap: float | None = None, kv_valid=None, backend: str = "auto", output: bool = True,
+           **opts) -> AttnResult:
     """Attention output plus the statistics named in ``spec``, with ``edits`` applied.
 
     See ``headscope.kernels.spec`` for shapes, position conventions and masking rules.
+    ``output=False`` computes the statistics only (``out`` is None), skipping the ``p @ v``
+    product that costs as much as the logits.
     ``opts`` go to the backend (e.g. ``block_q`` for chunked).
     """
     name = resolve_backend(backend, q.device)
@@ -37,7 +40,7 @@ def attend(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | None = Non
     else:
         from .triton_attn import attend_triton as fn
     return fn(q, k, v, spec, edits, scale=scale, causal=causal, window=window, softcap=softcap,
-              kv_valid=kv_valid, **opts)
+              kv_valid=kv_valid, output=output, **opts)
 
 
 __all__ = ["attend", "resolve_backend", "AttnResult", "HeadEdits", "StatsSpec", "STAT_KEYS",

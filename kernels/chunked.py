@@ -4,22 +4,23 @@ The CPU default backend and the fallback for anything the Triton kernels do not 
 are processed in blocks of ``block_q`` rows; for each block the whole visible key range is scored
 at once, so every row has its exact max and normaliser and no online rescaling is needed. Memory
 is O(B * H * block_q * S) where S is the key slice a block can see (``Tk`` for causal layers,
-``window + block_q`` for sliding-window layers: a windowed layer costs O(T * W), not O(T^2)),
-plus one fp32 copy of v with a few feature columns, O(B * H_kv * Tk * Dv).
+``window + block_q`` for sliding-window layers: a windowed layer costs O(T * W), not O(T^2)).
 
 Per block (GQA: the G query heads of a KV head are stacked as G * C rows of one GEMM):
 
     s = mask(softcap(q k^T * scale)) - rowmax     # [B, H, C, S] fp32, <= 0, masked <= NEG
     p = softmax(s)                                # max(s) = 0, so max(p) = 1 / Z exactly
     edits rewrite p (uniform heads: softmax of 0 on visible keys; re-weighting: p[:, kp] *= w)
-    p @ F, F = [v | 1 | segment indicators | distance features]
-        -> output, the re-weighted normaliser Zw and every linear row statistic, one GEMM
+    out = (p @ v) / Zw                            # Zw = 1 unless re-weighted; skipped if output=False
+    segment / distance masses: p summed once per key interval between all their boundaries
+    mean distance: p @ (t0 - s), a matvec; the diagonal tile and the window band elementwise
     entropy = log Z + log Zw - (sum q s + sum_kp q log w) / Zw     (q = re-weighted p)
     col_mass += (1 / Zw)^T p                      # a matvec, fixed order: deterministic
 
 Why it is shaped like this (measured on the 2-core AVX-512 CPU, see ``benchmarks/README.md``):
-- The two GEMMs (q k^T and p @ F) are ~75% of the time; they run at ~60 GFLOP/s, ~15% faster
-  at 64-row blocks than at 42, so blocks are multiples of 16 rows.
+- The two GEMMs (q k^T and p @ v) are most of the time; they run at ~45-60 GFLOP/s, ~15%
+  faster at 64-row blocks than at 42, so blocks are multiples of 16 rows. Without the output
+  the statistics cost ~1.8x a bare q k^T + softmax.
 - ``torch.softmax`` is faster than ``torch.exp`` alone (cheaper vectorised exp), and gives Z
   for free through max(p) = 1 / Z.
 - Masked logits hold a finite ``NEG`` (float32 min), not -inf: softmax still gives exactly 0
@@ -28,10 +29,9 @@ Why it is shaped like this (measured on the 2-core AVX-512 CPU, see ``benchmarks
   ``masked_fill`` over the block costs as much as the softmax).
 - Score buffers are allocated once per call and reused (``matmul(out=)``, ``softmax(out=)``):
   a fresh multi-MB tensor per block costs page faults comparable to the GEMM itself.
-- Row features ride along in the output GEMM (up to 16 extra columns cost ~3%). F is stored
-  transposed so the distance columns, rewritten per block, are contiguous. A single-block
-  call (decoding) skips F, whose copy of v would cost as much as the call, and multiplies v
-  and the feature rows separately (``E @ p^T``; ``p @ E`` with few columns is ~10x slower).
+- Linear row statistics are slice sums and one matvec (~1 ms per 30 MB block each), not extra
+  GEMM columns: ``p @ E`` with a few columns runs at a fraction of GEMM speed, and carrying them
+  in the output GEMM would need a copy of v and would not exist when the output is skipped.
 - Few query rows (decoding): ``k @ q^T`` then a transpose is 2-4x faster than ``q @ k^T``.
 - Small workspaces are reused across calls (``_workspace``): page faults on fresh buffers
   were a third of a decoding step.
@@ -224,12 +224,15 @@ class _Edits:
 def attend_chunked(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | None = None, *,
                    scale: float | None = None, causal: bool = True, window: int | None = None,
                    softcap: float | None = None, kv_valid: torch.Tensor | None = None,
-                   block_q: int | None = None) -> AttnResult:
+                   block_q: int | None = None, output: bool = True) -> AttnResult:
     """Attention output and ``spec`` statistics with ``edits`` applied, exact up to fp32.
+
+    ``output=False`` skips the output (``out`` is None) and with it the ``p @ v`` GEMM, which
+    costs as much as the logits: for statistics from cached q / k without running the model.
 
     ``block_q`` is the number of query rows per block (default: ``_auto_block``, one [B, H, C, S]
     fp32 score buffer of ~32 MB). Inputs of any float dtype are upcast to fp32 (q and k per
-    block, v once into the feature matrix); ``out`` comes back in ``v``'s dtype, statistics in
+    block, v once); ``out`` comes back in ``v``'s dtype, statistics in
     fp32 (indices and ``col_count`` int64). Raises ValueError on inconsistent shapes, a window
     < 1 or a block_q < 1.
     """
@@ -253,7 +256,7 @@ def attend_chunked(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | No
 
     # ---- outputs
     f32 = dict(device=dev, dtype=torch.float32)
-    out = torch.empty(B, H, Tq, Dv, device=dev, dtype=v.dtype)
+    out = torch.empty(B, H, Tq, Dv, device=dev, dtype=v.dtype) if output else None
     st: dict[str, torch.Tensor] = {}
     if spec.lse:
         st["lse"] = torch.empty(B, H, Tq, **f32)
@@ -277,37 +280,9 @@ def attend_chunked(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | No
         pr = (spec.pattern_rows[0], min(spec.pattern_rows[1], Tq))
         st["pattern"] = torch.zeros(B, H, max(0, pr[1] - pr[0]), Tk, **f32)
 
-    # ---- feature matrix F = [v | 1 | segment indicators | distance features]: one GEMM
-    # p @ F gives the output, the row sums and every linear row statistic. For several query
-    # blocks F is built once, transposed ([n_feat, Tk] per KV head: MKL takes the transposed
-    # operand at no cost, and the distance rows rewritten per block are contiguous). A single
-    # block (decoding) instead multiplies v directly and the feature rows separately: copying v
-    # would cost as much as the whole call.
-    w_dist = spec.window_dist
+    vf = v.float() if output else None                                    # no copy for fp32 v
     kidx = torch.arange(Tk, device=dev)
-    c_one = Dv
-    c_seg = c_one + 1
-    c_md = c_seg + len(spec.segments)                                     # [s < t0], (t0 - s)+
-    c_wd = c_md + (2 if spec.mean_dist else 0)                            # [s <= t0 - W]
-    n_feat = c_wd + (1 if w_dist is not None else 0)
-
-    def feature_rows(k0: int, k1: int, t0: int, dynamic_only: bool) -> list[tuple[int, torch.Tensor]]:
-        """(row of F^T, values on keys [k0, k1)) for the non-v features of a block at t0."""
-        ks = kidx[k0:k1]
-        rows = [] if dynamic_only else [(c_one, torch.ones_like(ks, dtype=torch.float32))] + [
-            (c_seg + j, ((ks >= a) & (ks < b)).float()) for j, (a, b) in enumerate(spec.segments)]
-        if spec.mean_dist:
-            rows += [(c_md, (ks < t0).float()), (c_md + 1, (t0 - ks).clamp_min(0).float())]
-        if w_dist is not None:
-            rows.append((c_wd, (ks <= t0 - w_dist).float()))
-        return rows
-
-    one_block = Tq <= C
-    if not one_block:
-        FT = torch.zeros(B, H_kv, -(-n_feat // 8) * 8, Tk, **f32)         # 8-aligned: faster GEMM
-        FT[:, :, :Dv] = v.transpose(-1, -2)
-        for j, row in feature_rows(0, Tk, 0, dynamic_only=False):
-            FT[:, :, j] = row
+    w_dist = spec.window_dist
 
     # ---- score workspaces, reused by every block (see module docstring)
     def key_range(i0: int, i1: int) -> tuple[int, int]:
@@ -389,29 +364,25 @@ def attend_chunked(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | No
                 w = ed.kp_w[:, sel]                                       # [H, P]
                 p[..., cols] = p[..., cols] * w[None, :, None, :]
 
-        # ---- output, row sums and linear row statistics in one GEMM
-        if one_block:
-            rows = feature_rows(k0, k1, t0, dynamic_only=False)
-            feats = torch.stack([r_ for _, r_ in rows]) @ p.reshape(-1, S).t()   # [n_feat - Dv, B*H*c]
-            num = torch.cat([torch.matmul(p_g, v[:, :, k0:k1].float()).view(B, H, c, Dv),
-                             feats.t().view(B, H, c, -1)], -1)            # [B, H, c, n_feat]
+        # ---- row sums: 1 on visible rows unless re-weighted
+        if ed.reweights:
+            Zw = p.sum(-1)                                                # [B, H, c]
         else:
-            for j, row in feature_rows(k0, k1, t0, dynamic_only=True):
-                FT[:, :, j, k0:k1] = row
-            num = torch.matmul(p_g, FT[..., k0:k1].transpose(-1, -2)).view(B, H, c, -1)
-        Zw = num[..., c_one]                                              # 1 unless re-weighted
+            Zw = vis_b[:, None, :].float().expand(B, H, c)
         rinv = torch.where(Zw > 0, 1.0 / Zw, 0.0)                         # [B, H, c]
+        cuts = [x for seg in spec.segments for x in seg] + ([t0] if spec.mean_dist else []) + (
+            [t0 - w_dist + 1] if w_dist is not None else [])
+        masses = _interval_masses(p, k0, k1, cuts) if cuts else None
 
-        # ---- output edits, in the spec's order
-        ob = num[..., :Dv] * rinv[..., None]                              # [B, H, c, Dv]
-        if ed.replace is not None:
-            rmask, val = ed.replace
-            ob = torch.where(rmask, torch.broadcast_to(val, (B, H, Tq, Dv))[:, :, i0:i1], ob)
-        if ed.out_scale is not None:
-            ob = ob * ed.out_scale
-        if not vis_all:
-            ob.masked_fill_(~vis_b[:, None, :, None], 0.0)
-        out[:, :, i0:i1] = ob
+        # ---- output and its edits, in the spec's order
+        if output:
+            ob = torch.matmul(p_g, vf[:, :, k0:k1]).view(B, H, c, Dv) * rinv[..., None]
+            if ed.replace is not None:
+                rmask, val = ed.replace
+                ob = torch.where(rmask, torch.broadcast_to(val, (B, H, Tq, Dv))[:, :, i0:i1], ob)
+            if ed.out_scale is not None:
+                ob = ob * ed.out_scale
+            out[:, :, i0:i1] = ob if vis_all else ob.masked_fill_(~vis_b[:, None, :, None], 0.0)
 
         # ---- row statistics
         r = torch.arange(c, device=dev, dtype=torch.float32)               # t - t0
@@ -432,16 +403,19 @@ def attend_chunked(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | No
             ent = torch.log(Zw) - torch.log(pmax) - qs * rinv
             st["entropy"][:, :, i0:i1] = torch.where(Zw > 0, ent, 0.0)
         if spec.mean_dist:
-            a, b = t0 - k0, min(k1, t1) - k0                              # diagonal tile, keys >= t0
-            diag = (p[..., a:b] * (r[:, None] - torch.arange(b - a, device=dev)).clamp_min(0)).sum(-1)
-            md = num[..., c_md + 1] + r * num[..., c_md] + diag
+            # keys before t0: p . (t0 - s) + r * mass; the diagonal tile [t0, t1) directly
+            md = r * masses(k0, t0)
+            if t0 > k0:
+                md = md + (p.reshape(-1, S)[:, :t0 - k0] @ (t0 - kidx[k0:t0]).float()).view(B, H, c)
+            a, b = t0 - k0, min(k1, t1) - k0
+            md = md + (p[..., a:b] * (r[:, None] - torch.arange(b - a, device=dev)).clamp_min(0)).sum(-1)
             st["mean_dist"][:, :, i0:i1] = md * rinv
         if w_dist is not None:
             a, b = max(k0, t0 - w_dist + 1), min(k1, t1)                  # band of mixed weights
             band = (p[..., a - k0:b - k0] * (t - kidx[a:b]).clamp(0, w_dist).float()).sum(-1)
-            st["win_dist"][:, :, i0:i1] = (num[..., c_wd] * w_dist + band) * rinv
+            st["win_dist"][:, :, i0:i1] = (masses(k0, t0 - w_dist + 1) * w_dist + band) * rinv
         if spec.segments:
-            st["segment_mass"][:, :, i0:i1] = num[..., c_seg:c_md] * rinv[..., None]
+            st["segment_mass"][:, :, i0:i1] = torch.stack([masses(a, b) for a, b in spec.segments], -1) * rinv[..., None]
         if pr is not None and pr[0] < i1 and pr[1] > i0:
             a, b = max(pr[0], i0), min(pr[1], i1)
             st["pattern"][:, :, a - pr[0]:b - pr[0], k0:k1] = p[:, :, a - i0:b - i0] * rinv[:, :, a - i0:b - i0, None]
@@ -450,6 +424,21 @@ def attend_chunked(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | No
         if spec.col_mass:
             _col_mass_block(st["col_mass"], p, rinv, t0, t1, k0, k1, spec.col_band)
     return AttnResult(out=out, stats=st)
+
+
+def _interval_masses(p: torch.Tensor, k0: int, k1: int, cuts):
+    """mass(a, b): row sums of p (keys [k0, k1)) over keys [a, b), for a, b among ``cuts``.
+
+    The block's key range is split at every cut and each piece summed once, so segments,
+    distance indicators and overlapping ranges together cost one read of p; a range's mass is
+    a sum of its pieces (no prefix-sum differences, hence no cancellation). Ranges are clipped
+    to [k0, k1): keys outside the block's slice carry no weight.
+    """
+    clip = lambda x: min(max(x, k0), k1)  # noqa: E731
+    pts = sorted({k0, k1} | {clip(x) for x in cuts})
+    pieces = torch.stack([p[..., a - k0:b - k0].sum(-1) for a, b in zip(pts, pts[1:])], -1)  # [B, H, c, n]
+    pos = {x: i for i, x in enumerate(pts)}
+    return lambda a, b: pieces[..., pos[clip(a)]:pos[clip(b)]].sum(-1)
 
 
 def _col_mass_block(col: torch.Tensor, p: torch.Tensor, rinv: torch.Tensor, t0: int, t1: int,

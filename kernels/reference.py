@@ -26,7 +26,8 @@ def visible_mask(Tq: int, Tk: int, *, causal: bool = True, window: int | None = 
 
 def attend_reference(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | None = None, *,
                      scale: float | None = None, causal: bool = True, window: int | None = None,
-                     softcap: float | None = None, kv_valid: torch.Tensor | None = None) -> AttnResult:
+                     softcap: float | None = None, kv_valid: torch.Tensor | None = None,
+                     output: bool = True) -> AttnResult:
     spec = spec or StatsSpec()
     B, H, H_kv, Tq, Tk, D = check_inputs(q, k, v, kv_valid)
     G = H // H_kv
@@ -105,4 +106,4 @@ def attend_reference(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | 
     if spec.pattern_rows is not None:
         a, b = spec.pattern_rows
         stats["pattern"] = p[:, :, a:min(b, Tq)].float()
-    return AttnResult(out=out.to(v.dtype), stats=stats)
+    return AttnResult(out=out.to(v.dtype) if output else None, stats=stats)

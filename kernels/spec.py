@@ -114,7 +114,7 @@ class HeadEdits:
 
 @dataclass
 class AttnResult:
-    out: torch.Tensor                      # [B, H, Tq, Dv], dtype of v
+    out: torch.Tensor | None               # [B, H, Tq, Dv], dtype of v; None if output=False
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
 
 

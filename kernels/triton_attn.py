@@ -146,7 +146,7 @@ def _attn_stats_fwd_inner(acc, l_i, m_i, l_r, m_r, ent, wd, md, seg, tk_v, tk_i,
                           RAW_LSE: tl.constexpr, ENTROPY: tl.constexpr, WIN_DIST: tl.constexpr,
                           MEAN_DIST: tl.constexpr,  #
                           NSEG: tl.constexpr, SEGP: tl.constexpr, TOPK: tl.constexpr,
-                          TOPKP: tl.constexpr,  #
+                          TOPKP: tl.constexpr, HAS_OUT: tl.constexpr,  #
                           UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,  #
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
@@ -208,18 +208,19 @@ def _attn_stats_fwd_inner(acc, l_i, m_i, l_r, m_r, ent, wd, md, seg, tk_v, tk_i,
             if tl.max((tile_max > kth).to(tl.int32), 0) > 0:
                 tk_v, tk_i = _topk_merge(tk_v, tk_i, x_eff, start_n, TOPK, TOPKP, BLOCK_M, BLOCK_N)
         # -- output accumulator
-        acc = acc * alpha[:, None]
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                    mask=in_k[:, None] & (offs_dv[None, :] < DV), other=0.0)  # [BLOCK_N, HEAD_DV]
-        if UPCAST:
-            v = v.to(tl.float32)
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        if HAS_OUT:
+            acc = acc * alpha[:, None]
+            v = tl.load(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                        mask=in_k[:, None] & (offs_dv[None, :] < DV), other=0.0)  # [BLOCK_N, HEAD_DV]
+            if UPCAST:
+                v = v.to(tl.float32)
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         l_i = l_i * alpha + l_ij
         m_i = m_new
     return acc, l_i, m_i, l_r, m_r, ent, wd, md, seg, tk_v, tk_i
 
 
-@triton.autotune(configs=_configs(), key=_TUNE_KEY)
+@triton.autotune(configs=_configs(), key=_TUNE_KEY + ["HAS_OUT"])
 @triton.jit
 def _attn_stats_fwd(Q, K, V, Out, KvOk, Bias, Uni, SegBounds,  #
                     LseEff, LseRaw, Ent, WinD, MeanD, Seg, TopV, TopI,  #
@@ -235,7 +236,7 @@ def _attn_stats_fwd(Q, K, V, Out, KvOk, Bias, Uni, SegBounds,  #
                     RAW_LSE: tl.constexpr, ENTROPY: tl.constexpr, WIN_DIST: tl.constexpr,
                     MEAN_DIST: tl.constexpr,  #
                     NSEG: tl.constexpr, SEGP: tl.constexpr, TOPK: tl.constexpr,
-                    TOPKP: tl.constexpr,  #
+                    TOPKP: tl.constexpr, HAS_OUT: tl.constexpr,  #
                     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,  #
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = tl.program_id(0)
@@ -290,15 +291,16 @@ def _attn_stats_fwd(Q, K, V, Out, KvOk, Bias, Uni, SegBounds,  #
         stride_kn, stride_kd, stride_vn, stride_vd,  #
         t, lo, hi, Tk, D, DV, qk_scale, softcap, window, win_dist,  #
         HEAD_DIM, HEAD_DV, CAUSAL, HAS_WINDOW, SOFTCAP, HAS_KV_VALID, HAS_BIAS, HAS_UNIFORM,  #
-        RAW_LSE, ENTROPY, WIN_DIST, MEAN_DIST, NSEG, SEGP, TOPK, TOPKP,  #
+        RAW_LSE, ENTROPY, WIN_DIST, MEAN_DIST, NSEG, SEGP, TOPK, TOPKP, HAS_OUT,  #
         UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N)
 
     # epilogue: rows whose edited weights are all zero (nothing visible) get 0 and lse = -inf
     valid = l_i > 0
     l_safe = tl.where(valid, l_i, 1.0)
-    out = tl.where(valid[:, None], acc / l_safe[:, None], 0.0)
-    tl.store(o_base + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
-             out.to(Out.type.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+    if HAS_OUT:
+        out = tl.where(valid[:, None], acc / l_safe[:, None], 0.0)
+        tl.store(o_base + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
+                 out.to(Out.type.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
     row = off_bh.to(tl.int64) * Tq + offs_m               # index into [B * H, Tq] statistics
     lse = tl.where(valid, m_i + tl.log(l_safe), float("-inf"))
     tl.store(LseEff + row, lse, mask=row_ok)
@@ -451,10 +453,12 @@ def _dense_probs(q, k, rows, lse_eff, *, scale, causal, window, softcap, kv_vali
 
 def attend_triton(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | None = None, *,
                   scale: float | None = None, causal: bool = True, window: int | None = None,
-                  softcap: float | None = None, kv_valid: torch.Tensor | None = None) -> AttnResult:
+                  softcap: float | None = None, kv_valid: torch.Tensor | None = None,
+                  output: bool = True) -> AttnResult:
     """Attention output and ``spec`` statistics with ``edits`` applied, from fused kernels.
 
-    Same contract as ``attend_reference`` / ``attend_chunked``. Needs CUDA tensors, or CPU
+    Same contract as ``attend_reference`` / ``attend_chunked``; ``output=False`` drops the
+    ``p @ v`` dot and the output store (``out`` is None). Needs CUDA tensors, or CPU
     tensors with ``TRITON_INTERPRET=1`` set before this module is imported (tests).
     """
     spec = spec or StatsSpec()
@@ -482,7 +486,7 @@ def attend_triton(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | Non
         w[:, edits.key_pos.to(dev).long()] = edits.key_scale.to(dev).float()[:, None]
         if bool((w != 1).any()):
             bias = torch.log(w).contiguous()                               # [H, Tk], -inf for w = 0
-    post_edit = has_edits and (edits.replace_mask is not None or edits.out_scale is not None)
+    post_edit = output and has_edits and (edits.replace_mask is not None or edits.out_scale is not None)
     raw_lse = spec.lse and (uni is not None or bias is not None)
 
     kk = min(spec.topk, Tk)
@@ -493,8 +497,8 @@ def attend_triton(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | Non
 
     # ---- outputs; a disabled output gets lse_eff as a placeholder pointer, which the kernel
     # never touches (its constexpr flag is off)
-    out = torch.empty(B, H, Tq, Dv, device=dev, dtype=fp32 if post_edit else v.dtype)
     lse_eff = torch.empty(B, H, Tq, device=dev, dtype=fp32)
+    out = torch.empty(B, H, Tq, Dv, device=dev, dtype=fp32 if post_edit else v.dtype) if output else None
     f32 = lambda *shape: torch.empty(*shape, device=dev, dtype=fp32)  # noqa: E731
     lse_raw = f32(B, H, Tq) if raw_lse else lse_eff
     ent = f32(B, H, Tq) if spec.entropy else lse_eff
@@ -516,14 +520,14 @@ def attend_triton(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | Non
 
     grid = lambda META: (triton.cdiv(Tq, META["BLOCK_M"]), B * H)  # noqa: E731
     _attn_stats_fwd[grid](
-        q, k, v, out, kv_ok, bias if bias is not None else lse_eff,
+        q, k, v, out if output else lse_eff, kv_ok, bias if bias is not None else lse_eff,
         uni if uni is not None else lse_eff, seg_bounds,
         lse_eff, lse_raw, ent, wd, md, seg, top_v, top_i,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        *q.stride(), *k.stride(), *v.stride(), *(out.stride() if output else (0, 0, 0, 0)),
         *common, Dv, qk_scale, softcap or 0.0, window or 0, float(spec.window_dist or 0), *buckets,
         RAW_LSE=raw_lse, ENTROPY=spec.entropy, WIN_DIST=spec.window_dist is not None,
         MEAN_DIST=spec.mean_dist, NSEG=nseg, SEGP=_pow2(nseg), TOPK=k_in, TOPKP=_pow2(k_in, 2),
-        **flags)
+        HAS_OUT=output, **flags)
 
     stats: dict[str, torch.Tensor] = {}
     if spec.lse:
@@ -557,7 +561,7 @@ def attend_triton(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | Non
         stats["pattern"] = _dense_probs(q, k, rows, lse_eff, **dense)
     if topk_fallback:
         r = attend_chunked(q, k, v, StatsSpec(topk=spec.topk), edits, scale=scale, causal=causal,
-                           window=window, softcap=softcap, kv_valid=kv_valid)
+                           window=window, softcap=softcap, kv_valid=kv_valid, output=False)
         stats["topk_idx"], stats["topk_prob"] = r.stats["topk_idx"], r.stats["topk_prob"]
 
     if post_edit:

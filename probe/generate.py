@@ -101,7 +101,9 @@ def generate(probe, input_ids, max_new_tokens: int = 50, stop_strings=(), do_sam
     cache = DynamicCache(config=probe.model.config)
     if T > 1:
         pre = probe.capture_session(stats, layers, activations) if capture_prefill else None
-        probe._run(ids[:, :-1], None, cache=cache, chunk_size=chunk_size, capture=pre, phase="prefill")
+        # only the cache is needed; logits_to_keep=1 avoids [T, vocab] logits (6 GB at 16k)
+        probe._run(ids[:, :-1], None, cache=cache, chunk_size=chunk_size, capture=pre, phase="prefill",
+                   logits_to_keep=1)
         out.prefill = pre
     step_in = ids[:, -1:]
     want_capture = (stats is not None and not stats.empty) or bool(activations)

@@ -24,6 +24,10 @@ import torch
 
 from headscope.errors import HeadscopeError
 
+from . import Probe
+from .capture import Capture, ForwardResult
+from .hook import Anatomy, LayerCall
+from .intervene import Edits, patch_fn
 from .models import LoadedModel
 
 _HELPERS = "transformer_lens.model_bridge.sources.transformers.helpers"
@@ -80,10 +84,6 @@ def boot_bridge(loaded: LoadedModel, *, device: str | torch.device | None = None
 
 # --------------------------------------------------------------------------------------------
 # Probe-like capture and interventions on a TransformerBridge (TransformerLens hooks)
-
-from .capture import Capture, ForwardResult  # noqa: E402 (this section was appended to the bridge loader)
-from .hook import Anatomy, LayerCall  # noqa: E402
-from .intervene import Edits, InterventionSet, patch_fn  # noqa: E402
 
 
 def pattern_stats(p: torch.Tensor, spec, visible: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -166,17 +166,11 @@ class BridgeProbe:
         finally:
             self._capture = None
 
-    @contextmanager
     def intervene(self, ops, phase: str = "all"):
         """As ``Probe.intervene`` (phase "all" or "prefill": a bridge forward is a prefill)."""
         if phase == "decode":
             raise HeadscopeError("BridgeProbe runs no decode steps; phase='decode' needs Probe.generate")
-        iv = InterventionSet(self.anatomy, list(ops), phase)
-        self._interventions.append(iv)
-        try:
-            yield iv
-        finally:
-            self._interventions.remove(iv)
+        return Probe.intervene(self, ops, phase)
 
     def _visible(self, layer: int, T: int, device) -> torch.Tensor:
         t, s = torch.arange(T, device=device)[:, None], torch.arange(T, device=device)[None, :]

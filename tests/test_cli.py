@@ -66,3 +66,36 @@ def test_runs_list_and_show(tmp_path, capsys):
     assert "top L" in capsys.readouterr().out
     assert main(["--runs-dir", str(tmp_path / "empty"), "runs"]) == 0
     assert "no runs" in capsys.readouterr().out
+
+
+def test_sigterm_marks_run_partial_and_resume_completes(tmp_path, monkeypatch, capsys):
+    """A real SIGTERM mid-run (to this process, in the main thread): the run is left 'partial'
+    with the finished examples, not 'running', and --resume completes it."""
+    import os
+    import signal
+
+    import headscope.probe
+    from headscope.analyses.store import load_run
+
+    from .test_framework import _Toy
+
+    monkeypatch.setattr(headscope.probe, "load_model", lambda *a, **k: FAKE_LM)
+    monkeypatch.setattr(headscope.probe, "Probe", lambda lm: object())
+    process = _Toy.process
+
+    def killed_at_3(self, ctx, ex):
+        if ex.data == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return process(self, ctx, ex)
+
+    monkeypatch.setattr(_Toy, "process", killed_at_3)
+    out = tmp_path / "run"
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["score", "_toy", "--out", str(out), "--quiet"]) == 2
+    assert "interrupted" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before           # the CLI's handler is removed again
+    assert load_run(out).status == "partial"
+    assert len((out / "examples.jsonl").read_text().splitlines()) == 3
+    monkeypatch.setattr(_Toy, "process", process)
+    assert main(["score", "_toy", "--out", str(out), "--quiet", "--resume"]) == 0
+    assert load_run(out).status == "complete"

@@ -75,10 +75,13 @@ def assert_matches(got, ref, p_ref, *, tol=2e-5, out_atol=None, exact_idx=False,
     in the reference, and indices are identical wherever the ranking is unambiguous (gap > tol)
     -- or everywhere with ``exact_idx`` (inputs whose ties are exact)."""
     msg = f"[seed {SEED}] {msg}"
-    assert got.out.dtype == ref.out.dtype, msg
-    assert got.out.shape == ref.out.shape, msg
-    out_atol = tol if out_atol is None else out_atol
-    torch.testing.assert_close(got.out.float(), ref.out.float(), atol=out_atol, rtol=0, msg=lambda m: f"{msg} out: {m}")
+    assert (got.out is None) == (ref.out is None), f"{msg} out present in one result only"
+    if ref.out is not None:
+        assert got.out.dtype == ref.out.dtype, msg
+        assert got.out.shape == ref.out.shape, msg
+        out_atol = tol if out_atol is None else out_atol
+        torch.testing.assert_close(got.out.float(), ref.out.float(), atol=out_atol, rtol=0,
+                                   msg=lambda m: f"{msg} out: {m}")
     assert set(got.stats) == set(ref.stats), f"{msg} keys {sorted(got.stats)} vs {sorted(ref.stats)}"
     for key, r in ref.stats.items():
         a = got.stats[key]
@@ -113,6 +116,8 @@ def assert_matches(got, ref, p_ref, *, tol=2e-5, out_atol=None, exact_idx=False,
 def _run(q, k, v, spec, edits, kw, *, block_q=None, tol=2e-5, out_atol=None, exact_idx=False, msg=""):
     ref = attend_reference(q, k, v, spec, edits, **kw)
     got = attend_chunked(q, k, v, spec, edits, block_q=block_q, **kw)
+    if kw.get("output") is False:
+        assert ref.out is None
     assert_matches(got, ref, reference_probs(q, k, v, edits, **kw), tol=tol, out_atol=out_atol,
                    exact_idx=exact_idx, msg=msg)
     return got
@@ -140,6 +145,19 @@ def test_all_statistics_match_reference(case, block_q, with_edits):
     edits = all_edits(H, D, g=torch.Generator().manual_seed(SEED)) if with_edits else None
     _run(q, k, v, full_spec(Tq, Tk), edits, dict(kw, kv_valid=kv_valid), block_q=block_q,
          msg=f"{case} block_q={block_q} edits={with_edits}")
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[6]], ids=["gqa3", "window", "holes"])
+def test_statistics_without_output(case):
+    """output=False: no output, and the statistics (which then come from slice sums and
+    matvecs on their own, not from the output GEMM's extra columns) still match the reference."""
+    B, H, H_kv, Tq, Tk, D, pad, kw = case
+    q, k, v, kv_valid = make_case(B, H, H_kv, Tq, Tk, D, pad=pad, seed=40 + CASES.index(case))
+    edits = all_edits(H, D, g=torch.Generator().manual_seed(SEED + 2))
+    for block_q in (7, None):
+        got = _run(q, k, v, full_spec(Tq, Tk), edits, dict(kw, kv_valid=kv_valid, output=False),
+                   block_q=block_q, msg=f"stats only {case} block_q={block_q}")
+        assert got.out is None
 
 
 @pytest.mark.parametrize("band", [None, (0, None), (2, 9), (5, 5), (0, 0), (30, None)])

@@ -69,6 +69,14 @@ def test_all_statistics_match_reference(case):
     _run(q, k, v, full_spec(Tq, Tk), edits, dict(kw, kv_valid=kv_valid), msg=str(case))
 
 
+def test_statistics_without_output():
+    """HAS_OUT=False: the kernel skips P @ V and the output store; statistics unchanged."""
+    q, k, v, kv_valid = make_case(1, 3, 1, 40, 70, 16, pad="random", seed=120)
+    edits = all_edits(3, 16, g=torch.Generator().manual_seed(SEED))
+    got = _run(q, k, v, full_spec(40, 70), edits, dict(kv_valid=kv_valid, output=False), msg="stats only")
+    assert got.out is None
+
+
 def test_decoding_single_query_gqa7():
     q, k, v, kv_valid = make_case(1, 7, 1, 1, 300, 16, pad="random", seed=110)
     _run(q, k, v, full_spec(1, 300, topk=8), None, dict(kv_valid=kv_valid), msg="decode")
