@@ -135,6 +135,25 @@ def _topk_merge(tk_v, tk_i, x, start_n, TOPK: tl.constexpr, TOPKP: tl.constexpr,
 
 
 @triton.jit
+def _load_key_tile(k_base, kv_base, bias_base, cols, offs_d, stride_kn, stride_kd, Tk, D,
+                   HAS_KV_VALID: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    """K^T tile [HEAD_DIM, BLOCK_N], its padding mask and its re-weighting bias (log w)."""
+    in_k = cols < Tk
+    kT = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                 mask=in_k[None, :] & (offs_d[:, None] < D), other=0.0)
+    if UPCAST:
+        kT = kT.to(tl.float32)
+    kv_ok = in_k
+    if HAS_KV_VALID:
+        kv_ok = tl.load(kv_base + cols, mask=in_k, other=0) != 0
+    bias = tl.zeros([BLOCK_N], tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_base + cols, mask=in_k, other=0.0)
+    return kT, kv_ok, bias
+
+
+@triton.jit
 def _attn_stats_fwd_inner(acc, l_i, m_i, l_r, m_r, ent, wd, md, seg, tk_v, tk_i,  #
                           q, k_base, v_base, kv_base, bias_base, is_uni, SegBounds,  #
                           stride_kn, stride_kd, stride_vn, stride_vd,  #
@@ -158,16 +177,8 @@ def _attn_stats_fwd_inner(acc, l_i, m_i, l_r, m_r, ent, wd, md, seg, tk_v, tk_i,
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
         in_k = cols < Tk
-        kT = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                     mask=in_k[None, :] & (offs_d[:, None] < D), other=0.0)   # [HEAD_DIM, BLOCK_N]
-        if UPCAST:
-            kT = kT.to(tl.float32)
-        kv_ok = in_k
-        if HAS_KV_VALID:
-            kv_ok = tl.load(kv_base + cols, mask=in_k, other=0) != 0
-        bias = tl.zeros([BLOCK_N], tl.float32)
-        if HAS_BIAS:
-            bias = tl.load(bias_base + cols, mask=in_k, other=0.0)
+        kT, kv_ok, bias = _load_key_tile(k_base, kv_base, bias_base, cols, offs_d, stride_kn, stride_kd, Tk, D,
+                                         HAS_KV_VALID, HAS_BIAS, UPCAST, BLOCK_N)
         x, x_eff = _tile_logits(q, kT, t, cols, Tk, kv_ok, bias, is_uni, qk_scale, softcap, window,
                                 CAUSAL, HAS_WINDOW, SOFTCAP, HAS_KV_VALID, HAS_BIAS, HAS_UNIFORM,
                                 DOT_PRECISION)
@@ -379,16 +390,8 @@ def _attn_col_mass(Q, K, KvOk, Bias, Uni, LseEff, Col,  #
     offs_d = tl.arange(0, HEAD_DIM)
     cols = start_n + tl.arange(0, BLOCK_N)
     in_k = cols < Tk
-    kT = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                 mask=in_k[None, :] & (offs_d[:, None] < D), other=0.0)   # [HEAD_DIM, BLOCK_N]
-    if UPCAST:
-        kT = kT.to(tl.float32)
-    kv_ok = in_k
-    if HAS_KV_VALID:
-        kv_ok = tl.load(KvOk + off_b.to(tl.int64) * Tk + cols, mask=in_k, other=0) != 0
-    bias = tl.zeros([BLOCK_N], tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(Bias + off_h.to(tl.int64) * Tk + cols, mask=in_k, other=0.0)
+    kT, kv_ok, bias = _load_key_tile(k_base, KvOk + off_b.to(tl.int64) * Tk, Bias + off_h.to(tl.int64) * Tk, cols,
+                                     offs_d, stride_kn, stride_kd, Tk, D, HAS_KV_VALID, HAS_BIAS, UPCAST, BLOCK_N)
     is_uni = False
     if HAS_UNIFORM:
         is_uni = tl.load(Uni + off_h) != 0
