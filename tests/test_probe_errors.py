@@ -34,6 +34,24 @@ def test_non_finite_values_are_reported():
     assert model.config._attn_implementation == "eager"
 
 
+def test_non_finite_cached_keys_are_reported_when_decoding():
+    """The hook checks only each call's new keys; non-finite keys already in the cache (from an
+    uncaptured prefill) still end in a one-line error, through the captured statistics."""
+    from transformers import DynamicCache
+    model = copy.deepcopy(tiny_model("llama"))
+    w = model.model.layers[1].mlp.down_proj.weight
+    probe = Probe(model)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        saved = w[0, 0].item()
+        w[0, 0] = float("inf")
+        probe._run(IDS[:1, :-1], None, cache=cache, logits_to_keep=1)   # layer-2 keys are now inf
+        w[0, 0] = saved
+    cap = probe.capture_session(StatsSpec(entropy=True), [2])                # what generate does per step
+    with pytest.raises(HeadscopeError, match="non-finite.*attention statistic.*layer 2"):
+        probe._run(IDS[:1, -1:], None, cache=cache, capture=cap, phase="decode")
+
+
 def test_mask_other_than_causal_is_refused():
     cfg = Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                            num_key_value_heads=1, head_dim=16, vocab_size=VOCAB, sliding_window=4,
