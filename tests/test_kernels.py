@@ -149,8 +149,8 @@ def test_all_statistics_match_reference(case, block_q, with_edits):
 
 @pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[6]], ids=["gqa3", "window", "holes"])
 def test_statistics_without_output(case):
-    """output=False: no output, and the statistics (which then come from slice sums and
-    matvecs on their own, not from the output GEMM's extra columns) still match the reference."""
+    """output=False: ``out`` is None (the p @ v GEMM is skipped) and every statistic, under
+    every edit, still matches the reference."""
     B, H, H_kv, Tq, Tk, D, pad, kw = case
     q, k, v, kv_valid = make_case(B, H, H_kv, Tq, Tk, D, pad=pad, seed=40 + CASES.index(case))
     edits = all_edits(H, D, g=torch.Generator().manual_seed(SEED + 2))
