@@ -3,8 +3,8 @@
 ``TRITON_INTERPRET=1`` must be set before the kernels are decorated, so it is set here, before
 anything imports ``headscope.kernels.triton_attn`` (the module is reloaded if something already
 imported it compiled). Sizes stay small: the interpreter runs every tile op in numpy. The
-interpreter checks semantics only; compilation, register limits and speed need a GPU
-(``benchmarks/kernels.py``).
+interpreter checks semantics only; compilation and register limits are checked by
+``test_kernels_triton_compile.py`` (ptxas, no GPU), speed needs a GPU (``benchmarks/kernels.py``).
 """
 from __future__ import annotations
 

@@ -1,0 +1,84 @@
+"""Compile the Triton kernels for a CUDA architecture without a GPU (Triton's bundled ptxas).
+
+Run as a script by ``test_kernels_triton_compile.py`` in a process without ``TRITON_INTERPRET``
+(under the interpreter ``@triton.jit`` functions cannot be compiled). Prints one JSON line per
+(kernel variant, config): registers and stack bytes per thread (cuobjdump), shared memory, or the
+compile error. The interpreter tests check semantics; this checks that the kernels lower to real
+GPU code and what they cost in registers, which the interpreter cannot see.
+
+    python tests/triton_compile.py --arch 90 [--all-configs]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from headscope.kernels import triton_attn as ta  # noqa: E402
+
+POINTERS = {"Q": "*{dt}", "K": "*{dt}", "V": "*{dt}", "Out": "*{dt}", "KvOk": "*i8", "Uni": "*i32",
+            "SegBounds": "*i32", "TopI": "*i32", "Bias": "*fp32", "LseEff": "*fp32", "LseRaw": "*fp32",
+            "Ent": "*fp32", "WinD": "*fp32", "MeanD": "*fp32", "Seg": "*fp32", "TopV": "*fp32", "Col": "*fp32"}
+FLOATS = {"qk_scale", "softcap", "win_dist"}
+MASKS = dict(CAUSAL=True, HAS_WINDOW=True, SOFTCAP=True, HAS_KV_VALID=True, HAS_BIAS=True, HAS_UNIFORM=True,
+             UPCAST=False)
+ALL_STATS = dict(RAW_LSE=True, ENTROPY=True, WIN_DIST=True, MEAN_DIST=True, NSEG=2, SEGP=2, TOPK=5, TOPKP=8)
+VARIANTS = {  # name: (kernel, constexprs beyond the masks and tiles)
+    "fwd_all_stats": (ta._attn_stats_fwd, dict(ALL_STATS, HAS_OUT=True)),
+    "fwd_stats_no_output": (ta._attn_stats_fwd, dict(ALL_STATS, HAS_OUT=False)),
+    "fwd_output_lse": (ta._attn_stats_fwd, dict(RAW_LSE=False, ENTROPY=False, WIN_DIST=False, MEAN_DIST=False,
+                                                NSEG=0, SEGP=1, TOPK=0, TOPKP=2, HAS_OUT=True)),
+    "col_mass": (ta._attn_col_mass, dict(HAS_BAND=True)),
+}
+
+
+def signature(fn, dtype: str) -> dict:
+    return {p.name: "constexpr" if p.is_constexpr else POINTERS[p.name].format(dt=dtype) if p.name in POINTERS
+            else "fp32" if p.name in FLOATS else "i32" for p in fn.params}
+
+
+def resources(cubin: bytes) -> dict:
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+).*?STACK:(\d+)", out)
+    return {"regs": int(m.group(1)), "stack": int(m.group(2))} if m else {}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80 (A100) or 90 (H100)")
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    ap.add_argument("--all-configs", action="store_true", help="every autotune config (default: first and last)")
+    args = ap.parse_args()
+    target = GPUTarget("cuda", args.arch, 32)
+    configs = ta._configs() if args.all_configs else [ta._configs()[0], ta._configs()[-1]]
+    prec = "tf32x3" if args.dtype == "fp32" else None
+    for name, (kernel, extra) in VARIANTS.items():
+        for cfg in configs:
+            consts = dict(cfg.kwargs, **MASKS, **extra, HEAD_DIM=args.head_dim, HEAD_DV=args.head_dim,
+                          DOT_PRECISION=prec)
+            row = {"variant": name, "config": {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}}
+            try:
+                k = triton.compile(ASTSource(kernel.fn, signature(kernel.fn, args.dtype), consts), target=target,
+                                   options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+                row.update(ok=True, shared=k.metadata.shared, **resources(k.asm["cubin"]))
+            except Exception as e:  # noqa: BLE001 - reported, the test fails on it
+                row.update(ok=False, error=f"{type(e).__name__}: {str(e)[-800:]}")
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
