@@ -10,8 +10,11 @@ Three scores (definitions and defaults: SCIENCE.md section 2) and the refusal me
   left singular vectors of the stacked final-norm last-token states of N queries, clean vs ablated
   (``arccos |u1^T u1~|``; rank r sums the first r principal angles).
 - ``sahara``: greedy search; each step adds the head that maximises generalized Ships with the
-  whole group ablated. Step 1 is the ``gships`` map. After the search the group is evaluated
-  against the same number of random heads.
+  whole group ablated. Step 1 is the ``gships`` map. A step is batched like ``probe.sweep_heads``:
+  per layer, the prompts run once up to that layer with the group ablated, then one copy per
+  candidate head (``swept_last_states``). ``--candidates K`` (headscope speed option, not the
+  reference) limits steps 2.. to the top K heads of the step-1 map. After the search the group is
+  evaluated against the same number of random heads.
 
 Ablations: "uniform" (default) is undifferentiated attention (UA), the exact ``q -> 0`` limit of the
 reference's ``q x 1e-5``; "scale" (SC) multiplies the head output by ``epsilon``. Both act per query
@@ -343,6 +346,28 @@ def last_states(probe, seqs: Sequence[Sequence[int]], ops: Sequence = (), batch:
     return out
 
 
+def swept_last_states(probe, seqs: Sequence[Sequence[int]], heads: Sequence[tuple[int, int]], kind: str = "uniform",
+                      epsilon: float = 1e-5, batch: int = 32, pad: int = 0) -> dict[tuple[int, int], torch.Tensor]:
+    """``last_states`` of the prompts with each head of ``heads`` ablated alone (on top of any
+    active ``probe.intervene`` block): {(layer, head): [N, d_model] fp32, rows in input order}.
+
+    One ``sweep_heads_states`` per length batch, so each layer's candidates share one prefix
+    forward instead of one full forward each. Batches, left padding and positions are those of
+    ``last_states``, so every row equals the unbatched run up to float rounding.
+    """
+    from headscope.probe.intervene import sweep_heads_states
+    if kind not in ABLATION_KINDS:
+        raise HeadscopeError(f"ablation must be one of {ABLATION_KINDS}, got {kind!r}")
+    out = {hd: torch.empty(len(seqs), probe.anatomy.d_model) for hd in heads}
+    for idx in _batches_by_length(seqs, batch):
+        ids, mask = _left_padded([seqs[i] for i in idx], pad)
+        got = sweep_heads_states(probe, ids, kind=kind, heads=list(heads), attention_mask=mask,
+                                 value=float(epsilon) if kind == "scale" else None)
+        for hd, st in got.items():
+            out[hd][idx] = st
+    return out
+
+
 def last_logits(probe, ids: Sequence[int], ops: Sequence = ()) -> torch.Tensor:
     """Next-token logits [V] (fp32) at the last position of one prompt under ``ops``."""
     with probe.intervene(list(ops)):
@@ -600,6 +625,8 @@ class SaharaAnalysis(_SafetyBase):
         Option("steps", int, 5, "greedy steps (group size)"),
         Option("evaluate", bool, True, "after the search: refusal metrics and ASR for the group vs random heads"),
         Option("n_random", int, 2, "random head groups (same size, group excluded) in the evaluation"),
+        Option("candidates", int, 0, "steps after the first try only the top-K heads of the step-1 (single-head "
+               "gShips) map; 0 = all heads (the reference). K > 0 is a headscope speed-up, not the reference search"),
     )
     single_step = False
 
@@ -615,6 +642,9 @@ class SaharaAnalysis(_SafetyBase):
             raise HeadscopeError("--steps must be between 1 and the number of heads")
         if o["n_random"] < 0:
             raise HeadscopeError("--n-random must be >= 0")
+        if o["candidates"] < 0 or 0 < o["candidates"] < steps:
+            raise HeadscopeError(f"--candidates must be 0 (all heads) or at least --steps ({steps}), "
+                                 f"got {o['candidates']}")
         self.group: list[tuple[int, int]] = []
         return [Example(id=f"step{k + 1:02d}", data=k) for k in range(steps)]
 
@@ -628,18 +658,37 @@ class SaharaAnalysis(_SafetyBase):
         return self._base_states
 
     def group_angle(self, ctx, heads: Sequence[tuple[int, int]]) -> float:
-        """Generalized Ships of ablating ``heads`` together."""
+        """Generalized Ships of ablating ``heads`` together: one plain forward per call, no fork and
+        no per-copy edit, so it is the slow independent check of ``_step`` and of any single group."""
         st = last_states(ctx.probe, self._seqs(), self._ops(ctx, heads), batch=self._batch(ctx),
                          pad=_pad_id(ctx.lm.tokenizer))
         return subspace_angle(self._base(ctx), st.double().numpy(), ctx.options["rank"])
 
     def _step(self, ctx) -> tuple[np.ndarray, tuple[int, int]]:
+        """One greedy step: [L, H] generalized Ships of the group plus each candidate head (NaN for
+        the group and for heads not tried) and the best candidate.
+
+        Candidates are all heads, or with ``--candidates K`` after step 1 the top K of the step-1
+        map (the group's own heads skipped). A layer's candidates share one prefix forward with the
+        group ablated (``swept_last_states``); ``group_angle`` is the one-forward-per-candidate
+        equivalent.
+        """
+        o = ctx.options
         L, H = ctx.info.n_layers, ctx.info.n_heads
+        if self.group and o["candidates"] > 0:
+            pool = [(l, h) for l, h, _ in top_heads(self._first_map, o["candidates"])]
+        else:
+            pool = [(l, h) for l in range(L) for h in range(H)]
+        pool = [c for c in pool if c not in self.group]
+        base = self._base(ctx)  # clean states: computed outside the group's ablation
+        with ctx.probe.intervene(self._ops(ctx, self.group)):
+            states = swept_last_states(ctx.probe, self._seqs(), pool, o["ablation"], o["epsilon"],
+                                       batch=self._batch(ctx), pad=_pad_id(ctx.lm.tokenizer))
         angles = np.full((L, H), np.nan)
-        for l in range(L):
-            for h in range(H):
-                if (l, h) not in self.group:
-                    angles[l, h] = self.group_angle(ctx, self.group + [(l, h)])
+        for (l, h), st in states.items():
+            angles[l, h] = subspace_angle(base, st.double().numpy(), o["rank"])
+        if not self.group:
+            self._first_map = angles
         l, h, _ = top_heads(angles, 1)[0]
         return angles, (l, h)
 
@@ -651,7 +700,8 @@ class SaharaAnalysis(_SafetyBase):
         self.group.append(best)
         return ExampleOutput(details={"step": ex.data + 1, "added": head_name(*best),
                                       "group": [head_name(*g) for g in self.group],
-                                      "gships": float(angles[best]), "angles": angles.tolist()})
+                                      "gships": float(angles[best]), "n_candidates": int(np.isfinite(angles).sum()),
+                                      "angles": angles.tolist()})
 
     def finalize(self, ctx, agg, records):
         o = ctx.options
@@ -715,7 +765,8 @@ class SaharaAnalysis(_SafetyBase):
 
 
 # gships = Sahara's first step without the search, evaluation or refusal set-up
-_GSHIPS_FIXED = {"steps": 1, "evaluate": False, "n_random": 0, "gen_tokens": 0, "direction_n": 1, "harmless": ""}
+_GSHIPS_FIXED = {"steps": 1, "evaluate": False, "n_random": 0, "candidates": 0, "gen_tokens": 0, "direction_n": 1,
+                 "harmless": ""}
 
 
 @register

@@ -20,7 +20,7 @@ from .capture import Capture, ForwardResult, run_forward
 from .generate import Generation, generate
 from .hook import ATTN_NAME, Anatomy, AttnContext, register
 from .intervene import (Edits, HeadAblation, InterventionSet, KeyReweight, Patch, kl_div, logit_diff,
-                        patch_sweep, sweep_heads, target_logprob)
+                        patch_sweep, sweep_heads, sweep_heads_states, target_logprob)
 from .models import LoadedModel, ModelInfo, load_model
 
 
@@ -215,5 +215,5 @@ class Probe:
 
 
 __all__ = ["Probe", "load_model", "LoadedModel", "ModelInfo", "HeadAblation", "KeyReweight", "Patch", "Capture",
-           "Generation", "ForwardResult", "sweep_heads", "patch_sweep", "logit_diff", "kl_div", "target_logprob",
-           "ATTN_NAME", "StatsSpec"]
+           "Generation", "ForwardResult", "sweep_heads", "sweep_heads_states", "patch_sweep", "logit_diff", "kl_div",
+           "target_logprob", "ATTN_NAME", "StatsSpec"]

@@ -20,7 +20,7 @@ True when the cached keys/values of later layers were computed under the operato
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import torch
@@ -29,10 +29,11 @@ from headscope.errors import HeadscopeError
 from headscope.kernels import HeadEdits
 
 from .capture import _NAME_RE, attach, expand_names, site
-from .hook import Anatomy, LayerCall, RowEdit
+from .hook import Anatomy, KVMask, LayerCall, RowEdit
 
 PHASES = ("all", "prefill", "decode")
 ABLATIONS = ("zero", "scale", "mean", "uniform")
+FINAL_STATE = "ln_final.hook_normalized"  # what sweep_heads_states returns
 
 
 @dataclass(frozen=True, eq=False)
@@ -301,26 +302,19 @@ def _default_copies(n_tokens: int, n_heads: int) -> int:
     return max(1, min(n_heads, 8192 // max(n_tokens, 1)))
 
 
-def _fork_run(probe, ids, mask, layer: int, k: int, *, row_edits=None, hooks=None, logits_to_keep: int = 0):
-    """Forward of ``k`` copies of ``ids`` [n, T] that may differ from ``layer`` on.
-
-    Layers below ``layer`` run once: a pre-hook on block ``layer`` repeats the residual stream k
-    times (copy c = rows c*n .. c*n+n-1). That needs batch-independent position embeddings (one
-    prompt, or no padding mask). Otherwise all k copies run from the start.
-    """
-    an = probe.anatomy
-    n = ids.shape[0]
-    if n == 1 or mask is None:
-        def fork(module, args, kwargs):
-            if args:
-                return (args[0].repeat(k, 1, 1), *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": kwargs["hidden_states"].repeat(k, 1, 1)}
-
-        def all_hooks(q_start):
-            return [an.layers[layer].register_forward_pre_hook(fork, with_kwargs=True)] + (hooks(q_start) if hooks else [])
-        return probe._run(ids, mask, row_edits=row_edits, extra_hooks=all_hooks, logits_to_keep=logits_to_keep)
-    return probe._run(ids.repeat(k, 1), mask.repeat(k, 1), row_edits=row_edits, extra_hooks=hooks,
-                      logits_to_keep=logits_to_keep)
+def _sweep_units(an: Anatomy, kind: str, value, heads) -> list[tuple[int, int]]:
+    """The (layer, head) list of a single-head sweep, after checking ``kind`` / ``value`` / ranges."""
+    if kind not in ABLATIONS:
+        raise HeadscopeError(f"sweep kind must be one of {ABLATIONS}, got {kind!r}")
+    if kind == "mean" and (not isinstance(value, torch.Tensor) or tuple(value.shape) != (an.n_layers, an.n_heads, an.d_head)):
+        raise HeadscopeError(f"kind='mean' needs value [L, H, d_head] = [{an.n_layers}, {an.n_heads}, {an.d_head}]")
+    if kind == "scale" and not isinstance(value, (int, float)):
+        raise HeadscopeError("kind='scale' needs value=<float>")
+    units = list(heads) if heads is not None else [(l, h) for l in range(an.n_layers) for h in range(an.n_heads)]
+    for l, h in units:
+        if not (0 <= l < an.n_layers and 0 <= h < an.n_heads):
+            raise HeadscopeError(f"head ({l}, {h}) out of range ({an.n_layers} layers x {an.n_heads} heads)")
+    return units
 
 
 def sweep_heads(probe, input_ids: torch.Tensor, metric: Callable[[torch.Tensor], float], kind: str = "uniform",
@@ -338,18 +332,9 @@ def sweep_heads(probe, input_ids: torch.Tensor, metric: Callable[[torch.Tensor],
     call apply to every copy.
     """
     an = probe.anatomy
-    if kind not in ABLATIONS:
-        raise HeadscopeError(f"sweep kind must be one of {ABLATIONS}, got {kind!r}")
-    if kind == "mean" and (not isinstance(value, torch.Tensor) or tuple(value.shape) != (an.n_layers, an.n_heads, an.d_head)):
-        raise HeadscopeError(f"kind='mean' needs value [L, H, d_head] = [{an.n_layers}, {an.n_heads}, {an.d_head}]")
-    if kind == "scale" and not isinstance(value, (int, float)):
-        raise HeadscopeError("kind='scale' needs value=<float>")
+    units = _sweep_units(an, kind, value, heads)
     ids, mask = probe._inputs(input_ids, attention_mask)
     n, T = ids.shape
-    units = list(heads) if heads is not None else [(l, h) for l in range(an.n_layers) for h in range(an.n_heads)]
-    for l, h in units:
-        if not (0 <= l < an.n_layers and 0 <= h < an.n_heads):
-            raise HeadscopeError(f"head ({l}, {h}) out of range ({an.n_layers} layers x {an.n_heads} heads)")
     scores = torch.full((an.n_layers, an.n_heads), float("nan"))
     for l, hs in _layer_groups(units, batch_size or _default_copies(n * T, an.n_heads)):
         v = lambda h: value if kind == "scale" else value[l, h] if kind == "mean" else None  # noqa: E731
@@ -358,6 +343,83 @@ def sweep_heads(probe, input_ids: torch.Tensor, metric: Callable[[torch.Tensor],
         for c, h in enumerate(hs):
             scores[l, h] = float(metric(logits[c * n:(c + 1) * n]))
     return scores
+
+
+def _repeat_rows(x, n: int, k: int):
+    """``k`` copies of every per-row input in ``x`` (args / kwargs of a decoder block): tensors of
+    2+ dims with ``n`` rows (hidden states, position ids, RoPE tables, 4-D masks) and the padding
+    mask's ``kv_valid``. Copy c = rows c*n .. c*n+n-1. 1-D tensors (cache
+    positions) and batch-1 broadcast tensors are left alone."""
+    if isinstance(x, torch.Tensor):
+        return x.repeat(k, *([1] * (x.dim() - 1))) if x.dim() >= 2 and x.shape[0] == n else x
+    if isinstance(x, KVMask):
+        if x.kv_valid is None or x.kv_valid.shape[0] != n:
+            return x
+        return replace(x, kv_valid=x.kv_valid.repeat(k, 1))
+    if isinstance(x, (tuple, list)):
+        return type(x)(_repeat_rows(v, n, k) for v in x)
+    if isinstance(x, dict):
+        return {key: _repeat_rows(v, n, k) for key, v in x.items()}
+    return x
+
+
+def _fork_run(probe, ids: torch.Tensor, mask: torch.Tensor | None, layer: int, k: int, *, row_edits=None,
+              hooks=None, capture=None, logits_to_keep: int = 0):
+    """Forward of ``k`` copies of ``ids`` [n, T] that may differ from ``layer`` on; layers below
+    run once, also for left-padded multi-prompt batches.
+
+    A pre-hook on every block from ``layer`` on repeats each per-row input with n rows
+    (``_repeat_rows``): on block ``layer`` the hidden states too, on later blocks they already have
+    k*n rows; positions, RoPE tables and the padding mask, which the model hands to every block as
+    [n, ...], are repeated on each. Each copy so keeps its rows' positions and padded keys. It
+    would wrongly repeat a block input with n leading rows that is not per-row (none in the Llama /
+    Qwen2 / Gemma / GPT-2 blocks) and needs a single forward (no chunked prefill, no cache).
+    """
+    n = ids.shape[0]
+
+    def fork(module, args, kwargs):
+        return _repeat_rows(args, n, k), _repeat_rows(kwargs, n, k)
+
+    def all_hooks(q_start):
+        forks = [b.register_forward_pre_hook(fork, with_kwargs=True) for b in probe.anatomy.layers[layer:]]
+        return forks + (hooks(q_start) if hooks else [])
+    return probe._run(ids, mask, capture=capture, row_edits=row_edits, extra_hooks=all_hooks,
+                      logits_to_keep=logits_to_keep)
+
+
+def sweep_heads_states(probe, input_ids: torch.Tensor, kind: str = "uniform",
+                       heads: Sequence[tuple[int, int]] | None = None, batch_size: int | None = None,
+                       value: float | torch.Tensor | None = None,
+                       attention_mask: torch.Tensor | None = None) -> dict[tuple[int, int], torch.Tensor]:
+    """Final-norm state at the last position (``ln_final.hook_normalized``, CPU fp32 [n, d_model])
+    under single-head ablation, for every (layer, head) or ``heads``.
+
+    The state-valued twin of ``sweep_heads``, for metrics that need the states of all prompts
+    together (generalized Ships takes an SVD over the n prompts). Batched per layer with
+    ``_fork_run``: the input runs once up to layer l, then ``batch_size`` copies (default: one
+    layer's heads, fewer above ~8k tokens a batch), copy i ablating its own head by ``RowEdit``.
+    Padding must be on the left (the last position is every row's last token); positions then count
+    real tokens only, as in ``probe.forward``. Interventions active around the call apply to every
+    copy. kind / value as ``sweep_heads``.
+    """
+    an = probe.anatomy
+    if probe._capture is not None:
+        raise HeadscopeError("sweep_heads_states runs many forwards; call it outside a capture block")
+    units = _sweep_units(an, kind, value, heads)
+    ids, mask = probe._inputs(input_ids, attention_mask)
+    if mask is not None and not bool(mask[:, -1].all()):
+        raise HeadscopeError("sweep_heads_states needs left padding: every row's last position must be a real token")
+    n, T = ids.shape
+    out = {}
+    for l, hs in _layer_groups(units, batch_size or _default_copies(n * T, an.n_heads)):
+        v = lambda h: value if kind == "scale" else value[l, h] if kind == "mean" else None  # noqa: E731
+        edits = [RowEdit(c * n + i, h, kind, v(h)) for c, h in enumerate(hs) for i in range(n)]
+        cap = probe.capture_session(activations=[FINAL_STATE], positions=[-1])
+        _fork_run(probe, ids, mask, l, len(hs), row_edits={l: edits}, capture=cap, logits_to_keep=1)
+        states = cap.acts[FINAL_STATE][:, -1]                              # [k * n, d_model]
+        for c, h in enumerate(hs):
+            out[(l, h)] = states[c * n:(c + 1) * n]
+    return out
 
 
 def patch_sweep(probe, clean_ids: torch.Tensor, corrupt_ids: torch.Tensor, hook: str,

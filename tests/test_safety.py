@@ -185,6 +185,149 @@ def test_gships_and_sahara_match_weight_edited_copies(tiny, tmp_path):
     np.testing.assert_allclose(g.scores()["gships"], run.scores()["gships"], rtol=1e-9)
 
 
+def _random_queries(rng, n):
+    """Harmless-looking random word strings of different lengths (so batches are left-padded)."""
+    letters = list("abcdefghijklmnopqrstuvwxyz")
+    return [" ".join("".join(rng.choice(letters, size=rng.integers(2, 8))) for _ in range(rng.integers(1, 9)))
+            for _ in range(n)]
+
+
+@pytest.mark.parametrize("kind", ["uniform", "scale"])
+def test_swept_last_states_match_one_forward_per_head(tiny, kind):
+    """The forked per-layer sweep vs one ``last_states`` forward per head, with a group ablated
+    around it and left-padded batches of different lengths split over two length batches."""
+    lm, probe = tiny
+    rng = np.random.default_rng()
+    seqs = [rng.integers(0, 256, size=rng.integers(4, 25)).tolist() for _ in range(5)]
+    assert len({len(s) for s in seqs}) > 1
+    all_heads = [(l, h) for l in range(3) for h in range(4)]
+    group = [all_heads[i] for i in rng.choice(12, size=2, replace=False)]
+    heads = [x for x in all_heads if x not in group]
+    pad = S._pad_id(lm.tokenizer)
+    with probe.intervene(S.ablations(group, kind, EPS)):
+        got = S.swept_last_states(probe, seqs, heads, kind, EPS, batch=3, pad=pad)
+    assert set(got) == set(heads)
+    for hd in heads:
+        ref = S.last_states(probe, seqs, S.ablations(group + [hd], kind, EPS), batch=3, pad=pad)
+        # fp32 attention on both sides (kernel HeadEdits vs the sweep's RowEdit), so ~1e-7 relative
+        np.testing.assert_allclose(got[hd].numpy(), ref.numpy(), rtol=0, atol=1e-5 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("kind", ["zero", "mean"])
+def test_sweep_heads_states_other_kinds(tiny, kind):
+    """``sweep_heads_states`` kinds Sahara does not use, against one ``HeadAblation`` forward per head."""
+    from headscope.probe import HeadAblation
+    from headscope.probe.intervene import sweep_heads_states
+    lm, probe = tiny
+    rng = np.random.default_rng()
+    seqs = [rng.integers(0, 256, size=int(n)).tolist() for n in rng.choice(np.arange(4, 25), 3, replace=False)]
+    ids, mask = S._left_padded(seqs, S._pad_id(lm.tokenizer))
+    value = torch.randn(3, 4, 16) if kind == "mean" else None
+    got = sweep_heads_states(probe, ids, kind=kind, value=value, attention_mask=mask, batch_size=3)
+    for (l, h), st in got.items():
+        op = HeadAblation(l, h, kind, None if value is None else value[l, h])
+        ref = S.last_states(probe, seqs, [op], pad=S._pad_id(lm.tokenizer))
+        np.testing.assert_allclose(st.numpy(), ref.numpy(), rtol=0, atol=1e-5 * float(ref.abs().max()))
+    right = torch.flip(mask, [1])  # right padding: the last position is padding for some rows
+    with pytest.raises(HeadscopeError, match="left padding"):
+        sweep_heads_states(probe, ids, attention_mask=right)
+
+
+def _sahara_reference(lm, probe, data, options):
+    """A SaharaAnalysis set up on ``data`` (queries, options) without running it, for
+    ``group_angle``: one full forward per evaluated group, no fork, no RowEdit."""
+    from headscope.analyses.base import RunContext
+    an = S.SaharaAnalysis()
+    ctx = RunContext(lm=lm, probe=probe, options=S.SaharaAnalysis.parse_options(options), data_path=data,
+                     log=lambda msg: None)
+    an.examples(ctx)
+    return an, ctx
+
+
+def _loop_map(an, ctx, group, heads=None):
+    """[L, H] gShips of group + each head, one ``group_angle`` each (NaN for the group / untried)."""
+    out = np.full((3, 4), np.nan)
+    for l, h in heads if heads is not None else [(l, h) for l in range(3) for h in range(4)]:
+        if (l, h) not in group:
+            out[l, h] = an.group_angle(ctx, group + [(l, h)])
+    return out
+
+
+def _parse(name):
+    return tuple(int(x) for x in name[1:].split("H"))
+
+
+# Both sides use fp32 attention by different paths (the group_angle forward applies HeadEdits in
+# the kernel; the batched step applies the candidate as a RowEdit on a forked batch), so the states
+# agree to ~1e-7 relative (measured 2e-6 absolute). The leading singular vector then moves by about
+# that over the singular-value gap: measured differences are up to 2e-5 degrees; 1e-4 leaves margin.
+ANGLE_ATOL = 1e-4
+
+
+@pytest.mark.parametrize("fmt", ["template", "chat"])
+def test_sahara_batched_steps_match_per_candidate_loop(tiny, tmp_path, fmt):
+    lm, probe = tiny
+    queries = _random_queries(np.random.default_rng(), 5)
+    data = _write_jsonl(tmp_path / "q.jsonl", queries)
+    opts = {"steps": 2, "evaluate": False, "input_format": fmt}
+    run = run_analysis("sahara", lm=lm, probe=probe, data=data, out=tmp_path / "run", progress=False, options=opts)
+    recs = sorted(run.examples(), key=lambda r: r["step"])
+    an, ctx = _sahara_reference(lm, probe, data, opts)
+    assert len({len(q["ids"]) for q in an.queries}) > 1  # padded batch
+    ref1 = _loop_map(an, ctx, [])
+    np.testing.assert_allclose(np.array(recs[0]["angles"]), ref1, rtol=0, atol=ANGLE_ATOL)
+    first = S.top_heads(ref1, 1)[0][:2]
+    assert recs[0]["added"] == S.head_name(*first) and recs[0]["n_candidates"] == 12
+    ref2 = _loop_map(an, ctx, [first])                                   # non-empty group
+    got2 = np.array(recs[1]["angles"])
+    np.testing.assert_array_equal(np.isnan(got2), np.isnan(ref2))
+    np.testing.assert_allclose(got2, ref2, rtol=0, atol=ANGLE_ATOL)
+    assert recs[1]["added"] == S.head_name(*S.top_heads(ref2, 1)[0][:2])
+    np.testing.assert_allclose(run.meta["summary"]["gships_per_step"], [np.nanmax(ref1), np.nanmax(ref2)],
+                               rtol=0, atol=ANGLE_ATOL)
+
+
+def test_sahara_candidates_restrict_later_steps(tiny, tmp_path, monkeypatch):
+    """--candidates K: step 1 tries every head, later steps only the top K of the step-1 map; K = 0
+    (default) and K = all heads give the full search."""
+    lm, probe = tiny
+    data = _write_jsonl(tmp_path / "q.jsonl", _random_queries(np.random.default_rng(), 4))
+    tried = []
+    real = S.swept_last_states
+
+    def spy(probe, seqs, heads, *args, **kwargs):  # records the candidates each step evaluates
+        tried.append(list(heads))
+        return real(probe, seqs, heads, *args, **kwargs)
+    monkeypatch.setattr(S, "swept_last_states", spy)
+    K = 4
+    opts = {"steps": 3, "evaluate": False, "candidates": K}
+    run = run_analysis("sahara", lm=lm, probe=probe, data=data, out=tmp_path / "k", progress=False, options=opts)
+    recs = sorted(run.examples(), key=lambda r: r["step"])
+    group = [_parse(r["added"]) for r in recs]
+    top = [(l, h) for l, h, _ in S.top_heads(np.array(recs[0]["angles"]), K)]
+    assert len(tried) == 3 and len(tried[0]) == 12
+    assert tried[1] == [x for x in top if x != group[0]]
+    assert tried[2] == [x for x in top if x not in group[:2]]
+    assert set(group) <= set(top)
+    an, ctx = _sahara_reference(lm, probe, data, opts)
+    for step in (1, 2):
+        got = np.array(recs[step]["angles"])
+        ref = _loop_map(an, ctx, group[:step], heads=tried[step])
+        np.testing.assert_array_equal(np.isfinite(got), np.isfinite(ref))
+        np.testing.assert_allclose(got, ref, rtol=0, atol=ANGLE_ATOL)
+        assert recs[step]["n_candidates"] == len(tried[step])
+    # K = 0 and K = every head both search everything, identically
+    full = [run_analysis("sahara", lm=lm, probe=probe, data=data, out=tmp_path / f"full{k}", progress=False,
+                         options={**opts, "candidates": k}) for k in (0, 12)]
+    for r0, r12 in zip(*(sorted(r.examples(), key=lambda r: r["step"]) for r in full)):
+        assert r0["n_candidates"] == r12["n_candidates"] == 12 - (r0["step"] - 1)
+        assert r0["added"] == r12["added"]
+        np.testing.assert_allclose(np.array(r0["angles"]), np.array(r12["angles"]), rtol=0, atol=ANGLE_ATOL)
+    with pytest.raises(HeadscopeError, match="--candidates"):
+        run_analysis("sahara", lm=lm, probe=probe, data=data, out=tmp_path / "bad", progress=False,
+                     options={**opts, "candidates": 2})
+
+
 # ------------------------------------------------------------------------------------------ refusal metrics
 def test_keyword_list_is_the_fixed_reference_list():
     kw, min_chars = S.refusal_keywords()
