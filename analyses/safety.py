@@ -657,21 +657,13 @@ class SaharaAnalysis(_SafetyBase):
                                             pad=_pad_id(ctx.lm.tokenizer)).double().numpy()
         return self._base_states
 
-    def group_angle(self, ctx, heads: Sequence[tuple[int, int]]) -> float:
-        """Generalized Ships of ablating ``heads`` together: one plain forward per call, no fork and
-        no per-copy edit, so it is the slow independent check of ``_step`` and of any single group."""
-        st = last_states(ctx.probe, self._seqs(), self._ops(ctx, heads), batch=self._batch(ctx),
-                         pad=_pad_id(ctx.lm.tokenizer))
-        return subspace_angle(self._base(ctx), st.double().numpy(), ctx.options["rank"])
-
     def _step(self, ctx) -> tuple[np.ndarray, tuple[int, int]]:
         """One greedy step: [L, H] generalized Ships of the group plus each candidate head (NaN for
         the group and for heads not tried) and the best candidate.
 
         Candidates are all heads, or with ``--candidates K`` after step 1 the top K of the step-1
         map (the group's own heads skipped). A layer's candidates share one prefix forward with the
-        group ablated (``swept_last_states``); ``group_angle`` is the one-forward-per-candidate
-        equivalent.
+        group ablated (``swept_last_states``).
         """
         o = ctx.options
         L, H = ctx.info.n_layers, ctx.info.n_heads

@@ -235,7 +235,7 @@ def test_sweep_heads_states_other_kinds(tiny, kind):
 
 def _sahara_reference(lm, probe, data, options):
     """A SaharaAnalysis set up on ``data`` (queries, options) without running it, for
-    ``group_angle``: one full forward per evaluated group, no fork, no RowEdit."""
+    ``group_angle``."""
     from headscope.analyses.base import RunContext
     an = S.SaharaAnalysis()
     ctx = RunContext(lm=lm, probe=probe, options=S.SaharaAnalysis.parse_options(options), data_path=data,
@@ -244,12 +244,20 @@ def _sahara_reference(lm, probe, data, options):
     return an, ctx
 
 
+def group_angle(an, ctx, heads) -> float:
+    """Generalized Ships of ablating ``heads`` together the slow, independent way: one plain
+    forward of all queries with HeadEdits in the kernel, no fork and no per-copy RowEdit."""
+    st = S.last_states(ctx.probe, an._seqs(), an._ops(ctx, heads), batch=an._batch(ctx),
+                       pad=S._pad_id(ctx.lm.tokenizer))
+    return S.subspace_angle(an._base(ctx), st.double().numpy(), ctx.options["rank"])
+
+
 def _loop_map(an, ctx, group, heads=None):
     """[L, H] gShips of group + each head, one ``group_angle`` each (NaN for the group / untried)."""
     out = np.full((3, 4), np.nan)
     for l, h in heads if heads is not None else [(l, h) for l in range(3) for h in range(4)]:
         if (l, h) not in group:
-            out[l, h] = an.group_angle(ctx, group + [(l, h)])
+            out[l, h] = group_angle(an, ctx, group + [(l, h)])
     return out
 
 
