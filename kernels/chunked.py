@@ -415,7 +415,8 @@ def attend_chunked(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | No
             band = (p[..., a - k0:b - k0] * (t - kidx[a:b]).clamp(0, w_dist).float()).sum(-1)
             st["win_dist"][:, :, i0:i1] = (masses(k0, t0 - w_dist + 1) * w_dist + band) * rinv
         if spec.segments:
-            st["segment_mass"][:, :, i0:i1] = torch.stack([masses(a, b) for a, b in spec.segments], -1) * rinv[..., None]
+            seg = torch.stack([masses(a, b) for a, b in spec.segments], -1)   # [B, H, c, n_seg]
+            st["segment_mass"][:, :, i0:i1] = seg * rinv[..., None]
         if pr is not None and pr[0] < i1 and pr[1] > i0:
             a, b = max(pr[0], i0), min(pr[1], i1)
             st["pattern"][:, :, a - pr[0]:b - pr[0], k0:k1] = p[:, :, a - i0:b - i0] * rinv[:, :, a - i0:b - i0, None]
