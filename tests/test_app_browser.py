@@ -30,7 +30,7 @@ if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
     pytest.skip("headless Chromium not installed (apt-get install chromium chromium-driver, or make browser-deps)",
                 allow_module_level=True)
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install -e '.[dev]')")
-from selenium.common.exceptions import TimeoutException  # noqa: E402
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
@@ -95,8 +95,11 @@ def browser(tmp_path_factory):
 
 
 def wait_for(d, cond, timeout: float = 60, what: str = ""):
+    """Poll ``cond`` until truthy. Elements found while Streamlit re-renders (a page switch) can
+    go stale before they are read: that counts as "not yet", not as a failure."""
     try:
-        return WebDriverWait(d, timeout, poll_frequency=0.3).until(lambda _: cond())
+        return WebDriverWait(d, timeout, poll_frequency=0.3,
+                             ignored_exceptions=(StaleElementReferenceException,)).until(lambda _: cond())
     except TimeoutException:
         d.save_screenshot(str(ARTIFACTS / "timeout.png"))
         raise AssertionError(f"timed out waiting for {what}; page text: {body(d)[:1500]}")
