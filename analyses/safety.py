@@ -355,7 +355,7 @@ def swept_last_states(probe, seqs: Sequence[Sequence[int]], heads: Sequence[tupl
     forward instead of one full forward each. Batches, left padding and positions are those of
     ``last_states``, so every row equals the unbatched run up to float rounding.
     """
-    from headscope.probe.intervene import sweep_heads_states
+    from headscope.probe import sweep_heads_states
     if kind not in ABLATION_KINDS:
         raise HeadscopeError(f"ablation must be one of {ABLATION_KINDS}, got {kind!r}")
     out = {hd: torch.empty(len(seqs), probe.anatomy.d_model) for hd in heads}

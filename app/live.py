@@ -120,7 +120,7 @@ def fai_waad_series(probe, lm, ids: Sequence[int]) -> dict | None:
         from headscope.analyses import fai
     except ImportError:
         return None
-    o = {opt.name: opt.default for opt in fai.FAIAnalysis.options}
+    o = fai.FAIAnalysis.parse_options({})   # the analysis defaults
     L, N = lm.info.n_layers, len(ids)
     spec = StatsSpec(mean_dist=True, window_dist=o["W"], col_mass=True, col_band=(o["H_lo"], o["H_hi"]))
     with probe.capture(stats=spec) as cap:

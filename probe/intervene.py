@@ -334,15 +334,32 @@ def sweep_heads(probe, input_ids: torch.Tensor, metric: Callable[[torch.Tensor],
     an = probe.anatomy
     units = _sweep_units(an, kind, value, heads)
     ids, mask = probe._inputs(input_ids, attention_mask)
-    n, T = ids.shape
     scores = torch.full((an.n_layers, an.n_heads), float("nan"))
+    for (l, h), logits in _single_head_forks(probe, ids, mask, units, kind, value, batch_size,
+                                             logits_to_keep=logits_to_keep):
+        scores[l, h] = float(metric(logits))
+    return scores
+
+
+def _single_head_forks(probe, ids: torch.Tensor, mask: torch.Tensor | None, units, kind: str, value,
+                       batch_size: int | None, *, states: bool = False, logits_to_keep: int = 0):
+    """The batched single-head sweep shared by ``sweep_heads`` and ``sweep_heads_states``.
+
+    Per group of one layer's heads, one ``_fork_run``: copy c ablates head hs[c] with a
+    ``RowEdit`` on its n rows. Yields ((layer, head), that copy's rows): logits [n, pos, vocab],
+    or with ``states`` the final-norm last-token states [n, d_model].
+    """
+    an = probe.anatomy
+    n, T = ids.shape
     for l, hs in _layer_groups(units, batch_size or _default_copies(n * T, an.n_heads)):
         v = lambda h: value if kind == "scale" else value[l, h] if kind == "mean" else None  # noqa: E731
         edits = [RowEdit(c * n + i, h, kind, v(h)) for c, h in enumerate(hs) for i in range(n)]
-        logits = _fork_run(probe, ids, mask, l, len(hs), row_edits={l: edits}, logits_to_keep=logits_to_keep).logits
+        cap = probe.capture_session(activations=[FINAL_STATE], positions=[-1]) if states else None
+        res = _fork_run(probe, ids, mask, l, len(hs), row_edits={l: edits}, capture=cap,
+                        logits_to_keep=1 if states else logits_to_keep)
+        rows = cap.acts[FINAL_STATE][:, -1] if states else res.logits           # [k * n, ...]
         for c, h in enumerate(hs):
-            scores[l, h] = float(metric(logits[c * n:(c + 1) * n]))
-    return scores
+            yield (l, h), rows[c * n:(c + 1) * n]
 
 
 def _repeat_rows(x, n: int, k: int):
@@ -409,17 +426,7 @@ def sweep_heads_states(probe, input_ids: torch.Tensor, kind: str = "uniform",
     ids, mask = probe._inputs(input_ids, attention_mask)
     if mask is not None and not bool(mask[:, -1].all()):
         raise HeadscopeError("sweep_heads_states needs left padding: every row's last position must be a real token")
-    n, T = ids.shape
-    out = {}
-    for l, hs in _layer_groups(units, batch_size or _default_copies(n * T, an.n_heads)):
-        v = lambda h: value if kind == "scale" else value[l, h] if kind == "mean" else None  # noqa: E731
-        edits = [RowEdit(c * n + i, h, kind, v(h)) for c, h in enumerate(hs) for i in range(n)]
-        cap = probe.capture_session(activations=[FINAL_STATE], positions=[-1])
-        _fork_run(probe, ids, mask, l, len(hs), row_edits={l: edits}, capture=cap, logits_to_keep=1)
-        states = cap.acts[FINAL_STATE][:, -1]                              # [k * n, d_model]
-        for c, h in enumerate(hs):
-            out[(l, h)] = states[c * n:(c + 1) * n]
-    return out
+    return dict(_single_head_forks(probe, ids, mask, units, kind, value, batch_size, states=True))
 
 
 def patch_sweep(probe, clean_ids: torch.Tensor, corrupt_ids: torch.Tensor, hook: str,
