@@ -23,6 +23,7 @@ statistic) against torch's scaled_dot_product_attention (output only).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -61,14 +62,9 @@ def naive(q, k, v, spec):
     return res
 
 
-def chunked(q, k, v, spec, block_q=None):
+def chunked(q, k, v, spec, block_q=None, output=False):
     from headscope.kernels.chunked import attend_chunked
-    return attend_chunked(q, k, v, spec, block_q=block_q, output=False)
-
-
-def chunked_out(q, k, v, spec, block_q=None):
-    from headscope.kernels.chunked import attend_chunked
-    return attend_chunked(q, k, v, spec, block_q=block_q)
+    return attend_chunked(q, k, v, spec, block_q=block_q, output=output)
 
 
 def floor(q, k, v, spec, block_q=None):
@@ -87,7 +83,7 @@ def floor(q, k, v, spec, block_q=None):
         torch.softmax(s, -1, out=p_buf[:n].view_as(s))
 
 
-PATHS = {"naive": naive, "chunked": chunked, "chunked_out": chunked_out, "floor": floor}
+PATHS = {"naive": naive, "chunked": chunked, "chunked_out": functools.partial(chunked, output=True), "floor": floor}
 
 
 def naive_bytes(B: int, H: int, T: int) -> int:
