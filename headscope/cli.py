@@ -104,12 +104,29 @@ def cmd_app(args) -> int:
 
     from headscope.app import APP_MAIN
     env = dict(os.environ, HEADSCOPE_RUNS=str(_runs_dir(args).resolve()), HEADSCOPE_MODEL=args.model)
+    # always headless for Streamlit: otherwise its first run stops at an e-mail prompt (and exits
+    # when stdin is not a terminal); the browser is opened here instead
     cmd = [sys.executable, "-m", "streamlit", "run", str(APP_MAIN),
-           "--server.address", args.host, "--server.port", str(args.port),
-           "--server.headless", "true" if args.headless else "false",
+           "--server.address", args.host, "--server.port", str(args.port), "--server.headless", "true",
            "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal"]
     print(f"headscope dashboard on http://{args.host}:{args.port}  (runs: {env['HEADSCOPE_RUNS']})")
+    if not args.headless:
+        threading.Thread(target=_open_when_up, args=(args.host, args.port), daemon=True).start()
     return subprocess.call(cmd, env=env)
+
+
+def _open_when_up(host: str, port: int, timeout: float = 120.0) -> None:
+    """Open the dashboard in the default browser once the server accepts connections."""
+    import contextlib
+    import socket
+    import time
+    import webbrowser
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
+            webbrowser.open(f"http://{host}:{port}")
+            return
+        time.sleep(0.5)
 
 
 def _print_summary(run, top: int = 5) -> None:

@@ -99,3 +99,27 @@ def test_sigterm_marks_run_partial_and_resume_completes(tmp_path, monkeypatch, c
     monkeypatch.setattr(_Toy, "process", process)
     assert main(["score", "_toy", "--out", str(out), "--quiet", "--resume"]) == 0
     assert load_run(out).status == "complete"
+
+
+def test_app_opens_the_browser_only_once_the_server_listens(monkeypatch):
+    """`headscope app` runs Streamlit headless (no first-run e-mail prompt) and opens the browser
+    itself, after the port accepts connections."""
+    import socket
+    import threading
+    import webbrowser
+
+    from headscope import cli
+
+    opened = []
+    monkeypatch.setattr(webbrowser, "open", lambda url: opened.append(url))
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+    t = threading.Thread(target=cli._open_when_up, args=("127.0.0.1", port, 30.0))
+    t.start()
+    t.join(1.5)
+    assert opened == []                     # nothing listens yet
+    srv.listen()
+    t.join(10)
+    srv.close()
+    assert opened == [f"http://127.0.0.1:{port}"]
