@@ -7,41 +7,12 @@
 """
 from __future__ import annotations
 
-from .spec import STAT_KEYS, AttnResult, HeadEdits, StatsSpec, check_inputs
+if "." not in __name__:  # imported as a top-level module, not headscope.kernels: see headscope/_shadow.py
+    from headscope._shadow import give_way
+    give_way(__name__, __file__)
+else:
+    from .dispatch import BACKENDS, attend, resolve_backend
+    from .spec import STAT_KEYS, AttnResult, HeadEdits, StatsSpec, check_inputs
 
-BACKENDS = ("auto", "triton", "chunked", "reference")
-
-
-def resolve_backend(backend: str, device) -> str:
-    """``auto`` picks triton on CUDA and chunked elsewhere."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend != "auto":
-        return backend
-    return "triton" if getattr(device, "type", str(device)) == "cuda" else "chunked"
-
-
-def attend(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | None = None, *,
-           scale: float | None = None, causal: bool = True, window: int | None = None,
-           softcap: float | None = None, kv_valid=None, backend: str = "auto", output: bool = True,
-           **opts) -> AttnResult:
-    """Attention output plus the statistics named in ``spec``, with ``edits`` applied.
-
-    See ``headscope.kernels.spec`` for shapes, position conventions and masking rules.
-    ``output=False`` computes the statistics only (``out`` is None), skipping the ``p @ v``
-    product that costs as much as the logits.
-    ``opts`` go to the backend (e.g. ``block_q`` for chunked).
-    """
-    name = resolve_backend(backend, q.device)
-    if name == "reference":
-        from .reference import attend_reference as fn
-    elif name == "chunked":
-        from .chunked import attend_chunked as fn
-    else:
-        from .triton_attn import attend_triton as fn
-    return fn(q, k, v, spec, edits, scale=scale, causal=causal, window=window, softcap=softcap,
-              kv_valid=kv_valid, output=output, **opts)
-
-
-__all__ = ["attend", "resolve_backend", "AttnResult", "HeadEdits", "StatsSpec", "STAT_KEYS",
-           "BACKENDS", "check_inputs"]
+    __all__ = ["attend", "resolve_backend", "AttnResult", "HeadEdits", "StatsSpec", "STAT_KEYS",
+               "BACKENDS", "check_inputs"]

@@ -46,7 +46,7 @@ one config fails there, so a single small config is used; ``tanh`` is written wi
 (libdevice is unavailable). The interpreter checks semantics only. Compilation, registers and
 shared memory are checked without a GPU by compiling for sm_90 with Triton's bundled ptxas
 (``tests/triton_compile.py``, run by ``tests/test_kernels_triton_compile.py``); speed needs a GPU
-(``benchmarks/kernels.py``).
+(``benchmarks/bench_kernels.py``).
 """
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ from transformers import DynamicCache
 from headscope.errors import HeadscopeError
 from headscope.kernels import StatsSpec
 
-from .hook import Anatomy, LayerCall, active, installed
+from .hook import Anatomy, LayerCall, active, cache_kwarg, installed
 
 COL_STATS = ("col_mass", "col_count")  # summed over chunks; every other statistic is per query row
 
@@ -337,6 +337,7 @@ def run_forward(an: Anatomy, input_ids: torch.Tensor, attention_mask: torch.Tens
         raise HeadscopeError(f"attention_mask must be [batch, past + new] = [{B}, {past + T}], got {tuple(attention_mask.shape)}")
     pos = position_ids_for(attention_mask, past, T, input_ids.device)
     step = T if cache is None or chunk_size is None else chunk_size
+    cache_kw = {cache_kwarg(model): cache}
     state = {"q": past}
     handles = hooks(lambda: state["q"]) if hooks is not None else []
     logits = []
@@ -348,7 +349,7 @@ def run_forward(an: Anatomy, input_ids: torch.Tensor, attention_mask: torch.Tens
                 need = b - a if logits_to_keep <= 0 else max(0, b - max(a, T - logits_to_keep))
                 out = model(input_ids=input_ids[:, a:b],
                             attention_mask=None if attention_mask is None else attention_mask[:, :past + b],
-                            position_ids=pos[:, a:b], past_key_values=cache, use_cache=cache is not None,
+                            position_ids=pos[:, a:b], use_cache=cache is not None, **cache_kw,
                             logits_to_keep=max(need, 1))
                 if on_logits is not None:  # out.logits covers the chunk's last positions
                     on_logits(past + b - out.logits.shape[1], out.logits)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -442,3 +443,10 @@ def installed(model: nn.Module):
     finally:
         for cfg, impl in previous:
             cfg._attn_implementation_internal = impl
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The keyword under which ``model.forward`` takes its KV cache, as the installed transformers
+    expects it: ``cache`` in recent releases (``past_key_values`` there only warns, and goes in
+    5.40), ``past_key_values`` in older ones. Read from the signature, so no version table to keep."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

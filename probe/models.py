@@ -23,15 +23,17 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import io
 import importlib.metadata
 import importlib.util
 import json
 import numbers
 import os
 import shutil
+import sys
 import tempfile
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -505,11 +507,14 @@ def convert_to_cache(spec: ModelSpec, target: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     _remove_abandoned(root, spec.name)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{spec.name}-{os.getpid()}-", dir=root))
+    print(f"headscope: converting {spec.name} once into {target} (about a minute; later loads take seconds)",
+          file=sys.stderr, flush=True)
     try:
-        with _gguf_source(spec, tmp) as gguf_path:
+        # transformers' GGUF reader draws a plain tqdm bar that its logging switches do not reach
+        with _gguf_source(spec, tmp) as gguf_path, quiet_transformers(), redirect_stderr(io.StringIO()):
             model, tokenizer = load_gguf(gguf_path, spec.architectures)
-        model.save_pretrained(tmp)  # safetensors: transformers 5 writes nothing else (4.x default)
-        tokenizer.save_pretrained(tmp)
+            model.save_pretrained(tmp)  # safetensors: transformers 5 writes nothing else (4.x default)
+            tokenizer.save_pretrained(tmp)
         del model
         _finish_cache(tmp, spec)
         _publish(tmp, target, spec)
@@ -541,6 +546,24 @@ def _publish(tmp: Path, target: Path, spec: ModelSpec) -> None:
 
 # --------------------------------------------------------------------------------------------
 # Loading
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' per-load progress bars ("Loading weights") and info/warning logs, silenced for
+    the block: a headscope run prints its own progress, and those lines are nothing the user can act
+    on. Errors still raise. The previous verbosity and bar setting come back afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _hub_allowed() -> bool:
@@ -593,8 +616,9 @@ def _from_pretrained(
     model_kwargs: dict[str, Any] = dict(dtype=dtype, use_safetensors=True)
     if attn_implementation is not None:
         model_kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(where, **kwargs, **model_kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    with quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(where, **kwargs, **model_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
     return model.to(device).eval(), tokenizer
 
 

@@ -24,7 +24,7 @@ import torch
 
 from headscope.errors import HeadscopeError
 
-from . import Probe
+from .engine import Probe
 from .capture import Capture, ForwardResult
 from .hook import Anatomy, LayerCall
 from .intervene import Edits, patch_fn

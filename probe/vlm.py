@@ -44,7 +44,8 @@ import torch
 
 from headscope.errors import HeadscopeError
 
-from .models import LoadedModel, _device, _offline_unless_opted_in, _one_line, model_info
+from .hook import cache_kwarg
+from .models import LoadedModel, _device, _offline_unless_opted_in, _one_line, model_info, quiet_transformers
 
 VLM_MODEL_TYPES = {
     "llava": "LLaVA-1.5 style (vision tower + MLP projector + causal LM)",
@@ -101,12 +102,14 @@ def load_vlm(path: str | Path, *, device: str | torch.device = "cpu",
     dev = _device(device)
     kw = dict(trust_remote_code=False, local_files_only=True)
     try:
-        processor = AutoProcessor.from_pretrained(str(path), **kw)
+        with quiet_transformers():
+            processor = AutoProcessor.from_pretrained(str(path), **kw)
     except (OSError, ValueError, TypeError) as exc:
         raise HeadscopeError(f"{path}: cannot load the processor (tokenizer + image processor): "
                              f"{_one_line(exc)}") from None
     try:
-        model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype, use_safetensors=True, **kw)
+        with quiet_transformers():
+            model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype, use_safetensors=True, **kw)
     except (OSError, ValueError) as exc:
         raise HeadscopeError(f"could not load {path}: {_one_line(exc)}") from None
     model = model.to(dev).eval()
@@ -224,7 +227,7 @@ def feed(model, *, image_token_id: int | None = None, encoder_out=None, n_image_
         ids = kwargs.get("input_ids")
         if args or ids is None:
             raise HeadscopeError("headscope.probe.vlm.feed expects keyword input_ids (as the probe passes them)")
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get(cache_kwarg(module))
         past = cache.get_seq_length() if cache is not None else 0
         T = ids.shape[1]
         if position_ids is not None:

@@ -4,7 +4,7 @@
 anything imports ``headscope.kernels.triton_attn`` (the module is reloaded if something already
 imported it compiled). Sizes stay small: the interpreter runs every tile op in numpy. The
 interpreter checks semantics only; compilation and register limits are checked by
-``test_kernels_triton_compile.py`` (ptxas, no GPU), speed needs a GPU (``benchmarks/kernels.py``).
+``test_kernels_triton_compile.py`` (ptxas, no GPU), speed needs a GPU (``benchmarks/bench_kernels.py``).
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaForCausalL
 from headscope.errors import HeadscopeError
 from headscope.kernels import StatsSpec
 from headscope.probe import Probe
-from headscope.probe.hook import installed
+from headscope.probe.hook import cache_kwarg, installed
 
 from .test_probe import VOCAB, one_thread, tiny_model  # noqa: F401 (fixture)
 
@@ -82,7 +82,7 @@ def test_masks_and_caches_headscope_cannot_use():
         model(IDS, attention_mask=mask4d)
     cache = StaticCache(config=model.config, max_cache_len=32)
     with installed(model), pytest.raises(HeadscopeError, match="static"):
-        model(IDS, past_key_values=cache, use_cache=True)
+        model(IDS, use_cache=True, **{cache_kwarg(model): cache})
     assert model.config._attn_implementation == "eager"
     probe = Probe(model)
     with pytest.raises(HeadscopeError, match="must match input_ids"):

@@ -5,10 +5,12 @@ import copy
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from headscope.errors import HeadscopeError
 from headscope.kernels import StatsSpec
 from headscope.probe import HeadAblation, Probe
+from headscope.probe.hook import cache_kwarg
 
 from .test_probe import VOCAB, assert_top1, eager, one_thread, tiny_model  # noqa: F401 (fixture)
 
@@ -138,12 +140,12 @@ def test_generation_under_ablation():
         # decode-phase only: manual cache loop
         active["on"] = False
         with torch.no_grad():
-            out = model(ids[:, :-1], use_cache=True)
-            cache, tok, want_decode = out.past_key_values, ids[:, -1:], []
+            cache = DynamicCache(config=model.config)  # filled in place by each call
+            model(ids[:, :-1], use_cache=True, **{cache_kwarg(model): cache})
+            tok, want_decode = ids[:, -1:], []
             active["on"] = True
             for _ in range(8):
-                out = model(tok, past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
+                out = model(tok, use_cache=True, **{cache_kwarg(model): cache})
                 want_decode.append(int(out.logits[0, -1].argmax()))
                 tok = torch.tensor([[want_decode[-1]]])
     finally:

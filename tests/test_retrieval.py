@@ -10,11 +10,13 @@ import re
 import numpy as np
 import pytest
 import torch
+from transformers import DynamicCache
 
 from headscope.analyses.niah import (BUILTIN_HAYSTACK, Needle, NiahBuilder, find_needle_span,
                                      load_haystack, load_needles, locate_answer, select_needles)
 from headscope.analyses.retrieval import copy_scores, head_sets, rouge1_recall
 from headscope.errors import HeadscopeError
+from headscope.probe.hook import cache_kwarg
 
 HAYSTACK = load_haystack("builtin")
 
@@ -88,12 +90,12 @@ def eager_decode(model, prompt_ids, steps, masked=()):
     try:
         with torch.no_grad():
             ids = torch.tensor([prompt_ids])
-            past = model(input_ids=ids[:, :-1], use_cache=True).past_key_values
+            past = {cache_kwarg(model): DynamicCache(config=model.config)}  # filled in place by each call
+            model(input_ids=ids[:, :-1], use_cache=True, **past)
             inp, toks, rows = ids[:, -1:], [], []
             decoding["on"] = True
             for _ in range(steps):
-                out = model(input_ids=inp, past_key_values=past, use_cache=True, output_attentions=True)
-                past = out.past_key_values
+                out = model(input_ids=inp, use_cache=True, output_attentions=True, **past)
                 nxt = int(out.logits[0, -1].argmax())
                 toks.append(nxt)
                 rows.append(torch.stack([a[0, :, -1].double() for a in out.attentions]))  # [L, H, Tk]

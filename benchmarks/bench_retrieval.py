@@ -14,8 +14,8 @@ RSS after loading the model. Lengths above the model's 8192-token context run wi
 extrapolation (``allow_beyond_context``): the timing and memory are what is measured there, the
 answer quality is not.
 
-    .venv/bin/python benchmarks/retrieval.py                  # 4096 and 16384 tokens, 32 steps
-    .venv/bin/python benchmarks/retrieval.py --lengths 4096 --steps 16
+    .venv/bin/python benchmarks/bench_retrieval.py                  # 4096 and 16384 tokens, 32 steps
+    .venv/bin/python benchmarks/bench_retrieval.py --lengths 4096 --steps 16
 """
 from __future__ import annotations
 
@@ -58,17 +58,20 @@ def run_headscope(lm, inst, steps: int):
 def run_reference(lm, inst, steps: int):
     import numpy as np
     import torch
+    from transformers import DynamicCache
+
+    from headscope.probe.hook import cache_kwarg
     model = lm.model
     t0 = time.perf_counter()
     with torch.no_grad():
         ids = torch.tensor([inst.input_ids])
         model.set_attn_implementation("sdpa")
-        past = model(input_ids=ids[:, :-1], use_cache=True).past_key_values
+        past = {cache_kwarg(model): DynamicCache(config=model.config)}  # filled in place by each call
+        model(input_ids=ids[:, :-1], use_cache=True, **past)
         model.set_attn_implementation("eager")
         inp, toks, tops = ids[:, -1:], [], []
         for _ in range(steps):
-            out = model(input_ids=inp, past_key_values=past, use_cache=True, output_attentions=True)
-            past = out.past_key_values
+            out = model(input_ids=inp, use_cache=True, output_attentions=True, **past)
             nxt = int(out.logits[0, -1].argmax())
             tops.append(torch.stack([a[0, :, -1].argmax(-1) for a in out.attentions]))   # [L, H]
             toks.append(nxt)

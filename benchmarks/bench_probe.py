@@ -21,9 +21,9 @@ Each mode runs once, in a fresh subprocess, after a 16-token warm-up forward. Pe
 process RSS sampled every 5 ms (psutil), reported as the peak and as the rise over the RSS after
 loading the model.
 
-    .venv/bin/python benchmarks/probe.py                       # 1024, 4096, 16384
-    .venv/bin/python benchmarks/probe.py --lengths 1024 --modes sdpa,capture
-    .venv/bin/python benchmarks/probe.py --modes sweep
+    .venv/bin/python benchmarks/bench_probe.py                       # 1024, 4096, 16384
+    .venv/bin/python benchmarks/bench_probe.py --lengths 1024 --modes sdpa,capture
+    .venv/bin/python benchmarks/bench_probe.py --modes sweep
 """
 from __future__ import annotations
 
