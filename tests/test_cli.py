@@ -123,3 +123,19 @@ def test_app_opens_the_browser_only_once_the_server_listens(monkeypatch):
     t.join(10)
     srv.close()
     assert opened == [f"http://127.0.0.1:{port}"]
+
+
+def test_score_run_prints_no_library_warnings_or_load_bars(tmp_path):
+    """A scoring run shows its own progress and results only: with every Deprecation/FutureWarning
+    an error (as ``python -W error::...`` makes them), it completes, and stderr holds no
+    transformers load bars or warnings."""
+    from .test_app import make_tiny_model_dir
+    model = make_tiny_model_dir(tmp_path / "tiny")
+    cmd = [sys.executable, "-W", "error::FutureWarning", "-W", "error::DeprecationWarning", "-m", "headscope",
+           "--runs-dir", str(tmp_path / "runs"), "score", "induction", "--model", str(model),
+           "--n-examples", "2", "--seq-len", "8", "--out", str(tmp_path / "runs" / "ind")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "run complete" in out.stdout
+    for noise in ("Warning", "Loading weights", "it/s]", "deprecated"):
+        assert noise not in out.stderr, out.stderr[-3000:]
