@@ -1,10 +1,9 @@
 """Shared models and background runs for the dashboard, independent of Streamlit.
 
 - ``ModelPool`` loads each (model, device, dtype) once per app process, in a background thread,
-  and hands out a ``LockedProbe``: the probe installs per-forward state (captures, interventions),
-  so two threads must not interleave inside one ``capture``/``intervene`` block. The lock is taken
-  per block/call, not per run, so the Inspect page can still use the model between the examples
-  of a long background run.
+  and hands out one ``Probe`` per model. The probe's own re-entrant lock serialises its forwards
+  and ``capture``/``intervene`` blocks across threads; it is taken per block/call, not per run, so
+  the Inspect page can still use the model between the examples of a long background run.
 - ``JobManager`` runs analyses in threads and tracks them on disk: the run folder's ``run.json``
   status (written by ``run_analysis``) and a small ``<runs>/.jobs/<run id>.json`` with progress and
   the owning process id. A page refresh (a new Streamlit session) therefore finds the job again;
@@ -31,40 +30,10 @@ JOBS_DIR = ".jobs"
 
 
 # --------------------------------------------------------------------------- shared probe
-class LockedProbe:
-    """A Probe whose forwards and capture/intervene blocks hold ``lock`` (re-entrant, per thread).
-
-    Everything else is delegated, so analyses use it exactly like a Probe.
-    """
-
-    _CALLS = ("forward", "generate", "sweep_heads", "patch_sweep")
-    _BLOCKS = ("capture", "intervene")
-
-    def __init__(self, probe, lock: threading.RLock):
-        self._probe = probe
-        self._lock = lock
-
-    def __getattr__(self, name: str):
-        attr = getattr(self._probe, name)
-        if name in self._CALLS:
-            def call(*a, **kw):
-                with self._lock:
-                    return attr(*a, **kw)
-            return call
-        if name in self._BLOCKS:
-            @contextlib.contextmanager
-            def block(*a, **kw):
-                with self._lock, attr(*a, **kw) as inner:
-                    yield inner
-            return block
-        return attr
-
-
 @dataclass
 class Loaded:
     lm: Any
-    probe: LockedProbe
-    lock: threading.RLock
+    probe: Any  # headscope.probe.Probe, thread-safe per block/call (``Probe.lock``)
 
 
 def default_loader(name: str, device: str = "cpu", dtype: str = "float32"):
@@ -123,8 +92,7 @@ class ModelPool:
     def _load(self, k: tuple, ev: threading.Event) -> None:
         try:
             lm, probe = self._loader(*k)
-            lock = threading.RLock()
-            loaded = Loaded(lm, LockedProbe(probe, lock), lock)
+            loaded = Loaded(lm, probe)
             with self._lock:
                 self._models[k] = loaded
         except HeadscopeError as e:

@@ -226,7 +226,7 @@ class _RecordingProbe:
         self._probe = probe
 
     def __getattr__(self, name):
-        if name in ("forward", "generate", "sweep_heads"):
+        if name in ("run", "forward", "generate", "sweep_heads"):
             def call(input_ids, *a, **kw):
                 raise _GotInput(input_ids)
             return call

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Sequence
 
 import torch
@@ -13,7 +14,7 @@ from headscope.kernels import StatsSpec, resolve_backend
 from .capture import Capture, ForwardResult, run_forward
 from .generate import Generation, generate
 from .hook import Anatomy, AttnContext, register
-from .intervene import Edits, InterventionSet, patch_sweep, sweep_heads
+from .intervene import Edits, InterventionSet, intervention_block, patch_sweep, sweep_heads
 
 
 class Probe:
@@ -27,8 +28,15 @@ class Probe:
     Failure modes (``HeadscopeError``): a model whose attention does not route through
     transformers' AttentionInterface, or which builds its own masks (named by model type); inputs
     longer than the model's context without ``allow_beyond_context``; nested captures.
-    Not thread-safe per model: the attention switch is model state. Serialise probe calls on one
-    model. A call that loses the switch mid-forward raises instead of returning mixed results.
+    A model rewired by another tool after the probe was made (TransformerLens' bridge boot swaps
+    its attention modules) is refused with a ``HeadscopeError`` before the forward.
+
+    Threads: the attention switch, the active capture and the interventions are model state, so
+    ``lock`` (re-entrant) is held by every forward (``run``) and for the whole of each ``capture`` /
+    ``intervene`` block, sweep and generation. Another thread's forward waits for the block to end
+    and so never picks up its interventions or fills its capture; between blocks it may run (the
+    dashboard's Inspect page between the examples of a background run). A call that loses the
+    switch mid-forward raises instead of returning mixed results.
     """
 
     def __init__(self, lm, backend: str = "auto", tokenizer=None, check_finite: bool = True):
@@ -46,12 +54,32 @@ class Probe:
             raise HeadscopeError(str(e)) from None
         self.check_finite = check_finite
         self.max_context = getattr(self.info, "max_context", None) or self.anatomy.max_context
+        self.lock = threading.RLock()
         self._capture: Capture | None = None
         self._interventions: list[InterventionSet] = []
 
+    # -- state others may read -----------------------------------------------------------------
+    @property
+    def capturing(self) -> bool:
+        """True inside a ``capture`` block."""
+        return self._capture is not None
+
+    @property
+    def intervention_records(self) -> list[dict]:
+        """``InterventionSet.records`` of every active ``intervene`` block, outermost first."""
+        return [r for iv in self._interventions for r in iv.records]
+
+    def require_no_capture(self, what: str) -> None:
+        """Raise if a capture block is active: ``what`` runs many forwards and would fill it with the last one."""
+        if self._capture is not None:
+            raise HeadscopeError(f"{what} runs many forwards; call it outside a capture block")
+
     # -- inputs --------------------------------------------------------------------------------
-    def _inputs(self, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Normalise to LongTensor [B, T] (+ mask [B, T]) on the model's device."""
+    def prepare_inputs(self, input_ids, attention_mask=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Normalise text / ids to LongTensor [B, T] (+ mask [B, T]) on the model's device; what ``run`` takes.
+
+        Raises on text without a tokenizer, an empty or 3-D input, a mask of another shape or a row
+        with no real token."""
         if isinstance(input_ids, str):
             if self.tokenizer is None:
                 raise HeadscopeError("text input needs a tokenizer; pass token ids")
@@ -69,7 +97,8 @@ class Probe:
                 raise HeadscopeError("attention_mask has a row with no real token")
         return ids.to(self.device), attention_mask
 
-    def _check_length(self, T: int, allow_beyond_context: bool) -> None:
+    def check_length(self, T: int, allow_beyond_context: bool = False) -> None:
+        """Raise if ``T`` tokens exceed the context (always for learned positions, else unless allowed)."""
         if self.max_context is None or T <= self.max_context:
             return
         if self.anatomy.pos_embed is not None:
@@ -94,14 +123,15 @@ class Probe:
         ``layers`` (None = all) limits the statistics, not the activations. ``positions`` (None | slice |
         list, negative from the end) keeps query positions for row stats and activations.
         """
-        if self._capture is not None:
-            raise HeadscopeError("a capture block is already active on this probe; captures do not nest")
-        cap = self.capture_session(stats, layers, activations, positions, check_finite)
-        self._capture = cap
-        try:
-            yield cap
-        finally:
-            self._capture = None
+        with self.lock:
+            if self._capture is not None:
+                raise HeadscopeError("a capture block is already active on this probe; captures do not nest")
+            cap = self.capture_session(stats, layers, activations, positions, check_finite)
+            self._capture = cap
+            try:
+                yield cap
+            finally:
+                self._capture = None
 
     @contextlib.contextmanager
     def intervene(self, ops: Sequence, phase: str = "all"):
@@ -111,18 +141,30 @@ class Probe:
         where it acts, before/after RoPE, the phase, and whether the KV cache was built with it.
         Nothing is left behind after the block, also after an exception.
         """
-        iv = InterventionSet(self.anatomy, list(ops), phase)
-        self._interventions.append(iv)
-        try:
+        with self.lock, intervention_block(self._interventions, self.anatomy, ops, phase) as iv:
             yield iv
-        finally:
-            self._interventions.remove(iv)
 
     # -- running -------------------------------------------------------------------------------
-    def _run(self, ids: torch.Tensor, mask: torch.Tensor | None, *, cache=None, chunk_size: int | None = None,
-             capture: Capture | None = None, phase: str = "prefill", row_edits=None, extra_hooks=None,
-             logits_to_keep: int = 0) -> ForwardResult:
-        """One forward with the active interventions of ``phase``, ``capture`` and sweep edits."""
+    def run(self, ids: torch.Tensor, mask: torch.Tensor | None = None, *, cache=None, chunk_size: int | None = None,
+            capture: Capture | None = None, phase: str = "prefill", row_edits=None, extra_hooks=None,
+            logits_to_keep: int = 0) -> ForwardResult:
+        """The one forward primitive: the active interventions of ``phase``, ``capture`` and per-row edits.
+
+        Everything that runs the model (``forward``, ``generate``, the sweeps, patching, the
+        analyses' batched helpers) comes through here, under ``lock``. ``ids`` / ``mask`` as
+        ``prepare_inputs`` returns them (no length check here: callers check the total they run).
+        ``capture``: a ``capture_session`` to fill, or None (``forward`` passes the block's).
+        ``row_edits`` {layer: [RowEdit]}: per-row head edits (sweeps). ``extra_hooks(q_start) ->
+        handles``: module hooks installed after the patches, before the capture's. ``cache``: a
+        DynamicCache to extend (generation). Raises if the model was rewired since the probe was made.
+        """
+        with self.lock:
+            self.anatomy.check_unchanged()
+            return self._run(ids, mask, cache=cache, chunk_size=chunk_size, capture=capture, phase=phase,
+                             row_edits=row_edits, extra_hooks=extra_hooks, logits_to_keep=logits_to_keep)
+
+    def _run(self, ids, mask, *, cache, chunk_size, capture, phase, row_edits, extra_hooks,
+             logits_to_keep) -> ForwardResult:
         an = self.anatomy
         edits = Edits(an, self._interventions, phase)
         past = cache.get_seq_length() if cache is not None else 0
@@ -167,11 +209,12 @@ class Probe:
         model's context raise unless ``allow_beyond_context=True``. That runs RoPE beyond its
         training range, and the model's outputs there are of unknown quality.
         """
-        ids, mask = self._inputs(input_ids, attention_mask)
-        self._check_length(ids.shape[1], allow_beyond_context)
+        ids, mask = self.prepare_inputs(input_ids, attention_mask)
+        self.check_length(ids.shape[1], allow_beyond_context)
         if chunk_size is not None and chunk_size < 1:
             raise HeadscopeError(f"chunk_size must be >= 1, got {chunk_size}")
-        return self._run(ids, mask, chunk_size=chunk_size, capture=self._capture, logits_to_keep=logits_to_keep)
+        with self.lock:
+            return self.run(ids, mask, chunk_size=chunk_size, capture=self._capture, logits_to_keep=logits_to_keep)
 
     def generate(self, input_ids, max_new_tokens: int = 50, stop_strings=(), do_sample: bool = False,
                  seed: int | None = 0, temperature: float = 1.0, top_k: int | None = None,
@@ -186,21 +229,19 @@ class Probe:
         """
         if self._capture is not None:
             raise HeadscopeError("generate captures per step itself: pass stats=/activations= instead of a capture block")
-        return generate(self, input_ids, max_new_tokens, stop_strings, do_sample, seed, temperature, top_k, top_p,
-                        stats, layers, activations, capture_prefill, chunk_size, allow_beyond_context)
+        return generate(self, input_ids, max_new_tokens=max_new_tokens, stop_strings=stop_strings,
+                        do_sample=do_sample, seed=seed, temperature=temperature, top_k=top_k, top_p=top_p,
+                        stats=stats, layers=layers, activations=activations, capture_prefill=capture_prefill,
+                        chunk_size=chunk_size, allow_beyond_context=allow_beyond_context)
 
     def sweep_heads(self, input_ids, metric, kind: str = "uniform", heads=None, batch_size: int | None = None,
                     value=None, attention_mask=None, logits_to_keep: int = 0) -> torch.Tensor:
         """[L, H] metric with each single head ablated; see ``intervene.sweep_heads``."""
-        self._no_capture("sweep_heads")
-        return sweep_heads(self, input_ids, metric, kind, heads, batch_size, value, attention_mask, logits_to_keep)
+        return sweep_heads(self, input_ids, metric, kind=kind, heads=heads, batch_size=batch_size, value=value,
+                           attention_mask=attention_mask, logits_to_keep=logits_to_keep)
 
     def patch_sweep(self, clean_ids, corrupt_ids, hook: str, metric, per: str = "head",
                     batch_size: int | None = None, attention_mask=None, logits_to_keep: int = 0) -> torch.Tensor:
         """[L, H] or [L, T] metric with one clean unit patched into the corrupted run; see ``intervene.patch_sweep``."""
-        self._no_capture("patch_sweep")
-        return patch_sweep(self, clean_ids, corrupt_ids, hook, metric, per, batch_size, attention_mask, logits_to_keep)
-
-    def _no_capture(self, what: str) -> None:
-        if self._capture is not None:
-            raise HeadscopeError(f"{what} runs many forwards; call it outside a capture block")
+        return patch_sweep(self, clean_ids, corrupt_ids, hook, metric, per=per, batch_size=batch_size,
+                           attention_mask=attention_mask, logits_to_keep=logits_to_keep)

@@ -79,8 +79,17 @@ def generate(probe, input_ids, max_new_tokens: int = 50, stop_strings=(), do_sam
              seed: int | None = 0, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              stats: StatsSpec | None = None, layers=None, activations=(), capture_prefill: bool = False,
              chunk_size: int | None = None, allow_beyond_context: bool = False) -> Generation:
-    """See ``Probe.generate``."""
-    ids, _ = probe._inputs(input_ids, None)
+    """See ``Probe.generate``. Holds ``probe.lock`` throughout: every step sees the same interventions."""
+    with probe.lock:
+        return _generate(probe, input_ids, max_new_tokens=max_new_tokens, stop_strings=stop_strings,
+                         do_sample=do_sample, seed=seed, temperature=temperature, top_k=top_k, top_p=top_p,
+                         stats=stats, layers=layers, activations=activations, capture_prefill=capture_prefill,
+                         chunk_size=chunk_size, allow_beyond_context=allow_beyond_context)
+
+
+def _generate(probe, input_ids, *, max_new_tokens, stop_strings, do_sample, seed, temperature, top_k, top_p,
+              stats, layers, activations, capture_prefill, chunk_size, allow_beyond_context) -> Generation:
+    ids, _ = probe.prepare_inputs(input_ids)
     if ids.shape[0] != 1:
         raise HeadscopeError(f"generate takes one prompt (batch 1), got batch {ids.shape[0]}")
     if max_new_tokens < 1:
@@ -92,24 +101,24 @@ def generate(probe, input_ids, max_new_tokens: int = 50, stop_strings=(), do_sam
     if stop_strings and tok is None:
         raise HeadscopeError("stop_strings need a tokenizer (load the model with load_model)")
     T = ids.shape[1]
-    probe._check_length(T + max_new_tokens - 1, allow_beyond_context)
+    probe.check_length(T + max_new_tokens - 1, allow_beyond_context)
     eos = _eos_ids(probe.model, tok)
     gen = torch.Generator().manual_seed(seed) if do_sample and seed is not None else None
 
     out = Generation(prompt_ids=ids[0].tolist(),
-                     interventions=[r for s in probe._interventions for r in s.records])
+                     interventions=probe.intervention_records)
     cache = DynamicCache(config=probe.model.config)
     if T > 1:
         pre = probe.capture_session(stats, layers, activations) if capture_prefill else None
         # only the cache is needed; logits_to_keep=1 avoids [T, vocab] logits (6 GB at 16k)
-        probe._run(ids[:, :-1], None, cache=cache, chunk_size=chunk_size, capture=pre, phase="prefill",
-                   logits_to_keep=1)
+        probe.run(ids[:, :-1], None, cache=cache, chunk_size=chunk_size, capture=pre, phase="prefill",
+                  logits_to_keep=1)
         out.prefill = pre
     step_in = ids[:, -1:]
     want_capture = (stats is not None and not stats.empty) or bool(activations)
     for _ in range(max_new_tokens):
         cap = probe.capture_session(stats, layers, activations) if want_capture else None
-        logits = probe._run(step_in, None, cache=cache, capture=cap, phase="decode").logits   # [1, 1, V]
+        logits = probe.run(step_in, None, cache=cache, capture=cap, phase="decode").logits   # [1, 1, V]
         if cap is not None:
             out.step_stats.append(cap.stats)
             out.step_acts.append(cap.acts)

@@ -401,6 +401,22 @@ class Anatomy:
             w = w.T
         return w.reshape(self.d_model, self.n_heads, self.d_head)
 
+    def check_unchanged(self) -> None:
+        """Raise if the model's layers or attention modules are no longer the ones found at ``of``.
+
+        Another tool rewired the model in place: TransformerLens' bridge boot replaces the layer list
+        with its own components, whose attention then receives headscope's ``KVMask`` and crashes
+        (``'KVMask' object has no attribute 'ndim'``), or silently runs outside the hooks."""
+        layers = _first(self.model, _LAYERS)
+        same = layers is not None and len(layers) == self.n_layers and all(
+            l is mine and _first(l, _ATTN) is a for l, mine, a in zip(layers, self.layers, self.attn))
+        if not same:
+            raise HeadscopeError(
+                f"the {self.model_type!r} model was rewired after this Probe was made (its layer or attention "
+                "modules were replaced, e.g. by booting a TransformerLens bridge on it); headscope's hooks no "
+                "longer reach its attention. Load a fresh copy (load_model) for the Probe and boot bridges on "
+                "another copy, or use headscope.probe.tl.BridgeProbe on the bridge")
+
     def check_routed(self, seen: set[int]) -> None:
         """Raise if some layer's attention did not reach the registry during the last forward."""
         missing = sorted(set(range(self.n_layers)) - seen)

@@ -19,6 +19,7 @@ True when the cached keys/values of later layers were computed under the operato
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
@@ -165,6 +166,19 @@ class InterventionSet:
             else:
                 raise HeadscopeError(f"not an intervention: {op!r}")
         self.records = [describe(an, op, self.phase) for op in self.ops]
+
+
+@contextlib.contextmanager
+def intervention_block(active: list[InterventionSet], an: Anatomy, ops: Sequence, phase: str):
+    """Push the validated ``ops`` onto ``active`` for the block; removed also after an exception.
+
+    The body of ``Probe.intervene`` and ``BridgeProbe.intervene``: blocks nest and compose."""
+    iv = InterventionSet(an, list(ops), phase)
+    active.append(iv)
+    try:
+        yield iv
+    finally:
+        active.remove(iv)
 
 
 class Edits:
@@ -333,16 +347,18 @@ def sweep_heads(probe, input_ids: torch.Tensor, metric: Callable[[torch.Tensor],
     """
     an = probe.anatomy
     units = _sweep_units(an, kind, value, heads)
-    ids, mask = probe._inputs(input_ids, attention_mask)
+    ids, mask = probe.prepare_inputs(input_ids, attention_mask)
     scores = torch.full((an.n_layers, an.n_heads), float("nan"))
-    for (l, h), logits in _single_head_forks(probe, ids, mask, units, kind, value, batch_size,
-                                             logits_to_keep=logits_to_keep):
-        scores[l, h] = float(metric(logits))
+    with probe.lock:
+        probe.require_no_capture("sweep_heads")
+        for (l, h), logits in _single_head_forks(probe, ids, mask, units, kind=kind, value=value,
+                                                 batch_size=batch_size, logits_to_keep=logits_to_keep):
+            scores[l, h] = float(metric(logits))
     return scores
 
 
-def _single_head_forks(probe, ids: torch.Tensor, mask: torch.Tensor | None, units, kind: str, value,
-                       batch_size: int | None, *, states: bool = False, logits_to_keep: int = 0):
+def _single_head_forks(probe, ids: torch.Tensor, mask: torch.Tensor | None, units, *, kind: str, value,
+                       batch_size: int | None, states: bool = False, logits_to_keep: int = 0):
     """The batched single-head sweep shared by ``sweep_heads`` and ``sweep_heads_states``.
 
     Per group of one layer's heads, one ``_fork_run``: copy c ablates head hs[c] with a
@@ -355,7 +371,7 @@ def _single_head_forks(probe, ids: torch.Tensor, mask: torch.Tensor | None, unit
         v = lambda h: value if kind == "scale" else value[l, h] if kind == "mean" else None  # noqa: E731
         edits = [RowEdit(c * n + i, h, kind, v(h)) for c, h in enumerate(hs) for i in range(n)]
         cap = probe.capture_session(activations=[FINAL_STATE], positions=[-1]) if states else None
-        res = _fork_run(probe, ids, mask, l, len(hs), row_edits={l: edits}, capture=cap,
+        res = _fork_run(probe, ids, mask, layer=l, k=len(hs), row_edits={l: edits}, capture=cap,
                         logits_to_keep=1 if states else logits_to_keep)
         rows = cap.acts[FINAL_STATE][:, -1] if states else res.logits           # [k * n, ...]
         for c, h in enumerate(hs):
@@ -380,7 +396,7 @@ def _repeat_rows(x, n: int, k: int):
     return x
 
 
-def _fork_run(probe, ids: torch.Tensor, mask: torch.Tensor | None, layer: int, k: int, *, row_edits=None,
+def _fork_run(probe, ids: torch.Tensor, mask: torch.Tensor | None, *, layer: int, k: int, row_edits=None,
               hooks=None, capture=None, logits_to_keep: int = 0):
     """Forward of ``k`` copies of ``ids`` [n, T] that may differ from ``layer`` on; layers below
     run once, also for left-padded multi-prompt batches.
@@ -400,8 +416,8 @@ def _fork_run(probe, ids: torch.Tensor, mask: torch.Tensor | None, layer: int, k
     def all_hooks(q_start):
         forks = [b.register_forward_pre_hook(fork, with_kwargs=True) for b in probe.anatomy.layers[layer:]]
         return forks + (hooks(q_start) if hooks else [])
-    return probe._run(ids, mask, capture=capture, row_edits=row_edits, extra_hooks=all_hooks,
-                      logits_to_keep=logits_to_keep)
+    return probe.run(ids, mask, capture=capture, row_edits=row_edits, extra_hooks=all_hooks,
+                     logits_to_keep=logits_to_keep)
 
 
 def sweep_heads_states(probe, input_ids: torch.Tensor, kind: str = "uniform",
@@ -419,14 +435,14 @@ def sweep_heads_states(probe, input_ids: torch.Tensor, kind: str = "uniform",
     real tokens only, as in ``probe.forward``. Interventions active around the call apply to every
     copy. kind / value as ``sweep_heads``.
     """
-    an = probe.anatomy
-    if probe._capture is not None:
-        raise HeadscopeError("sweep_heads_states runs many forwards; call it outside a capture block")
-    units = _sweep_units(an, kind, value, heads)
-    ids, mask = probe._inputs(input_ids, attention_mask)
+    units = _sweep_units(probe.anatomy, kind, value, heads)
+    ids, mask = probe.prepare_inputs(input_ids, attention_mask)
     if mask is not None and not bool(mask[:, -1].all()):
         raise HeadscopeError("sweep_heads_states needs left padding: every row's last position must be a real token")
-    return dict(_single_head_forks(probe, ids, mask, units, kind, value, batch_size, states=True))
+    with probe.lock:
+        probe.require_no_capture("sweep_heads_states")
+        return dict(_single_head_forks(probe, ids, mask, units, kind=kind, value=value, batch_size=batch_size,
+                                       states=True))
 
 
 def patch_sweep(probe, clean_ids: torch.Tensor, corrupt_ids: torch.Tensor, hook: str,
@@ -451,10 +467,20 @@ def patch_sweep(probe, clean_ids: torch.Tensor, corrupt_ids: torch.Tensor, hook:
         raise HeadscopeError("attn.hook_result is derived and cannot be patched; use blocks.*.attn.hook_z")
     if per == "head" and not sites[0].heads:
         raise HeadscopeError(f"per='head' needs a head site (blocks.*.attn.hook_z), got {hook!r}")
-    clean, mask = probe._inputs(clean_ids, attention_mask)
-    corrupt, _ = probe._inputs(corrupt_ids, attention_mask)
+    clean, mask = probe.prepare_inputs(clean_ids, attention_mask)
+    corrupt, _ = probe.prepare_inputs(corrupt_ids, attention_mask)
     if clean.shape != corrupt.shape:
         raise HeadscopeError(f"clean {tuple(clean.shape)} and corrupted {tuple(corrupt.shape)} inputs differ in shape")
+    with probe.lock:
+        probe.require_no_capture("patch_sweep")
+        return _patch_sweep(probe, clean, corrupt, mask, names=names, sites=sites, metric=metric, per=per,
+                            batch_size=batch_size, logits_to_keep=logits_to_keep)
+
+
+def _patch_sweep(probe, clean: torch.Tensor, corrupt: torch.Tensor, mask: torch.Tensor | None, *, names, sites,
+                 metric, per: str, batch_size: int | None, logits_to_keep: int) -> torch.Tensor:
+    """``patch_sweep`` on checked inputs, under the probe's lock."""
+    an = probe.anatomy
     n, T = clean.shape
     with probe.capture(activations=names, check_finite=False) as cap:
         probe.forward(clean, attention_mask=mask)
@@ -475,7 +501,7 @@ def patch_sweep(probe, clean_ids: torch.Tensor, corrupt_ids: torch.Tensor, hook:
             return x
 
         hooks = lambda q_start, l=l, patch=patch: [attach(an, sites[l], patch)]  # noqa: E731
-        logits = _fork_run(probe, corrupt, mask, l, len(js), hooks=hooks, logits_to_keep=logits_to_keep).logits
+        logits = _fork_run(probe, corrupt, mask, layer=l, k=len(js), hooks=hooks, logits_to_keep=logits_to_keep).logits
         for c, j in enumerate(js):
             scores[l, j] = float(metric(logits[c * n:(c + 1) * n]))
     return scores

@@ -24,10 +24,9 @@ import torch
 
 from headscope.errors import HeadscopeError
 
-from .engine import Probe
 from .capture import Capture, ForwardResult
 from .hook import Anatomy, LayerCall
-from .intervene import Edits, patch_fn
+from .intervene import Edits, intervention_block, patch_fn
 from .models import LoadedModel
 
 _HELPERS = "transformer_lens.model_bridge.sources.transformers.helpers"
@@ -170,7 +169,7 @@ class BridgeProbe:
         """As ``Probe.intervene`` (phase "all" or "prefill": a bridge forward is a prefill)."""
         if phase == "decode":
             raise HeadscopeError("BridgeProbe runs no decode steps; phase='decode' needs Probe.generate")
-        return Probe.intervene(self, ops, phase)
+        return intervention_block(self._interventions, self.anatomy, ops, phase)
 
     def _visible(self, layer: int, T: int, device) -> torch.Tensor:
         t, s = torch.arange(T, device=device)[:, None], torch.arange(T, device=device)[None, :]

@@ -29,7 +29,7 @@ def lm(model_dir):
 @pytest.fixture(scope="module")
 def probe(lm):
     from headscope.probe import Probe
-    return jobs.LockedProbe(Probe(lm), threading.RLock())
+    return Probe(lm)
 
 
 @pytest.fixture(scope="module")
@@ -206,10 +206,10 @@ def test_save_intervention_makes_a_run(lm, tmp_path):
 
 
 # --------------------------------------------------------------------------- jobs
-def test_locked_probe_serialises_threads(lm):
+def test_probe_lock_serialises_threads(lm):
     """Two threads capturing on one probe: without the lock the second would hit 'captures do not nest'."""
     from headscope.probe import Probe
-    p = jobs.LockedProbe(Probe(lm), threading.RLock())
+    p = Probe(lm)
     ids = live.encode(lm, PROMPT)
     errors, results = [], []
 

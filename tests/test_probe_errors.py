@@ -45,11 +45,11 @@ def test_non_finite_cached_keys_are_reported_when_decoding():
     with torch.no_grad():
         saved = w[0, 0].item()
         w[0, 0] = float("inf")
-        probe._run(IDS[:1, :-1], None, cache=cache, logits_to_keep=1)   # layer-2 keys are now inf
+        probe.run(IDS[:1, :-1], None, cache=cache, logits_to_keep=1)   # layer-2 keys are now inf
         w[0, 0] = saved
     cap = probe.capture_session(StatsSpec(entropy=True), [2])                # what generate does per step
     with pytest.raises(HeadscopeError, match="non-finite.*attention statistic.*layer 2"):
-        probe._run(IDS[:1, -1:], None, cache=cache, capture=cap, phase="decode")
+        probe.run(IDS[:1, -1:], None, cache=cache, capture=cap, phase="decode")
 
 
 def test_mask_other_than_causal_is_refused():

@@ -16,7 +16,8 @@ from transformers.modeling_utils import AttentionInterface
 
 from headscope.errors import HeadscopeError
 from headscope.kernels import StatsSpec
-from headscope.probe import HeadAblation, KeyReweight, Patch, Probe, kl_div, logit_diff, target_logprob
+from headscope.probe import (HeadAblation, KeyReweight, Patch, Probe, kl_div, logit_diff, sweep_heads_states,
+                             target_logprob)
 
 from .test_probe import VOCAB, eager, one_thread, tiny_model  # noqa: F401 (fixture)
 
@@ -279,7 +280,7 @@ def test_interventions_undone_after_exceptions():
             probe.forward(ids)
     assert model.config._attn_implementation == "eager"
     assert hook_counts(model) == hooks_before
-    assert probe._interventions == [] and probe._capture is None
+    assert probe.intervention_records == [] and not probe.capturing
     torch.testing.assert_close(probe.forward(ids).logits, clean, atol=1e-4, rtol=0)
 
 
@@ -298,3 +299,53 @@ def test_bad_interventions_raise():
     with pytest.raises(HeadscopeError, match="read-only"):
         with probe.intervene([Patch("blocks.0.attn.hook_result", value=torch.zeros(1, 4, 4, 64))]):
             pass
+
+
+def test_two_threads_sweep_and_intervene_equal_their_serial_runs():
+    """One Probe hammered from two threads: a ``sweep_heads_states`` (plain ``run`` forwards, which
+    ``LockedProbe`` did not serialise) and ``intervene`` + ``forward``. Every result must equal its
+    serial run: a forward that ran inside the other thread's ``intervene`` block would carry its
+    ablation, one that ran inside a sweep would carry a row edit."""
+    import sys
+    import threading
+    probe = Probe(tiny_model("llama"))
+    ids_a, ids_b = ids_for(11, (2, 10)), ids_for(12, (1, 12))
+    ops = [HeadAblation(l, None, "zero") for l in range(3)]       # every head off: any leak is visible
+    want_a = sweep_heads_states(probe, ids_a)
+    with probe.intervene(ops):
+        want_b = probe.forward(ids_b).logits
+    assert (want_b - probe.forward(ids_b).logits).abs().max() > 0.1   # the ablation changes the logits
+    got_a, got_b, errors = [], [], []
+
+    def sweeps():
+        try:
+            for _ in range(6):
+                got_a.append(sweep_heads_states(probe, ids_a))
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    def interventions():
+        try:
+            for _ in range(30):
+                with probe.intervene(ops):
+                    got_b.append(probe.forward(ids_b).logits)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)                                    # switch threads often
+    try:
+        ts = [threading.Thread(target=sweeps), threading.Thread(target=interventions)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert not errors, errors
+    assert len(got_a) == 6 and len(got_b) == 30
+    for got in got_a:
+        assert got.keys() == want_a.keys()
+        for k in want_a:
+            torch.testing.assert_close(got[k], want_a[k], atol=1e-5, rtol=0)
+    for got in got_b:
+        torch.testing.assert_close(got, want_b, atol=1e-5, rtol=0)
