@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from headscope.errors import HeadscopeError
 from headscope.kernels import StatsSpec
 from headscope.probe import HeadAblation, KeyReweight, Patch, Probe
 
@@ -61,3 +62,24 @@ def test_bridge_interventions_match_hf_path(probes):
         got = tl.forward(ids).logits
     assert (want - clean).abs().max() > 0.1
     torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+
+
+def test_probe_refuses_a_model_rewired_by_a_bridge_boot(tmp_path):
+    """Booting a bridge swaps the model's layers for TransformerLens components; the Probe made
+    before must say so (a HeadscopeError naming the fix), not crash inside TransformerLens with
+    ``'KVMask' object has no attribute 'ndim'``. A fresh load stays usable."""
+    from headscope.probe import load_model
+    from headscope.probe.tl import boot_bridge
+    from tests.test_app import make_tiny_model_dir
+    lm = load_model(str(make_tiny_model_dir(tmp_path / "tiny")))
+    probe = Probe(lm)
+    ids = torch.tensor([[1, 5, 7, 9, 11]])
+    probe.forward(ids)
+    boot_bridge(lm)
+    with pytest.raises(HeadscopeError, match="rewired.*TransformerLens.*load_model"):
+        with probe.capture(stats=StatsSpec(entropy=True)):
+            probe.forward(ids)
+    with pytest.raises(HeadscopeError, match="rewired"):
+        probe.sweep_heads(ids, metric=lambda lg: float(lg.sum()))
+    fresh = Probe(load_model(str(make_tiny_model_dir(tmp_path / "tiny2"))))
+    assert torch.isfinite(fresh.forward(ids).logits).all()
