@@ -65,9 +65,29 @@ def column_means(col_mass: torch.Tensor, col_count: torch.Tensor) -> torch.Tenso
     return torch.where(cnt > 0, col_mass.double() / cnt.clamp_min(1), torch.zeros((), dtype=torch.float64))
 
 
+def captured_alpha(stats: dict[int, dict[str, torch.Tensor]], n_layers: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(alpha [L, H, T] float64, col_mass [L, H, T], col_count [L, T]) of batch row 0 of a capture's stats.
+
+    Each layer is divided by its own ``col_count``: on sliding-window models (Gemma 2/3) the
+    global layers' keys are seen by more queries than the windowed ones', so one layer's count
+    for all would misstate alpha beyond the window. Used by ``sinks`` and the dashboard alike."""
+    col_mass = torch.stack([stats[l]["col_mass"][0] for l in range(n_layers)])     # [L, H, T]
+    col_count = torch.stack([stats[l]["col_count"][0] for l in range(n_layers)])   # [L, T]
+    return column_means(col_mass, col_count), col_mass, col_count
+
+
+def sink_rates(alpha, eps: float) -> np.ndarray:
+    """Gu's sink rate per key: percent of heads with alpha > eps. alpha [heads..., T] (torch or numpy) -> [T].
+
+    Torch-free in use (numpy on the values), so the dashboard's views reuse it."""
+    a = np.asarray(alpha, dtype=np.float64)
+    return 100.0 * (a > eps).reshape(-1, a.shape[-1]).mean(0)
+
+
 def sink_rate(alpha_k: torch.Tensor, eps: float) -> float:
-    """Percent of heads whose column mean at the key exceeds eps (one input)."""
-    return float((alpha_k > eps).double().mean()) * 100
+    """Percent of heads whose column mean at the key exceeds eps (one input, one key: alpha_k [heads...])."""
+    return float(sink_rates(alpha_k.reshape(-1, 1), eps)[0])
 
 
 def sink_tokens(alpha: torch.Tensor, counts: torch.Tensor, threshold: float, min_queries: int) -> list[int]:
@@ -242,9 +262,7 @@ class SinksAnalysis(Analysis):
         acts = ["blocks.*.hook_resid_post"] + (["ln_final.hook_normalized"] if o["final_norm_last"] else [])
         with ctx.probe.capture(stats=StatsSpec(col_mass=True), activations=acts) as cap:
             ctx.probe.forward(torch.tensor([ids]), logits_to_keep=1)
-        col_mass = torch.stack([cap.stats[l]["col_mass"][0] for l in range(L)])      # [L, H, n]
-        col_count = torch.stack([cap.stats[l]["col_count"][0] for l in range(L)])    # [L, n]
-        alpha = column_means(col_mass, col_count)                                    # [L, H, n] float64
+        alpha, col_mass, col_count = captured_alpha(cap.stats, L)                    # [L, H, n] float64
         alpha_k = alpha[..., k]
         # sink tokens and dormant heads
         full_count = col_count.max(0).values
@@ -283,7 +301,7 @@ class SinksAnalysis(Analysis):
                   "primary_score_by_layer": mean_alpha[:, primary].numpy()}
         if T:  # fixed length: per-position profiles are comparable across inputs
             arrays["alpha_by_position"] = alpha.mean((0, 1)).numpy()
-            arrays["sink_rate_by_position"] = (alpha > o["eps"]).double().mean((0, 1)).numpy() * 100
+            arrays["sink_rate_by_position"] = sink_rates(alpha, o["eps"])
         return ExampleOutput(arrays=arrays, details=details)
 
     def finalize(self, ctx, agg, records):

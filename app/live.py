@@ -56,7 +56,7 @@ class PromptCapture:
     ids: list[int]
     tokens: list[str]
     alpha: np.ndarray          # attention each key receives, averaged over the queries that see it
-    count: np.ndarray          # [T] number of queries that see each key
+    count: np.ndarray          # [T] number of queries that see each key without a window (sink eligibility)
     entropy: np.ndarray
     mean_dist: np.ndarray      # sum_s p[t,s] (t - s): the head's span at query t
     topk_idx: np.ndarray       # [L, H, T, k]
@@ -85,12 +85,11 @@ def capture_prompt(probe, lm, ids: Sequence[int], heads: Sequence[tuple[int, int
     spec = StatsSpec(topk=max(1, min(topk, T)), entropy=True, mean_dist=True, col_mass=True)
     with probe.capture(stats=spec) as cap:
         out = probe.forward(x, logits_to_keep=1)
-    from headscope.analyses.sinks import column_means
+    from headscope.analyses.sinks import captured_alpha
     L = len(cap.stats)
     st = {k: np.stack([cap.stats[l][k][0].float().numpy() for l in range(L)])
           for k in ("entropy", "mean_dist", "topk_idx", "topk_prob")}
-    col_mass = torch.stack([cap.stats[l]["col_mass"][0] for l in range(L)])  # [L, H, T]
-    count = cap.stats[0]["col_count"][0]                                       # [T]
+    alpha, _, col_count = captured_alpha(cap.stats, L)                         # [L, H, T], [L, T]
     layers = sorted({l for l, _ in heads})
     patterns = {}
     if layers:
@@ -99,8 +98,8 @@ def capture_prompt(probe, lm, ids: Sequence[int], heads: Sequence[tuple[int, int
         for l, h in heads:
             patterns[(l, h)] = pc.stats[l]["pattern"][0, h].float().numpy()
     return PromptCapture(
-        ids=list(ids), tokens=token_strings(lm.tokenizer, ids), alpha=column_means(col_mass, count).numpy(),
-        count=count.numpy(),
+        ids=list(ids), tokens=token_strings(lm.tokenizer, ids), alpha=alpha.numpy(),
+        count=col_count.max(0).values.numpy(),
         entropy=st["entropy"], mean_dist=st["mean_dist"],
         topk_idx=st["topk_idx"].astype(np.int64), topk_prob=st["topk_prob"],
         next_probs=softmax(out.logits[0, -1].float().numpy()), rows=(a, b), patterns=patterns)

@@ -421,13 +421,14 @@ def pattern_figure(ds: Downsampled, tokens: Sequence[str], *, q_offset: int = 0,
 
 
 def sink_rate(alpha: np.ndarray, eps: float = 0.3, eligible: np.ndarray | None = None) -> np.ndarray:
-    """Per key position: percent of heads with alpha > eps (Gu's Sink^eps_k).
+    """Per key position: percent of heads with alpha > eps (Gu's Sink^eps_k, ``analyses.sinks.sink_rates``).
 
     ``eligible`` [T] (bool) zeroes keys that too few queries see: the last keys' alpha averages a
     handful of rows (the very last one a single diagonal entry), so it says nothing about sinks.
+    Imports the sinks analysis (and torch) on first use; the rest of this module stays torch-free.
     """
-    a = np.asarray(alpha, dtype=np.float64)
-    rate = 100.0 * (a > eps).reshape(-1, a.shape[-1]).mean(0)
+    from headscope.analyses.sinks import sink_rates
+    rate = sink_rates(alpha, eps)
     return rate if eligible is None else np.where(eligible, rate, 0.0)
 
 

@@ -24,11 +24,13 @@ TIMEOUT = 60
 
 
 # --------------------------------------------------------------------------- helpers (also used by other app tests)
-def make_tiny_model_dir(path: Path, seed: int = 0) -> Path:
-    """A random-init 2-layer Llama (4 query / 2 KV heads) with a byte-level tokenizer, as a model dir."""
+def make_tiny_model_dir(path: Path, seed: int = 0, sliding_window: int | None = None) -> Path:
+    """A random-init 2-layer Llama (4 query / 2 KV heads) with a byte-level tokenizer, as a model dir.
+
+    ``sliding_window``: a Gemma-3-style text model instead (layer 0 sliding, layer 1 global)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -38,11 +40,16 @@ def make_tiny_model_dir(path: Path, seed: int = 0) -> Path:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>").save_pretrained(path)
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      bos_token_id=0, eos_token_id=1, tie_word_embeddings=True, initializer_range=0.3)
+    common = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                  bos_token_id=0, eos_token_id=1, tie_word_embeddings=True, initializer_range=0.3)
     torch.manual_seed(seed)
-    LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+    if sliding_window is None:
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    else:
+        model = Gemma3ForCausalLM(Gemma3TextConfig(head_dim=8, sliding_window=sliding_window, pad_token_id=1,
+                                                   layer_types=["sliding_attention", "full_attention"], **common))
+    model.save_pretrained(path, safe_serialization=True)
     return path
 
 

@@ -250,3 +250,31 @@ def test_model_pool_reports_load_errors(tmp_path):
     assert pool.status(str(tmp_path / "missing-model")).startswith("error: ")
     with pytest.raises(HeadscopeError, match="could not load"):
         pool.get(str(tmp_path / "missing-model"), timeout=60)
+
+
+def test_live_sink_alpha_on_a_sliding_window_model_matches_eager_and_sinks(tmp_path):
+    """Gemma-3-style model (layer 0 window 4, layer 1 global), prompt far longer than the window:
+    the Inspect page's alpha must divide each layer by its own query count. Reference: HF eager
+    maps, alpha[l, h, s] = mean of A[l, h, t, s] over the queries t that see s in that layer."""
+    from transformers import AutoModelForCausalLM
+
+    from headscope.analyses.sinks import sink_rates
+    from headscope.app import views
+    from headscope.probe import Probe, load_model
+    d = make_tiny_model_dir(tmp_path / "gemma3", seed=3, sliding_window=4)
+    lm = load_model(str(d))
+    assert lm.info.model_type == "gemma3_text"
+    ids = live.encode(lm, PROMPT)
+    T, w = len(ids), 4
+    assert T > 4 * w
+    cap = live.capture_prompt(Probe(lm), lm, ids, [(1, 0)])
+    ref = AutoModelForCausalLM.from_pretrained(d, attn_implementation="eager", dtype=torch.float32).eval()
+    A, _ = eager_maps(ref, ids)                                                 # [L, H, T, T]
+    seen = [lambda t, s: t >= s and t - s < w, lambda t, s: t >= s]             # layer 0 sliding, 1 global
+    alpha = np.stack([[[np.mean([A[l, h, t, s] for t in range(T) if seen[l](t, s)]) for s in range(T)]
+                       for h in range(4)] for l in range(2)])
+    np.testing.assert_allclose(cap.alpha, alpha, atol=1e-5)
+    np.testing.assert_array_equal(cap.count, np.arange(T, 0, -1))               # full causal count
+    rate = 100.0 * np.array([[(alpha[..., s] > eps).mean() for s in range(T)] for eps in (0.1, 0.3)])
+    np.testing.assert_allclose([views.sink_rate(cap.alpha, eps) for eps in (0.1, 0.3)], rate)
+    np.testing.assert_allclose(sink_rates(torch.from_numpy(alpha), 0.3), rate[1])
