@@ -16,7 +16,7 @@ import importlib
 import platform
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -193,6 +193,31 @@ class RunContext:
         return self.options["seed"]
 
 
+class _FirstCall(BaseException):
+    """Raised by ``_FirstCallProbe`` at the first model call; a BaseException so that an
+    analysis's own ``except Exception`` cannot swallow it."""
+
+    def __init__(self, ids):
+        self.ids = ids
+
+
+class _FirstCallProbe:
+    """Probe stand-in for ``Analysis.inputs``: raises ``_FirstCall`` with the input of the first
+    model call (``run`` covers helpers written on the primitive, e.g. ``sweep_heads_states``)."""
+
+    _CALLS = ("run", "forward", "generate", "sweep_heads", "patch_sweep")
+
+    def __init__(self, probe):
+        self.probe = probe
+
+    def __getattr__(self, name):
+        if name in self._CALLS:
+            def call(input_ids, *a, **kw):
+                raise _FirstCall(input_ids)
+            return call
+        return getattr(self.probe, name)
+
+
 class Analysis:
     """Subclass, set the class attributes, implement the three steps, decorate with @register."""
 
@@ -210,6 +235,21 @@ class Analysis:
 
     def finalize(self, ctx: RunContext, agg: Aggregator, records: list[dict]) -> Finalized:
         raise NotImplementedError
+
+    def inputs(self, ctx: RunContext, ex: Example):
+        """The token ids this analysis feeds the model first for ``ex`` ([T] or [B, T]).
+
+        The app's half of the analysis -> app contract (with ``process`` for per-example arrays):
+        the dashboard opens an example of a stored run with these ids and never recomputes a
+        score itself. Default: run ``process`` on a probe that stops at the first model call (no
+        forward pass). Override when that first call is not the input worth showing. Raises
+        ``HeadscopeError`` if ``process`` makes no model call.
+        """
+        try:
+            self.process(replace(ctx, probe=_FirstCallProbe(ctx.probe)), ex)
+        except _FirstCall as got:
+            return got.ids
+        raise HeadscopeError(f"{self.name} ran no model call for {ex.id}")
 
     @classmethod
     def all_options(cls) -> tuple[Option, ...]:

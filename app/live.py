@@ -210,32 +210,6 @@ def intervention_effect(probe, lm, ids: Sequence[int], ops: list, *, max_new_tok
 
 
 # --------------------------------------------------------------------------- examples of stored runs
-class _GotInput(BaseException):
-    """Raised by the recording probe at the first model call; BaseException so that an analysis's
-    own ``except Exception`` cannot swallow it."""
-
-    def __init__(self, ids):
-        self.ids = ids
-
-
-class _RecordingProbe:
-    """Probe stand-in that records the input of the first model call and stops the analysis there."""
-
-    def __init__(self, probe):
-        self._probe = probe
-
-    def __getattr__(self, name):
-        if name in ("run", "forward", "generate", "sweep_heads"):
-            def call(input_ids, *a, **kw):
-                raise _GotInput(input_ids)
-            return call
-        if name == "patch_sweep":
-            def sweep(clean_ids, *a, **kw):
-                raise _GotInput(clean_ids)
-            return sweep
-        return getattr(self._probe, name)
-
-
 def run_context(run, lm, probe):
     """The analysis and a RunContext rebuilt from a stored run's config (same examples, same seed)."""
     from headscope.analyses.base import RunContext, get_analysis
@@ -263,26 +237,12 @@ def example_ids(run, lm, probe) -> list[str]:
 
 
 def example_input_ids(run, example_id: str, lm, probe) -> list[int]:
-    """The token ids the analysis feeds the model for one example of a stored run.
-
-    Uses the analysis's ``example_input(ctx, ex)`` if it has one; otherwise runs its ``process``
-    with a recording probe that stops at the first model call, so it costs no forward pass and
-    works for any analysis that calls the probe.
-    """
+    """The token ids the analysis feeds the model for one example of a stored run (``Analysis.inputs``)."""
     analysis, ctx = run_context(run, lm, probe)
     ex = next((e for e in _examples(analysis, ctx) if e.id == example_id), None)
     if ex is None:
         raise HeadscopeError(f"{run.id} has no example {example_id!r}")
-    if hasattr(analysis, "example_input"):
-        ids = analysis.example_input(ctx, ex)
-    else:
-        ctx.probe = _RecordingProbe(probe)
-        try:
-            analysis.process(ctx, ex)
-        except _GotInput as got:
-            ids = got.ids
-        else:
-            raise HeadscopeError(f"{run.analysis} ran no model call for {example_id}")
+    ids = analysis.inputs(ctx, ex)
     ids = np.asarray(ids.cpu() if hasattr(ids, "cpu") else ids)
     return [int(i) for i in (ids[0] if ids.ndim == 2 else ids)]
 
