@@ -44,6 +44,8 @@ from transformers.modeling_utils import AttentionInterface
 from headscope.errors import HeadscopeError
 from headscope.kernels import HeadEdits, StatsSpec, attend
 
+from .geometry import Geometry, text_config
+
 ATTN_NAME = "headscope"
 
 
@@ -356,8 +358,8 @@ class Anatomy:
 
     @classmethod
     def of(cls, model: nn.Module) -> "Anatomy":
-        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        mt = cfg.model_type
+        cfg, geo = text_config(model.config), Geometry.of(model.config)
+        mt = geo.model_type
         layers = _first(model, _LAYERS)
         final_norm = _first(model, _FINAL_NORM)
         if layers is None or final_norm is None:
@@ -377,15 +379,8 @@ class Anatomy:
             attn_out = list(attn)
             mlp_out = [l.mlp for l in layers]
             pre_mlp = [None if parallel else _first(l, ("post_attention_layernorm", "ln_2")) for l in layers]
-        n_heads = cfg.num_attention_heads
-        d_model = cfg.hidden_size
-        layer_types = getattr(cfg, "layer_types", None) or ["full_attention"] * len(layers)
-        sw = getattr(cfg, "sliding_window", None)
-        windows = [sw if t == "sliding_attention" else None for t in layer_types]
-        return cls(model=model, model_type=mt, n_layers=len(layers), n_heads=n_heads,
-                   n_kv_heads=getattr(cfg, "num_key_value_heads", None) or n_heads,
-                   d_head=getattr(cfg, "head_dim", None) or d_model // n_heads, d_model=d_model,
-                   max_context=getattr(cfg, "max_position_embeddings", None), windows=windows,
+        return cls(model=model, model_type=mt, n_layers=len(layers), n_heads=geo.n_heads, n_kv_heads=geo.n_kv_heads,
+                   d_head=geo.d_head, d_model=geo.d_model, max_context=geo.max_context, windows=list(geo.windows),
                    layers=layers, attn=attn, out_proj=out_proj, attn_out=attn_out, mlp_out=mlp_out,
                    pre_mlp_norm=pre_mlp, embed=model.get_input_embeddings(), pos_embed=_first(model, _POS_EMBED),
                    final_norm=final_norm)

@@ -42,6 +42,8 @@ import torch
 
 from headscope.errors import HeadscopeError
 
+from .geometry import Geometry, text_config
+
 DEFAULT_MODEL = "smollm2-135m"
 CACHE_MARKER = "headscope_cache.json"  # written last; a cache directory without it never loads
 CACHE_FORMAT = 1  # bump when the cache layout changes; older caches are then rebuilt
@@ -285,39 +287,25 @@ class ModelStatus:
 def model_info(
     model: Any, tokenizer: Any, *, name: str, source: str, path: str, hf_id: str | None = None
 ) -> ModelInfo:
-    """Read the facts off a loaded model's config and tokenizer."""
-    config = model.config
-    text = getattr(config, "text_config", None) or config  # multimodal configs nest the LM
-    n_layers = int(text.num_hidden_layers)
-    n_heads = int(text.num_attention_heads)
-    n_kv = getattr(text, "num_key_value_heads", None) or n_heads
-    d_model = int(text.hidden_size)
-    d_head = getattr(text, "head_dim", None) or d_model // n_heads
-    layer_types = getattr(text, "layer_types", None)
-    window = getattr(text, "sliding_window", None)
-    if layer_types is not None:
-        sliding = [i for i, t in enumerate(layer_types) if t == "sliding_attention"]
-    elif window and getattr(text, "use_sliding_window", True):
-        sliding = list(range(n_layers))  # Mistral-style: one window for every layer
-    else:
-        sliding = []
+    """Read the facts off a loaded model's config (``Geometry``) and tokenizer."""
+    geo = Geometry.of(model.config)
     bos = tokenizer.bos_token_id
     if bos is None:
-        bos = getattr(text, "bos_token_id", None)
+        bos = getattr(text_config(model.config), "bos_token_id", None)
     ids = tokenizer("a")["input_ids"]
     return ModelInfo(
         name=name,
-        model_type=str(text.model_type),
-        architectures=list(getattr(config, "architectures", None) or []),
-        n_layers=n_layers,
-        n_heads=n_heads,
-        n_kv_heads=int(n_kv),
-        d_head=int(d_head),
-        d_model=d_model,
-        vocab_size=int(text.vocab_size),
-        max_context=getattr(text, "max_position_embeddings", None),
-        sliding_window=int(window) if sliding and window else None,
-        sliding_layers=sliding,
+        model_type=geo.model_type,
+        architectures=list(getattr(model.config, "architectures", None) or []),
+        n_layers=geo.n_layers,
+        n_heads=geo.n_heads,
+        n_kv_heads=geo.n_kv_heads,
+        d_head=geo.d_head,
+        d_model=geo.d_model,
+        vocab_size=geo.vocab_size,
+        max_context=geo.max_context,
+        sliding_window=geo.sliding_window,
+        sliding_layers=geo.sliding_layers,
         bos_token_id=None if bos is None else int(bos),
         adds_bos=bos is not None and len(ids) > 1 and ids[0] == bos,
         has_chat_template=bool(getattr(tokenizer, "chat_template", None)),

@@ -599,3 +599,31 @@ def test_smollm2_cache_matches_gguf(smollm2, monkeypatch, capsys):
     bridge = boot_bridge(again)
     with torch.no_grad():
         torch.testing.assert_close(bridge(ids), eager, rtol=1e-5, atol=1e-5)
+
+
+def test_model_info_and_anatomy_agree_on_sliding_windows():
+    """One geometry source: loading's ModelInfo and the hook's Anatomy report the same windows,
+    here checked against hand-written expectations for the three config styles."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, MistralConfig, Qwen2Config
+
+    from headscope.probe.hook import Anatomy
+    from headscope.probe.models import model_info
+
+    class Tok:
+        bos_token_id, chat_template = None, None
+
+        def __call__(self, text):
+            return {"input_ids": [5]}
+    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=64, max_position_embeddings=128)
+    cases = [(MistralConfig(sliding_window=5, **common), [5, 5, 5]),                     # every layer
+             (Gemma3TextConfig(head_dim=8, sliding_window=5, layer_types=["sliding_attention", "full_attention",
+                                                                          "sliding_attention"], **common), [5, None, 5]),
+             (Qwen2Config(sliding_window=5, use_sliding_window=False, **common), [None, None, None])]
+    for cfg, want in cases:
+        model = AutoModelForCausalLM.from_config(cfg)
+        info = model_info(model, Tok(), name="t", source="path", path="t")
+        assert Anatomy.of(model).windows == want, cfg.model_type
+        assert info.sliding_layers == [l for l, w in enumerate(want) if w is not None], cfg.model_type
+        assert info.sliding_window == (5 if any(want) else None)
+        assert (info.n_kv_heads, info.d_head) == (2, 8)
