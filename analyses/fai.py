@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from headscope.errors import HeadscopeError
+from headscope.heads import head_label, top_labels
 from headscope.kernels import StatsSpec
 
 from .base import Analysis, Example, ExampleOutput, Finalized, Option, ScoreMeta, register
@@ -258,7 +259,7 @@ def fai_waad(stats: dict[int, dict[str, torch.Tensor]], n_layers: int, N: int, s
 
 
 def _heads(hs) -> list[str]:
-    return [f"L{l}H{h}" for l, h in hs]
+    return [head_label(l, h) for l, h in hs]
 
 
 def _nan_to_none(x) -> list:
@@ -407,8 +408,6 @@ class FAIAnalysis(Analysis):
                           f"WAAD t >= W, FAI |T(s)| >= {o['fai_min_queries']}"),
         }
         span = scores["head_span"]
-        order = np.argsort(span, axis=None, kind="stable")
-        H = span.shape[1]
-        summary["top_global"] = [f"L{i // H}H{i % H}" for i in order[::-1][:5]]
-        summary["top_local"] = [f"L{i // H}H{i % H}" for i in order[:5]]
+        summary["top_global"] = top_labels(span, 5)
+        summary["top_local"] = top_labels(span, 5, ascending=True)
         return Finalized(scores=scores, score_meta=meta, summary=summary, arrays=arrays)

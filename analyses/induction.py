@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from headscope.heads import top_labels
 from headscope.kernels import StatsSpec
 
 from .base import Analysis, Example, ExampleOutput, Finalized, Option, ScoreMeta, register
@@ -87,7 +88,6 @@ class InductionAnalysis(Analysis):
         acc = [r["second_half_accuracy"] for r in records if not r.get("skip")]
         summary = {"second_half_accuracy": float(np.mean(acc)) if acc else None}
         for k, v in scores.items():
-            flat = np.argsort(v, axis=None)[::-1][:5]
-            summary[f"top_{k}"] = [f"L{i // v.shape[1]}H{i % v.shape[1]}" for i in flat]
+            summary[f"top_{k}"] = top_labels(v, 5)
         std = {f"{k}_std": agg[k].std for k in scores}
         return Finalized(scores=scores, score_meta=meta, summary=summary, arrays=std)

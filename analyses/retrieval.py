@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from headscope.errors import HeadscopeError
+from headscope.heads import head_label, ranked_heads
 from headscope.kernels import StatsSpec
 
 from .base import Analysis, Example, ExampleOutput, Finalized, Option, ScoreMeta, register
@@ -139,13 +140,12 @@ def _grid(ctx, o: dict, seed: int, answer_buffer: int) -> tuple[NiahBuilder, lis
 
 
 def _head_name(flat: int, H: int) -> str:
-    return f"L{flat // H}H{flat % H}"
+    return head_label(*divmod(int(flat), H))
 
 
 def _ranked(scores: np.ndarray) -> list[int]:
-    """Flat head indices by descending score, ties broken by (layer, head) order."""
-    flat = scores.reshape(-1)
-    return sorted(range(flat.size), key=lambda i: (-flat[i], i))
+    """Flat head indices in ``headscope.heads`` rank order (descending, ties by (layer, head))."""
+    return [l * scores.shape[-1] + h for l, h in ranked_heads(scores.reshape(-1, scores.shape[-1]))]
 
 
 # --------------------------------------------------------------------------- retrieval

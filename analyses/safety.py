@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from headscope.errors import HeadscopeError
+from headscope.heads import head_label, ranked_heads
 
 from .base import Analysis, Example, ExampleOutput, Finalized, Option, ScoreMeta, register
 from .datasets import _stable_id, load_records
@@ -288,16 +289,9 @@ def subspace_angle(base: np.ndarray, other: np.ndarray, rank: int = 1) -> float:
     return float(np.degrees(np.arccos(np.clip(s, -1.0, 1.0))).sum())
 
 
-def head_name(l: int, h: int) -> str:
-    return f"L{l}H{h}"
-
-
 def top_heads(scores: np.ndarray, k: int) -> list[tuple[int, int, float]]:
-    """The ``k`` highest finite entries of [L, H] as (layer, head, value), ties by index."""
-    s = np.where(np.isfinite(scores), scores, -np.inf)
-    order = np.argsort(-s, axis=None, kind="stable")[:k]
-    H = scores.shape[1]
-    return [(int(i // H), int(i % H), float(scores.flat[i])) for i in order if np.isfinite(scores.flat[i])]
+    """The ``k`` highest finite entries of [L, H] as (layer, head, value), ``headscope.heads`` tie rule."""
+    return [(l, h, float(scores[l, h])) for l, h in ranked_heads(scores, k, finite=True)]
 
 
 # =============================================================================== model helpers
@@ -553,18 +547,18 @@ class ShipsAnalysis(_SafetyBase):
         onehot = np.zeros_like(scores)
         onehot[top[0][0], top[0][1]] = 1.0
         details = {"query": p["text"], "n_tokens": len(p["ids"]),
-                   "top_heads": [{"head": head_name(l, h), "layer": l, "index": h, "ships": v} for l, h, v in top]}
+                   "top_heads": [{"head": head_label(l, h), "layer": l, "index": h, "ships": v} for l, h, v in top]}
         if o["refusal_metrics"]:
             heads = [(l, h) for l, h, _ in top[:o["n_ablate"]]]
             details["before"] = self._refusal(ctx, p, [])
             details["after"] = self._refusal(ctx, p, self._ops(ctx, heads))
-            details["ablated"] = [head_name(l, h) for l, h in heads]
+            details["ablated"] = [head_label(l, h) for l, h in heads]
             if o["random_control"]:
                 rng = random.Random(f"{ctx.seed}:{ex.id}")  # per query, so a resumed run draws the same heads
                 pool = [(l, h) for l in range(scores.shape[0]) for h in range(scores.shape[1]) if (l, h) not in heads]
                 rand = rng.sample(pool, len(heads))
                 details["random"] = self._refusal(ctx, p, self._ops(ctx, rand))
-                details["random_heads"] = [head_name(l, h) for l, h in rand]
+                details["random_heads"] = [head_label(l, h) for l, h in rand]
         return ExampleOutput(arrays={"ships": scores, "top1": onehot}, details=details)
 
     def finalize(self, ctx, agg, records):
@@ -585,7 +579,7 @@ class ShipsAnalysis(_SafetyBase):
             "source": getattr(self, "source_label", None), "input_format": o["input_format"],
             "ablation": o["ablation"], "epsilon": o["epsilon"] if o["ablation"] == "scale" else None,
             "rendered_example": self.prompts[0]["rendered"] if getattr(self, "prompts", None) else None,
-            "top_heads_mean_ships": [{"head": head_name(l, h), "ships": v} for l, h, v in top_heads(mean, 10)],
+            "top_heads_mean_ships": [{"head": head_label(l, h), "ships": v} for l, h, v in top_heads(mean, 10)],
             "top1_head_counts": dict(sorted(counts.items(), key=lambda kv: -kv[1])[:10]),
         }
         if o["refusal_metrics"] and used and "before" in used[0]:
@@ -690,8 +684,8 @@ class SaharaAnalysis(_SafetyBase):
             self.group.append(self._step(ctx)[1])
         angles, best = self._step(ctx)
         self.group.append(best)
-        return ExampleOutput(details={"step": ex.data + 1, "added": head_name(*best),
-                                      "group": [head_name(*g) for g in self.group],
+        return ExampleOutput(details={"step": ex.data + 1, "added": head_label(*best),
+                                      "group": [head_label(*g) for g in self.group],
                                       "gships": float(angles[best]), "n_candidates": int(np.isfinite(angles).sum()),
                                       "angles": angles.tolist()})
 
@@ -707,7 +701,7 @@ class SaharaAnalysis(_SafetyBase):
         summary = {"source": getattr(self, "source_label", None), "n_queries": len(getattr(self, "queries", [])),
                    "input_format": o["input_format"], "ablation": o["ablation"], "rank": o["rank"],
                    "rendered_example": self.queries[0]["rendered"] if getattr(self, "queries", None) else None,
-                   "top_heads_gships": [{"head": head_name(l, h), "gships": v} for l, h, v in top_heads(first, 10)]}
+                   "top_heads_gships": [{"head": head_label(l, h), "gships": v} for l, h, v in top_heads(first, 10)]}
         arrays = {}
         if not self.single_step:
             group = [tuple(int(x) for x in r["added"][1:].split("H")) for r in recs]
@@ -737,14 +731,14 @@ class SaharaAnalysis(_SafetyBase):
         conditions.update({f"random{j}": r for j, r in enumerate(randoms)})
         gen_for = {"clean", f"sahara_{len(group)}"} | {f"random{j}" for j in range(len(randoms))}
         self._direction(ctx)
-        out = {"random_groups": {f"random{j}": [head_name(*x) for x in r] for j, r in enumerate(randoms)},
+        out = {"random_groups": {f"random{j}": [head_label(*x) for x in r] for j, r in enumerate(randoms)},
                "refusal_direction": self.dir_info, "conditions": {}}
         for name, heads in conditions.items():
             ops = self._ops(ctx, heads)
             states = last_states(ctx.probe, self._seqs(), ops, batch=self._batch(ctx), pad=_pad_id(ctx.lm.tokenizer))
             per = [self._refusal(ctx, p, ops, generate=name in gen_for, state=states[i])
                    for i, p in enumerate(self.queries)]
-            row = {"heads": [head_name(*x) for x in heads],
+            row = {"heads": [head_label(*x) for x in heads],
                    "gships": subspace_angle(self._base(ctx), states.double().numpy(), o["rank"]) if heads else 0.0,
                    "refusal_logprob": _mean(x["refusal_logprob"] for x in per),
                    "projection": _mean(x["projection"] for x in per)}

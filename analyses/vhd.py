@@ -57,6 +57,7 @@ import numpy as np
 import torch
 
 from headscope.errors import HeadscopeError
+from headscope.heads import head_label, top_labels
 
 from .base import Analysis, Example, ExampleOutput, Finalized, Option, ScoreMeta, register
 from .datasets import load_records
@@ -124,7 +125,7 @@ def vhr_select(vhd: np.ndarray, norm_without: np.ndarray, last_layers: int = 0) 
 
 
 def head_names(mask: np.ndarray) -> list[str]:
-    return [f"L{l}H{h}" for l, h in zip(*np.nonzero(mask))]
+    return [head_label(l, h) for l, h in zip(*np.nonzero(mask))]
 
 
 # --------------------------------------------------------------------------- branches
@@ -265,9 +266,7 @@ class _Divergence(Analysis):
                   f"{self.token_score}_offsets": np.cumsum([0] + [len(t) for t in tv]),
                   f"{self.token_score}_tokens": np.concatenate([np.asarray(r["new_tokens"], np.int64) for r in used])
                   if used else np.zeros(0, np.int64)}
-        flat = np.argsort(scores[s], axis=None)[::-1][:10]
-        H = scores[s].shape[1]
-        summary = {f"top_{s}": [f"L{i // H}H{i % H}" for i in flat],
+        summary = {f"top_{s}": top_labels(scores[s], 10),
                    f"mean_{self.token_score}": float(np.mean(np.concatenate(tv))) if tv else None,
                    "choices": {"distance": o["distance"], "where": o["where"], "positions": o["positions"],
                                "tvhd_rule": o["tvhd_rule"], "tvhd_k": o["tvhd_k"],

@@ -15,7 +15,9 @@ import numpy as np
 
 from headscope.errors import HeadscopeError
 
-from .views import head_label, softmax
+from headscope.heads import top_labels
+
+from .views import softmax
 
 MAX_ROWS = 256       # query rows of full attention pattern captured at once (memory: layers x H x rows x T)
 
@@ -39,7 +41,7 @@ def token_strings(tokenizer, ids: Sequence[int]) -> list[str]:
 
 
 def parse_heads(labels: Sequence[str], info) -> list[tuple[int, int]]:
-    from .views import parse_head
+    from headscope.heads import parse_head
     out = []
     for lab in labels:
         l, h = parse_head(lab)
@@ -275,8 +277,7 @@ def heads_default(run_scores: dict[str, np.ndarray], k: int = 3) -> list[str]:
     """Top-``k`` heads of the first per-head score: a sensible default selection."""
     for m in run_scores.values():
         if m.ndim == 2:
-            flat = np.argsort(-m, axis=None, kind="mergesort")[:k]
-            return [head_label(int(i) // m.shape[1], int(i) % m.shape[1]) for i in flat]
+            return top_labels(m, k)
     return ["L0H0"]
 
 

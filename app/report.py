@@ -27,6 +27,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from headscope.errors import HeadscopeError
+from headscope.heads import ranked_heads
 
 from . import svg
 from .views import (descending_rank, head_label, heatmap_figure, parse_head, run_model, scalar_summary,
@@ -91,22 +92,14 @@ def _role_heads(name: str, analysis: str, m: np.ndarray, meta: dict) -> list[tup
     """
     if "rank" in name.lower():
         return []
-    H = m.shape[1]
-    flat = m.ravel()
-    finite = np.isfinite(flat)
     if _is_span(name, meta):
-        order = [i for i in np.argsort(flat, kind="mergesort") if finite[i]]
-        return ([("global", *divmod(int(i), H)) for i in order[::-1][:ROLE_TOP_K]] +
-                [("local", *divmod(int(i), H)) for i in order[:ROLE_TOP_K]])
+        return ([("global", l, h) for l, h in ranked_heads(m, ROLE_TOP_K, finite=True)] +
+                [("local", l, h) for l, h in ranked_heads(m, ROLE_TOP_K, ascending=True, finite=True)])
     role = ROLE_BY_SCORE.get(name) or ROLE_BY_ANALYSIS.get(analysis) or name
     thr = meta.get("threshold")
     if thr is not None:
-        idx = [i for i in np.argsort(-np.where(finite, flat, -np.inf), kind="mergesort")
-               if finite[i] and flat[i] >= thr]
-    else:
-        idx = [i for i in np.argsort(-np.where(finite, flat, -np.inf), kind="mergesort")[:ROLE_TOP_K]
-               if finite[i] and flat[i] > 0]
-    return [(role, *divmod(int(i), H)) for i in idx]
+        return [(role, l, h) for l, h in ranked_heads(m, finite=True) if m[l, h] >= thr]
+    return [(role, l, h) for l, h in ranked_heads(m, ROLE_TOP_K, finite=True) if m[l, h] > 0]
 
 
 def _run_entry(run) -> dict:
@@ -163,8 +156,7 @@ def build_circuit(runs: list, model: str) -> dict:
                 continue  # KV-head scores would need pooling onto query heads; listed per run instead
             ranks = descending_rank(np.nan_to_num(m, nan=-np.inf))
             if _is_effect(name, meta):
-                for i in np.argsort(-np.nan_to_num(m, nan=-np.inf), axis=None, kind="mergesort")[:ROLE_TOP_K]:
-                    l, h = divmod(int(i), m.shape[1])
+                for l, h in ranked_heads(m, ROLE_TOP_K):
                     if math.isfinite(m[l, h]) and m[l, h] > 0:
                         node(l, h)["effects"].append({"run": run.id, "kind": "ablation score", "metric": name,
                                                       "value": float(m[l, h])})

@@ -308,8 +308,7 @@ def heads_page() -> None:
 
     st.subheader("Head drill-down")
     L, H = scores[name].shape
-    order = np.argsort(-scores[name], axis=None, kind="mergesort")
-    labels = [views.head_label(int(i) // H, int(i) % H, index) for i in order]
+    labels = [views.head_label(l, h, index) for l, h in views.ranked_heads(scores[name])]
     lab = st.selectbox("head (sorted by score)", labels, key="heads_head")
     layer, head = views.parse_head(lab)
     arrays = run.arrays()

@@ -24,23 +24,7 @@ import scipy.stats
 # initialised module and fails. Importing pandas here, before any thread starts, avoids the race.
 
 from headscope.errors import HeadscopeError
-
-# --------------------------------------------------------------------------- labels
-def head_label(layer: int, head: int, index: str = "query_head") -> str:
-    return f"L{layer}{'KV' if index == 'kv_head' else 'H'}{head}"
-
-
-def parse_head(label: str) -> tuple[int, int]:
-    """``'L3H5'`` / ``'L3KV1'`` / ``'3.5'`` -> (3, 5); a clear error for anything else."""
-    s = label.strip().upper()
-    try:
-        if s.startswith("L"):
-            layer, _, head = s[1:].replace("KV", "H").partition("H")
-            return int(layer), int(head)
-        layer, _, head = s.replace("-", ".").partition(".")
-        return int(layer), int(head)
-    except ValueError:
-        raise HeadscopeError(f"not a head label: {label!r} (expected e.g. L3H5)") from None
+from headscope.heads import descending_rank, head_label, parse_head, ranked_heads  # noqa: F401 (re-exported)
 
 
 def token_label(pos: int, tok: str) -> str:
@@ -112,20 +96,6 @@ def scalar_summary(summary: dict | None) -> dict:
 
 
 # --------------------------------------------------------------------------- head tables
-def descending_rank(scores: np.ndarray) -> np.ndarray:
-    """Rank of each head, 1 = highest score, ties share the best rank (so equal heads read equal)."""
-    flat = np.asarray(scores, dtype=np.float64).ravel()
-    rank = np.empty(len(flat), dtype=np.int64)
-    order = np.argsort(-flat, kind="mergesort")
-    prev, r = None, 0
-    for pos, i in enumerate(order):
-        if prev is None or flat[i] != prev:
-            r = pos + 1
-            prev = flat[i]
-        rank[i] = r
-    return rank.reshape(np.shape(scores))
-
-
 def top_heads(scores: dict[str, np.ndarray], by: str, k: int | None = 20, *, ascending: bool = False,
               index: str = "query_head") -> list[dict]:
     """Rows ``{rank, head, layer, index, <by>, <other same-shape scores>...}`` sorted by ``by``.
@@ -140,13 +110,8 @@ def top_heads(scores: dict[str, np.ndarray], by: str, k: int | None = 20, *, asc
         raise HeadscopeError(f"score {by!r} is not per head (shape {main.shape})")
     others = {n: np.asarray(v) for n, v in scores.items() if n != by and np.shape(v) == main.shape}
     ranks = descending_rank(main)
-    order = np.argsort(main if ascending else -main, axis=None, kind="mergesort")
-    if k is not None:
-        order = order[:k]
-    H = main.shape[1]
     rows = []
-    for i in order:
-        l, h = divmod(int(i), H)
+    for l, h in ranked_heads(main, k, ascending=ascending):
         row = {"rank": int(ranks[l, h]), "head": head_label(l, h, index), "layer": l, "index": h,
                by: float(main[l, h])}
         row.update({n: float(v[l, h]) for n, v in others.items()})
@@ -226,8 +191,7 @@ def _corr(fn, a, b) -> float:
 def top_overlap(a: np.ndarray, b: np.ndarray, k: int) -> float:
     """Fraction of the top-``k`` heads of ``a`` that are also in the top-``k`` of ``b``."""
     k = max(1, min(k, np.size(a)))
-    ta = set(np.argsort(-np.asarray(a), axis=None, kind="mergesort")[:k].tolist())
-    tb = set(np.argsort(-np.asarray(b), axis=None, kind="mergesort")[:k].tolist())
+    ta, tb = (set(ranked_heads(np.reshape(m, (-1, np.shape(m)[-1])), k)) for m in (a, b))
     return len(ta & tb) / k
 
 

@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 
 from headscope.errors import HeadscopeError
+from headscope.heads import head_label, ranked_heads
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -143,9 +144,7 @@ def _print_summary(run, top: int = 5) -> None:
         meta = m.get("score_meta", {}).get(name, {})
         if arr.ndim != 2:
             continue
-        flat = np.argsort(arr, axis=None)[::-1][:top]
-        unit = "KV head" if meta.get("index") == "kv_head" else "head"
-        best = ", ".join(f"L{i // arr.shape[1]}{unit[0].upper()}{i % arr.shape[1]}={arr.flat[i]:.3g}" for i in flat)
+        best = ", ".join(f"{head_label(l, h, meta.get('index'))}={arr[l, h]:.3g}" for l, h in ranked_heads(arr, top))
         print(f"  {name}: top {best}")
     for k, v in (m.get("summary") or {}).items():
         if isinstance(v, (int, float, str)) or v is None:

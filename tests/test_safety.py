@@ -19,6 +19,7 @@ import torch
 from headscope.analyses import safety as S
 from headscope.analyses.base import run_analysis
 from headscope.errors import HeadscopeError
+from headscope.heads import head_label
 
 EPS = 1e-5
 
@@ -285,12 +286,12 @@ def test_sahara_batched_steps_match_per_candidate_loop(tiny, tmp_path, fmt):
     ref1 = _loop_map(an, ctx, [])
     np.testing.assert_allclose(np.array(recs[0]["angles"]), ref1, rtol=0, atol=ANGLE_ATOL)
     first = S.top_heads(ref1, 1)[0][:2]
-    assert recs[0]["added"] == S.head_name(*first) and recs[0]["n_candidates"] == 12
+    assert recs[0]["added"] == head_label(*first) and recs[0]["n_candidates"] == 12
     ref2 = _loop_map(an, ctx, [first])                                   # non-empty group
     got2 = np.array(recs[1]["angles"])
     np.testing.assert_array_equal(np.isnan(got2), np.isnan(ref2))
     np.testing.assert_allclose(got2, ref2, rtol=0, atol=ANGLE_ATOL)
-    assert recs[1]["added"] == S.head_name(*S.top_heads(ref2, 1)[0][:2])
+    assert recs[1]["added"] == head_label(*S.top_heads(ref2, 1)[0][:2])
     np.testing.assert_allclose(run.meta["summary"]["gships_per_step"], [np.nanmax(ref1), np.nanmax(ref2)],
                                rtol=0, atol=ANGLE_ATOL)
 
