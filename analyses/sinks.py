@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from headscope.errors import HeadscopeError
+from headscope.heads import top_labels
 from headscope.kernels import StatsSpec
 
 from .base import Analysis, Example, ExampleOutput, Finalized, Option, ScoreMeta, register
@@ -346,9 +347,7 @@ class SinksAnalysis(Analysis):
             "secondary_tokens": dict(sec_tokens.most_common(10)),
             "inputs_with_secondary": n_with_secondary,
         }
-        H = scores["sink_fraction"].shape[1]
-        order = np.argsort(scores["sink_fraction"], axis=None, kind="stable")[::-1]
-        summary["most_dormant"] = [f"L{i // H}H{i % H}" for i in order[:5]]
+        summary["most_dormant"] = top_labels(scores["sink_fraction"], 5)
         arrays = {f"{k}_std": agg[k].std for k in ("alpha_k", "sink_fraction")}
         arrays["primary_score_by_layer"] = agg["primary_score_by_layer"].mean
         for k in ("alpha_by_position", "sink_rate_by_position"):

@@ -394,7 +394,7 @@ def _example_pattern(run, layer: int, head: int, index: str) -> None:
     b = a + pat.shape[0]
     # keys beyond the window's last query get no attention (causal): cut them
     ds = views.downsample_pattern(pat[:, :b], keep_first=4)
-    _chart(views.pattern_figure(ds, toks, q_offset=a, title=f"L{layer}H{head} on {ex}, queries {a}–{b - 1}"),
+    _chart(views.pattern_figure(ds, toks, q_offset=a, title=f"{views.head_label(layer, head)} on {ex}, queries {a}–{b - 1}"),
            "pat_fig")
     stats = views.pattern_stats(pat, a)
     st.caption(f"on these queries: entropy {stats['entropy']:.3f} nats · mean distance {stats['mean_distance']:.2f} "
@@ -510,7 +510,7 @@ def inspect_page() -> None:
         left, right = st.columns([3, 2])
         ds = views.downsample_pattern(pat, max_q=cells, max_k=cells)
         with left:
-            _chart(views.pattern_figure(ds, toks, q_offset=cap.rows[0], title=f"L{l}H{h} attention",
+            _chart(views.pattern_figure(ds, toks, q_offset=cap.rows[0], title=f"{views.head_label(l, h)} attention",
                                         sink_positions=views.sink_positions(cap.alpha[l, h], eps, eligible=eligible)),
                    f"insp_pat_{l}_{h}")
         with right:
