@@ -69,43 +69,54 @@ COMMON_OPTIONS = (
 
 # --------------------------------------------------------------------------- streaming stats
 class RunningMean:
-    """Mean and variance of same-shaped arrays, mergeable and serialisable (baukit-style)."""
+    """Mean and (population) std of same-shaped arrays, serialisable for resume.
+
+    Welford's update, in Chan et al.'s weighted form: ``mean`` and ``m2`` (sum of squared deviations)
+    move by the deviation from the running mean, so the variance keeps its digits when the values
+    sit far from zero (``sumsq/n - mean^2`` cancels catastrophically there). ``add(x, weight=w)``
+    counts ``x`` w times. Raises on NaN/inf, which would poison every later mean.
+    """
 
     def __init__(self):
         self.n = 0
-        self.sum = None
-        self.sumsq = None
+        self._mean = None
+        self.m2 = None
 
     def add(self, x: np.ndarray, weight: int = 1) -> None:
         x = np.asarray(x, dtype=np.float64)
         if not np.all(np.isfinite(x)):
             raise HeadscopeError("a score came out NaN/inf; refusing to fold it into the average")
-        if self.sum is None:
-            self.sum, self.sumsq = np.zeros_like(x), np.zeros_like(x)
-        self.sum += x * weight
-        self.sumsq += x * x * weight
+        if self._mean is None:
+            self._mean, self.m2 = np.zeros_like(x), np.zeros_like(x)
         self.n += weight
+        delta = x - self._mean
+        self._mean = self._mean + delta * (weight / self.n)
+        self.m2 = self.m2 + weight * delta * (x - self._mean)
 
     @property
     def mean(self) -> np.ndarray:
-        return self.sum / max(self.n, 1)
+        return self._mean
 
     @property
     def std(self) -> np.ndarray:
-        var = self.sumsq / max(self.n, 1) - self.mean ** 2
-        return np.sqrt(np.clip(var, 0, None))
+        return np.sqrt(np.clip(self.m2 / max(self.n, 1), 0, None))
 
     def state(self, prefix: str) -> dict[str, np.ndarray]:
-        if self.sum is None:
+        if self._mean is None:
             return {f"{prefix}.n": np.array(0)}
-        return {f"{prefix}.n": np.array(self.n), f"{prefix}.sum": self.sum, f"{prefix}.sumsq": self.sumsq}
+        return {f"{prefix}.n": np.array(self.n), f"{prefix}.mean": self._mean, f"{prefix}.m2": self.m2}
 
     @classmethod
     def from_state(cls, state: dict, prefix: str) -> "RunningMean":
+        """Also reads the ``sum`` / ``sumsq`` state of partial runs written before the Welford update."""
         r = cls()
         r.n = int(state.get(f"{prefix}.n", 0))
-        if r.n:
-            r.sum, r.sumsq = state[f"{prefix}.sum"].astype(np.float64), state[f"{prefix}.sumsq"].astype(np.float64)
+        if r.n and f"{prefix}.mean" in state:
+            r._mean, r.m2 = state[f"{prefix}.mean"].astype(np.float64), state[f"{prefix}.m2"].astype(np.float64)
+        elif r.n:
+            total, sq = state[f"{prefix}.sum"].astype(np.float64), state[f"{prefix}.sumsq"].astype(np.float64)
+            r._mean = total / r.n
+            r.m2 = np.clip(sq - total * r._mean, 0, None)
         return r
 
 

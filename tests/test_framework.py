@@ -75,6 +75,27 @@ def test_running_mean_matches_numpy_and_roundtrips():
         rm2.add(np.full((4, 5), np.nan))
 
 
+def test_running_mean_keeps_the_variance_far_from_zero_and_weights():
+    """Scores near 1e8 with unit spread: sumsq/n - mean^2 loses every digit of the variance there;
+    the Welford update must match numpy's two-pass std. weight=w equals adding the array w times.
+    A state in the old sum/sumsq form (partial runs from before) still resumes."""
+    rng = np.random.default_rng()
+    xs = 1e8 + rng.normal(size=(50, 3))
+    w = rng.integers(1, 4, size=50)
+    rm = RunningMean()
+    for x, k in zip(xs, w):
+        rm.add(x, weight=int(k))
+    rep = np.repeat(xs, w, axis=0)
+    np.testing.assert_allclose(rm.mean, rep.mean(0), rtol=1e-14)
+    np.testing.assert_allclose(rm.std, rep.std(0), rtol=1e-6)
+    old = {"a.n": np.array(len(xs[:5])), "a.sum": (xs[:5] - 1e8).sum(0), "a.sumsq": ((xs[:5] - 1e8) ** 2).sum(0)}
+    resumed = RunningMean.from_state(old, "a")
+    for x in xs[5:] - 1e8:
+        resumed.add(x)
+    np.testing.assert_allclose(resumed.mean, (xs - 1e8).mean(0), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(resumed.std, (xs - 1e8).std(0), rtol=1e-9)
+
+
 def test_aggregator_state_roundtrip():
     agg = Aggregator()
     agg.add("a.b", np.ones((2, 2)))
