@@ -203,8 +203,7 @@ class _Edits:
         if edits.uniform is not None:
             self.uniform_heads = edits.uniform.bool().nonzero().flatten().tolist()
         if edits.key_pos is not None:
-            w = torch.ones(H, Tk, device=device)
-            w[:, edits.key_pos.to(device).long()] = edits.key_scale.to(device).float()[:, None]
+            w = edits.key_weights(H, Tk, device)                          # [H, Tk]
             cols = (w != 1).any(0).nonzero().flatten()
             if cols.numel():
                 self.kp_cols, self.kp_w = cols, w[:, cols]

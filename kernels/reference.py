@@ -9,11 +9,16 @@ from .spec import AttnResult, HeadEdits, StatsSpec, check_inputs
 
 
 def visible_mask(Tq: int, Tk: int, *, causal: bool = True, window: int | None = None,
-                 kv_valid: torch.Tensor | None = None, device=None) -> torch.Tensor:
-    """[B or 1, 1, Tq, Tk] bool: key s visible to query i (at key index Tk - Tq + i)."""
-    t = torch.arange(Tk - Tq, Tk, device=device)[:, None]  # [Tq, 1]
+                 kv_valid: torch.Tensor | None = None, rows: torch.Tensor | None = None, device=None) -> torch.Tensor:
+    """[B or 1, 1, R, Tk] bool: key s visible to query i (at key index Tk - Tq + i).
+
+    The one definition of visibility (causal, sliding window ``t - s < window``, padding) for
+    everything that materialises maps: this reference, the Triton wrapper's dense rows, the
+    TransformerLens bridge. ``rows``: the query indices wanted (default all Tq)."""
+    i = torch.arange(Tq, device=device) if rows is None else rows.to(device)
+    t = (Tk - Tq + i)[:, None]                             # [R, 1] key index of each query
     s = torch.arange(Tk, device=device)[None, :]           # [1, Tk]
-    m = torch.ones(Tq, Tk, dtype=torch.bool, device=device)
+    m = torch.ones(t.shape[0], Tk, dtype=torch.bool, device=device)
     if causal:
         m &= s <= t
     if window is not None:
@@ -53,8 +58,7 @@ def attend_reference(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | 
             n = vis.sum(-1, keepdim=True).clamp_min(1)
             p = torch.where(u, vis.double() / n, p)
         if edits.key_pos is not None:
-            w = torch.ones(H, Tk, dtype=torch.float64, device=q.device)
-            w[:, edits.key_pos.to(q.device).long()] = edits.key_scale.to(q.device).double()[:, None]
+            w = edits.key_weights(H, Tk, q.device, torch.float64)                  # [H, Tk]
             p = p * w[None, :, None, :]
             p = p / p.sum(-1, keepdim=True).clamp_min(1e-300)
 
@@ -68,13 +72,25 @@ def attend_reference(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | 
         if edits.out_scale is not None:
             out = out * edits.out_scale.to(q.device).double()[None, :, None, None]
     out = torch.where(any_vis, out, 0.0)
+    # lse of the logits the model used; under edits it still describes the raw logits
+    stats = stats_from_probs(p, spec, vis, lse=lse if spec.lse else None)
+    return AttnResult(out=out.to(v.dtype) if output else None, stats=stats)
 
+
+def stats_from_probs(p: torch.Tensor, spec: StatsSpec, vis: torch.Tensor,
+                     lse: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The ``spec`` statistics of materialised weights, as ``spec.py`` defines them (float64 math).
+
+    p: [B, H, Tq, Tk] weights of queries at key index Tk - Tq + i, 0 where invisible; vis: [B or
+    1, 1 or H, Tq, Tk] bool. ``lse`` [B, H, Tq] is passed through when given (it needs the logits).
+    The one place a statistic is computed from a probability matrix: the reference backend and
+    the TransformerLens bridge (``probe.tl.pattern_stats``) both call it."""
+    Tq, Tk = p.shape[-2:]
     stats = {}
-    t_idx = torch.arange(Tk - Tq, Tk, device=q.device)[:, None]
-    s_idx = torch.arange(Tk, device=q.device)[None, :]
+    t_idx = torch.arange(Tk - Tq, Tk, device=p.device)[:, None]
+    s_idx = torch.arange(Tk, device=p.device)[None, :]
     dist = (t_idx - s_idx).clamp_min(0).double()  # [Tq, Tk]
-    if spec.lse:
-        # lse of the logits the model used; under edits it still describes the raw logits
+    if lse is not None:
         stats["lse"] = lse.float()
     if spec.topk:
         kk = min(spec.topk, Tk)
@@ -93,7 +109,7 @@ def attend_reference(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | 
     if spec.mean_dist:
         stats["mean_dist"] = (p * dist).sum(-1).float()
     if spec.col_mass:
-        band = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device)
+        band = torch.ones(Tq, Tk, dtype=torch.bool, device=p.device)
         if spec.col_band is not None:
             lo, hi = spec.col_band
             d = t_idx - s_idx
@@ -106,4 +122,4 @@ def attend_reference(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | 
     if spec.pattern_rows is not None:
         a, b = spec.pattern_rows
         stats["pattern"] = p[:, :, a:min(b, Tq)].float()
-    return AttnResult(out=out.to(v.dtype) if output else None, stats=stats)
+    return stats

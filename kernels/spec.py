@@ -111,6 +111,13 @@ class HeadEdits:
     def empty(self) -> bool:
         return all(getattr(self, f.name) is None for f in fields(self))
 
+    def key_weights(self, n_heads: int, Tk: int, device=None, dtype=torch.float32) -> torch.Tensor:
+        """[H, Tk] multipliers of the probabilities (1 off ``key_pos``): what every backend re-weights by."""
+        w = torch.ones(n_heads, Tk, device=device, dtype=dtype)
+        if self.key_pos is not None:
+            w[:, self.key_pos.to(device).long()] = self.key_scale.to(device=device, dtype=dtype)[:, None]
+        return w
+
 
 @dataclass
 class AttnResult:

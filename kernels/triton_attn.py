@@ -58,6 +58,7 @@ import triton
 import triton.language as tl
 
 from .chunked import _col_count, _topk_lowest_index, _visible_counts, attend_chunked
+from .reference import visible_mask
 from .spec import AttnResult, HeadEdits, StatsSpec, check_inputs
 
 MAX_TOPK = 16
@@ -439,16 +440,7 @@ def _dense_probs(q, k, rows, lse_eff, *, scale, causal, window, softcap, kv_vali
     x = (qr @ k.float().transpose(-1, -2)).view(B, H, R, Tk) * scale        # [B, H, R, Tk]
     if softcap is not None:
         x = softcap * torch.tanh(x / softcap)
-    t = (Tk - Tq + rows)[:, None]                                           # [R, 1]
-    s = torch.arange(Tk, device=q.device)[None, :]
-    vis = torch.ones(R, Tk, dtype=torch.bool, device=q.device)
-    if causal:
-        vis &= s <= t
-    if window is not None:
-        vis &= (t - s) < window
-    vis = vis[None, None]
-    if kv_valid is not None:
-        vis = vis & kv_valid.bool()[:, None, None, :]
+    vis = visible_mask(Tq, Tk, causal=causal, window=window, kv_valid=kv_valid, rows=rows, device=q.device)
     if uni is not None:
         x = torch.where(uni.bool()[None, :, None, None], 0.0, x)
     if bias is not None:
@@ -489,8 +481,7 @@ def attend_triton(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | Non
     uni = edits.uniform.to(dev).int().contiguous() if has_edits and edits.uniform is not None else None
     bias = None
     if has_edits and edits.key_pos is not None:
-        w = torch.ones(H, Tk, device=dev)
-        w[:, edits.key_pos.to(dev).long()] = edits.key_scale.to(dev).float()[:, None]
+        w = edits.key_weights(H, Tk, dev)                                  # [H, Tk]
         if bool((w != 1).any()):
             bias = torch.log(w).contiguous()                               # [H, Tk], -inf for w = 0
     post_edit = output and has_edits and (edits.replace_mask is not None or edits.out_scale is not None)

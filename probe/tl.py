@@ -23,6 +23,7 @@ from typing import Any, Iterator
 import torch
 
 from headscope.errors import HeadscopeError
+from headscope.kernels.reference import stats_from_probs, visible_mask
 
 from .capture import Capture, ForwardResult
 from .hook import Anatomy, LayerCall
@@ -94,36 +95,7 @@ def pattern_stats(p: torch.Tensor, spec, visible: torch.Tensor) -> dict[str, tor
     if spec.lse:
         raise HeadscopeError("lse needs attention logits; a TransformerBridge exposes only probabilities "
                              "(use headscope.probe.Probe for lse)")
-    p = p.double() * visible
-    Tq, Tk = p.shape[-2:]
-    t = torch.arange(Tk - Tq, Tk, device=p.device)[:, None]
-    s = torch.arange(Tk, device=p.device)[None, :]
-    dist = (t - s).clamp_min(0).double()                                    # [Tq, Tk]
-    out: dict[str, torch.Tensor] = {}
-    if spec.topk:
-        order = torch.sort(p, dim=-1, descending=True, stable=True)         # ties -> lowest index
-        out["topk_idx"] = order.indices[..., :spec.topk]
-        out["topk_prob"] = order.values[..., :spec.topk].float()
-    if spec.entropy:
-        out["entropy"] = (-(p * torch.log(p.clamp_min(1e-300))).sum(-1)).float()
-    if spec.segments:
-        out["segment_mass"] = torch.stack([p[..., a:b].sum(-1) for a, b in spec.segments], -1).float()
-    if spec.window_dist is not None:
-        out["win_dist"] = (p * dist.clamp_max(spec.window_dist)).sum(-1).float()
-    if spec.mean_dist:
-        out["mean_dist"] = (p * dist).sum(-1).float()
-    if spec.col_mass:
-        band = torch.ones(Tq, Tk, dtype=torch.bool, device=p.device)
-        if spec.col_band is not None:
-            lo, hi = spec.col_band
-            band = ((t - s) >= lo) & (((t - s) <= hi) if hi is not None else True)
-        inb = visible & band
-        out["col_mass"] = (p * inb).sum(-2).float()
-        out["col_count"] = inb[:, 0].sum(-2)
-    if spec.pattern_rows is not None:
-        a, b = spec.pattern_rows
-        out["pattern"] = p[:, :, a:min(b, Tq)].float()
-    return out
+    return stats_from_probs(p.double() * visible, spec, visible)
 
 
 class BridgeProbe:
@@ -171,24 +143,16 @@ class BridgeProbe:
             raise HeadscopeError("BridgeProbe runs no decode steps; phase='decode' needs Probe.generate")
         return intervention_block(self._interventions, self.anatomy, ops, phase)
 
-    def _visible(self, layer: int, T: int, device) -> torch.Tensor:
-        t, s = torch.arange(T, device=device)[:, None], torch.arange(T, device=device)[None, :]
-        w = self.anatomy.windows[layer]
-        vis = (s <= t) & ((t - s) < w if w is not None else True)
-        return vis[None, None]                                              # [1, 1, T, T]
-
     def _pattern_hook(self, layer: int, T: int, edits, call, cap):
         """hook_pattern: uniform heads, key reweighting, then statistics of the map actually used."""
         def fn(p, hook):
-            vis = self._visible(layer, T, p.device)
+            vis = visible_mask(T, T, window=self.anatomy.windows[layer], device=p.device)  # [1, 1, T, T]
             e = edits.edits_for(call, p.device)
             if e is not None and e.uniform is not None:
                 u = vis.to(p.dtype) / vis.sum(-1, keepdim=True)
                 p = torch.where(e.uniform[None, :, None, None], u, p)
             if e is not None and e.key_pos is not None:
-                w = torch.ones(p.shape[1], T, dtype=p.dtype, device=p.device)
-                w[:, e.key_pos] = e.key_scale[:, None].to(p.dtype)
-                p = p * w[None, :, None, :]
+                p = p * e.key_weights(p.shape[1], T, p.device, p.dtype)[None, :, None, :]
                 p = p / p.sum(-1, keepdim=True)
             spec = cap.spec_for(call) if cap is not None else None
             if spec is not None:
