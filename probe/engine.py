@@ -160,44 +160,39 @@ class Probe:
         """
         with self.lock:
             self.anatomy.check_unchanged()
-            return self._run(ids, mask, cache=cache, chunk_size=chunk_size, capture=capture, phase=phase,
-                             row_edits=row_edits, extra_hooks=extra_hooks, logits_to_keep=logits_to_keep)
+            an = self.anatomy
+            edits = Edits(an, self._interventions, phase)
+            past = cache.get_seq_length() if cache is not None else 0
+            T = ids.shape[1]
+            device = self.device
 
-    def _run(self, ids, mask, *, cache, chunk_size, capture, phase, row_edits, extra_hooks,
-             logits_to_keep) -> ForwardResult:
-        an = self.anatomy
-        edits = Edits(an, self._interventions, phase)
-        past = cache.get_seq_length() if cache is not None else 0
-        T = ids.shape[1]
-        device = self.device
+            def plan(call):
+                spec = capture.spec_for(call) if capture is not None else None
+                return spec, edits.edits_for(call, device)
 
-        def plan(call):
-            spec = capture.spec_for(call) if capture is not None else None
-            return spec, edits.edits_for(call, device)
+            def hooks(q_start):
+                handles = edits.hooks(q_start)  # patches first: captures see the patched values
+                if extra_hooks is not None:
+                    handles += extra_hooks(q_start)
+                if capture is not None:
+                    handles += capture.hooks(q_start)
+                return handles
 
-        def hooks(q_start):
-            handles = edits.hooks(q_start)  # patches first: captures see the patched values
-            if extra_hooks is not None:
-                handles += extra_hooks(q_start)
+            keep_n, on_logits = logits_to_keep, None
             if capture is not None:
-                handles += capture.hooks(q_start)
-            return handles
-
-        keep_n, on_logits = logits_to_keep, None
-        if capture is not None:
-            capture.begin(past, past + T)
-            if capture.wants_logits:
-                on_logits = lambda first, lg: capture.store("logits", first, lg)  # noqa: E731
-                keep_n = 0 if keep_n == 0 else max(keep_n, capture.logits_needed(past + T))
-        ctx = AttnContext(an.layer_of, self.backend, plan=plan, record=capture.record if capture is not None else None,
-                          row_edits=row_edits or {}, check_finite=capture is not None and capture.check_finite)
-        res = run_forward(an, ids, mask, ctx=ctx, chunk_size=chunk_size, cache=cache, hooks=hooks,
-                          on_logits=on_logits, logits_to_keep=keep_n)
-        if capture is not None:
-            capture.finish(past + T)
-        if logits_to_keep and res.logits.shape[1] > logits_to_keep:
-            res.logits = res.logits[:, -logits_to_keep:]
-        return res
+                capture.begin(past, past + T)
+                if capture.wants_logits:
+                    on_logits = lambda first, lg: capture.store("logits", first, lg)  # noqa: E731
+                    keep_n = 0 if keep_n == 0 else max(keep_n, capture.logits_needed(past + T))
+            ctx = AttnContext(an.layer_of, self.backend, plan=plan, record=capture.record if capture is not None else None,
+                              row_edits=row_edits or {}, check_finite=capture is not None and capture.check_finite)
+            res = run_forward(an, ids, mask, ctx=ctx, chunk_size=chunk_size, cache=cache, hooks=hooks,
+                              on_logits=on_logits, logits_to_keep=keep_n)
+            if capture is not None:
+                capture.finish(past + T)
+            if logits_to_keep and res.logits.shape[1] > logits_to_keep:
+                res.logits = res.logits[:, -logits_to_keep:]
+            return res
 
     def forward(self, input_ids, attention_mask=None, chunk_size: int | None = None,
                 allow_beyond_context: bool = False, logits_to_keep: int = 0) -> ForwardResult:
