@@ -58,6 +58,7 @@ class PromptCapture:
     ids: list[int]
     tokens: list[str]
     alpha: np.ndarray          # attention each key receives, averaged over the queries that see it
+    col_mass: np.ndarray       # attention each key receives, summed over all queries
     count: np.ndarray          # [T] number of queries that see each key without a window (sink eligibility)
     entropy: np.ndarray
     mean_dist: np.ndarray      # sum_s p[t,s] (t - s): the head's span at query t
@@ -91,7 +92,7 @@ def capture_prompt(probe, lm, ids: Sequence[int], heads: Sequence[tuple[int, int
     L = len(cap.stats)
     st = {k: np.stack([cap.stats[l][k][0].float().numpy() for l in range(L)])
           for k in ("entropy", "mean_dist", "topk_idx", "topk_prob")}
-    alpha, _, col_count = captured_alpha(cap.stats, L)                         # [L, H, T], [L, T]
+    alpha, col_mass, col_count = captured_alpha(cap.stats, L)                  # [L, H, T] x2, [L, T]
     layers = sorted({l for l, _ in heads})
     patterns = {}
     if layers:
@@ -100,11 +101,108 @@ def capture_prompt(probe, lm, ids: Sequence[int], heads: Sequence[tuple[int, int
         for l, h in heads:
             patterns[(l, h)] = pc.stats[l]["pattern"][0, h].float().numpy()
     return PromptCapture(
-        ids=list(ids), tokens=token_strings(lm.tokenizer, ids), alpha=alpha.numpy(),
+        ids=list(ids), tokens=token_strings(lm.tokenizer, ids), alpha=alpha.numpy(), col_mass=col_mass.numpy(),
         count=col_count.max(0).values.numpy(),
         entropy=st["entropy"], mean_dist=st["mean_dist"],
         topk_idx=st["topk_idx"].astype(np.int64), topk_prob=st["topk_prob"],
         next_probs=softmax(out.logits[0, -1].float().numpy()), rows=(a, b), patterns=patterns)
+
+
+# one number per head for the current prompt: name -> (what it is, higher means)
+OVERVIEW_STATS = {
+    "entropy": "mean attention entropy over queries, nats (high = diffuse)",
+    "sink mass (token 0)": "attention token 0 receives, averaged over queries (Gu's alpha_0)",
+    "top-1 distance": "mean distance from each query to its most-attended key, tokens",
+    "mean span": "mean over queries of sum_s p[t, s] (t - s), tokens",
+    "mass on token span": "attention on the chosen token span, averaged over all queries",
+}
+
+
+def head_overview(cap: PromptCapture, stat: str, span: tuple[int, int] | None = None) -> np.ndarray:
+    """[L, H] ``stat`` (a key of ``OVERVIEW_STATS``) for every head on the captured prompt.
+
+    Read from the streaming statistics the capture already holds, no new forward. ``span`` = [a, b)
+    token positions for "mass on token span": sum over queries and span keys of p[t, s], divided by
+    the number of queries (queries before the span add 0).
+    """
+    T = cap.entropy.shape[-1]
+    if stat == "entropy":
+        return cap.entropy.mean(-1)
+    if stat == "sink mass (token 0)":
+        return cap.alpha[:, :, 0]
+    if stat == "top-1 distance":
+        return (np.arange(T) - cap.topk_idx[..., 0]).mean(-1)
+    if stat == "mean span":
+        return cap.mean_dist.mean(-1)
+    if stat == "mass on token span":
+        if span is None or not 0 <= span[0] < span[1] <= T:
+            raise HeadscopeError(f"token span must be 0 <= first < end <= {T}, got {span}")
+        return cap.col_mass[:, :, span[0]:span[1]].sum(-1) / T
+    raise HeadscopeError(f"unknown head statistic {stat!r}; choose one of {', '.join(OVERVIEW_STATS)}")
+
+
+def direct_logits(probe, lm, ids: Sequence[int], target: str | None = None, k: int = 8) -> dict:
+    """Direct logit attribution of every head at the last position (``probe.dla``).
+
+    ``target``: text whose first token is attributed (default: the model's top-1 next token).
+    Returns the target's [L, H] effects and, per head, the ``k`` tokens its direct path pushes up
+    and down most (logit units, final norm frozen).
+    """
+    import torch
+
+    from headscope.probe.dla import direct_logit_attribution
+    dla = direct_logit_attribution(probe, torch.tensor([list(ids)]))     # [L, H, V]
+    if target:
+        tid = lm.tokenizer(target, add_special_tokens=False)["input_ids"]
+        if not tid:
+            raise HeadscopeError(f"target {target!r} has no tokens")
+        tid = int(tid[0])
+    else:
+        tid = int(dla.logits.argmax())
+    up = torch.topk(dla.effects, k, dim=-1)                                  # [L, H, k]
+    down = torch.topk(-dla.effects, k, dim=-1)
+    return {"id": tid, "token": lm.tokenizer.decode([tid]), "effects": dla.effects[..., tid].numpy(),
+            "up_ids": up.indices.numpy(), "up": up.values.numpy(),
+            "down_ids": down.indices.numpy(), "down": -down.values.numpy()}
+
+
+SWEEP_METRICS = ("KL(clean ‖ ablated)", "Δ log p(target)", "Δ logit(target)")
+
+
+def ablation_sweep(probe, lm, ids: Sequence[int], kind: str, metric: str, target: str | None = None,
+                   scale: float = 0.0) -> tuple[np.ndarray, str]:
+    """[L, H] ``metric`` with each single head ablated (``kind``: zero, uniform or scale), one batched
+    ``probe.sweep_heads`` (every layer's heads in one forward from that layer on), and the target token.
+
+    Δ metrics are ablated minus clean at the last position; the target defaults to the clean top-1.
+    """
+    import torch
+
+    from headscope.analyses.safety import ships_kl
+    if kind not in ("zero", "uniform", "scale"):
+        raise HeadscopeError(f"the ablation heatmap sweeps zero, uniform or scale ablation, not {kind!r}")
+    if metric not in SWEEP_METRICS:
+        raise HeadscopeError(f"unknown sweep metric {metric!r}; choose one of {', '.join(SWEEP_METRICS)}")
+    x = torch.tensor([list(ids)])
+    base = probe.forward(x, logits_to_keep=1).logits[0, -1].float()
+    if target:
+        tid = lm.tokenizer(target, add_special_tokens=False)["input_ids"]
+        if not tid:
+            raise HeadscopeError(f"target {target!r} has no tokens")
+        tid = int(tid[0])
+    else:
+        tid = int(base.argmax())
+    logp = torch.log_softmax(base, -1)
+
+    def value(logits):                                                       # logits [1, 1, V]
+        z = logits[0, -1].float()
+        if metric == SWEEP_METRICS[0]:
+            return float(ships_kl(base, z))
+        if metric == SWEEP_METRICS[1]:
+            return float(torch.log_softmax(z, -1)[tid] - logp[tid])
+        return float(z[tid] - base[tid])
+    scores = probe.sweep_heads(x, value, kind=kind, value=float(scale) if kind == "scale" else None, logits_to_keep=1)
+    return scores.numpy(), lm.tokenizer.decode([tid])
 
 
 def fai_waad_series(probe, lm, ids: Sequence[int]) -> dict | None:

@@ -445,6 +445,21 @@ def _prompt_input(key: str, default: str) -> str:
     return st.text_area("prompt", key=f"{key}_text", height=110)
 
 
+def _take_clicked_head(chart_key: str, heads_key: str, valid: list[str], max_heads: int = 8) -> None:
+    """A click on the layer x head grid ``chart_key`` adds that head to the multiselect ``heads_key``.
+
+    Runs before the multiselect is drawn (Streamlit refuses changes to a drawn widget's state);
+    each click is taken once, the newest head replacing the oldest beyond ``max_heads``."""
+    points = ((st.session_state.get(chart_key) or {}).get("selection") or {}).get("points") or []
+    if not points or points == st.session_state.get(chart_key + "_taken"):
+        return
+    st.session_state[chart_key + "_taken"] = points
+    label = views.head_label(int(points[0]["y"]), int(points[0]["x"]))
+    chosen = [h for h in st.session_state.get(heads_key, []) if h != label]
+    if label in valid:
+        st.session_state[heads_key] = (chosen + [label])[-max_heads:]
+
+
 def inspect_page() -> None:
     st.title("Inspect")
     loaded = loaded_model()
@@ -456,7 +471,9 @@ def inspect_page() -> None:
     valid = _head_options(info)
     if "insp_heads" not in st.session_state:
         st.session_state["insp_heads"] = _default_heads(lm.name, valid)
-    heads_l = st.multiselect("heads", valid, key="insp_heads", max_selections=8)
+    _take_clicked_head("insp_grid", "insp_heads", valid)
+    heads_l = st.multiselect("heads", valid, key="insp_heads", max_selections=8,
+                             help="or click a cell of the all-heads grid below")
     c1, c2, c3, c4 = st.columns(4)
     bos = c1.checkbox("prepend BOS", True, key="insp_bos")
     eps = c2.slider("sink threshold ε", 0.05, 0.9, 0.3, 0.05, key="insp_eps",
@@ -505,6 +522,7 @@ def inspect_page() -> None:
     st.caption(f"keys seen by fewer than {int(cap.count[eligible].min())} queries are not tested: their "
                "mean attention averages too few rows")
     st.html(views.tokens_html(toks, rate / 100.0, sinks))
+    _all_heads_grid(cap)
     for (l, h), pat in cap.patterns.items():
         st.markdown(f"#### {views.head_label(l, h)}")
         left, right = st.columns([3, 2])
@@ -530,10 +548,60 @@ def inspect_page() -> None:
         st.caption(f"as the fai analysis computes them (Li et al.), with its defaults: local heads = the "
                    f"{o['local_frac']:.0%} with the shortest mean span on this prompt ({len(fw['local'])}), global = "
                    f"the {o['global_frac']:.0%} longest ({len(fw['global'])}); W = {o['W']}, FAI band {band}.")
+    _direct_logits(loaded, want, list(cap.patterns))
     st.markdown("#### Next token")
     top = np.argsort(-cap.next_probs)[:10]
     st.dataframe([{"token": lm.tokenizer.decode([int(i)]), "id": int(i), "p": float(cap.next_probs[i])} for i in top],
                  hide_index=True, key="insp_next")
+
+
+def _all_heads_grid(cap) -> None:
+    """Layer x head grid of one statistic of the captured prompt; a click opens that head's pattern."""
+    st.markdown("#### All heads on this prompt")
+    g1, g2 = st.columns([2, 3])
+    stat = g1.selectbox("statistic", list(live.OVERVIEW_STATS), key="insp_stat")
+    span = None
+    if stat == "mass on token span":
+        T = len(cap.tokens)
+        span = g2.slider("token span [first, end)", 0, T, (0, min(1, T)), key="insp_span",
+                         help="positions as in the token strip above (0 = first token)")
+    try:
+        grid = live.head_overview(cap, stat, tuple(span) if span else None)
+    except HeadscopeError as e:
+        _error(e)
+        return
+    fig = views.heatmap_figure(grid, stat, meta={"description": live.OVERVIEW_STATS[stat]})
+    st.plotly_chart(fig, key="insp_grid", on_select="rerun", selection_mode="points",
+                    config={"displaylogo": False})
+    st.caption("click a cell to open that head's pattern below")
+
+
+def _direct_logits(loaded, want, heads: list[tuple[int, int]]) -> None:
+    """Direct logit attribution per head at the last position, and what the shown heads push."""
+    st.markdown("#### Direct logit attribution (last position)")
+    target = st.text_input("target token (empty: the predicted next token)", key="insp_dla_target").strip()
+    key = (want, target)
+    memo = st.session_state.get("insp_dla")
+    if memo is None or memo[0] != key:
+        try:
+            with st.spinner("attributing…"):
+                memo = (key, live.direct_logits(loaded.probe, loaded.lm, list(want[1]), target or None))
+        except HeadscopeError as e:
+            _error(e)
+            return
+        st.session_state["insp_dla"] = memo
+    d = memo[1]
+    _chart(views.heatmap_figure(d["effects"], f"direct effect on the logit of {d['token']!r}", colorscale="RdBu_r",
+                                zmid=0.0, meta={"description": "each head's output through the final norm (scale "
+                                                "frozen) and the unembedding; logit units"}), "insp_dla_map")
+    dec = loaded.lm.tokenizer.decode
+    for l, h in heads:
+        rows = [{"pushes up": dec([int(i)]), "by": float(v), "pushes down": dec([int(j)]), "by ": float(w)}
+                for i, v, j, w in zip(d["up_ids"][l, h], d["up"][l, h], d["down_ids"][l, h], d["down"][l, h])]
+        st.caption(f"{views.head_label(l, h)}: direct effect {d['effects'][l, h]:+.3f} on {d['token']!r}")
+        st.dataframe(rows, hide_index=True, key=f"insp_dla_{l}_{h}",
+                     column_config={"by": st.column_config.NumberColumn(format="%+.3f"),
+                                    "by ": st.column_config.NumberColumn(format="%+.3f")})
 
 
 # --------------------------------------------------------------------------- Intervene
@@ -603,6 +671,37 @@ def intervene_page() -> None:
             st.success(f"saved as run {run.id}")
         except HeadscopeError as e:
             _error(e)
+    _ablation_heatmap(loaded, ids, kind, scale, target)
+
+
+def _ablation_heatmap(loaded, ids: list[int], kind: str, scale: float, target: str) -> None:
+    """Every head ablated alone (batched sweep) on the Intervene prompt, as a layer x head map."""
+    st.markdown("#### Ablation heatmap: every head alone")
+    c1, c2 = st.columns([2, 1])
+    metric = c1.selectbox("metric at the last position", live.SWEEP_METRICS, key="iv_sweep_metric")
+    sweep_kind = kind if kind in ("zero", "uniform", "scale") else "zero"
+    key = (loaded.lm.name, tuple(ids), sweep_kind, scale, metric, target)
+    memo = st.session_state.get("iv_sweep")
+    if c2.button(f"sweep {loaded.lm.info.n_layers * loaded.lm.info.n_heads} heads ({sweep_kind})", key="iv_sweep_go"):
+        try:
+            with st.spinner("one batched forward per layer…"):
+                memo = (key, live.ablation_sweep(loaded.probe, loaded.lm, ids, sweep_kind, metric, target or None,
+                                                 scale=scale))
+        except HeadscopeError as e:
+            _error(e)
+            return
+        st.session_state["iv_sweep"] = memo
+    if memo is None:
+        st.caption("runs one forward per layer with all of its heads ablated side by side (seconds on a CPU)")
+        return
+    if memo[0] != key:
+        st.caption("The prompt or settings changed: press the sweep button to update.")
+    scores, tok = memo[1]
+    signed = memo[0][4] != live.SWEEP_METRICS[0]
+    _chart(views.heatmap_figure(scores, f"{memo[0][4]} with each head {memo[0][2]}-ablated",
+                                colorscale="RdBu_r" if signed else "Viridis", zmid=0.0 if signed else None,
+                                meta={"description": f"target {tok!r}" if signed else "KL of the next-token "
+                                      "distribution, nats"}), "iv_sweep_map")
 
 
 # --------------------------------------------------------------------------- New run

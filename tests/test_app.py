@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import time
 from pathlib import Path
 
@@ -308,12 +309,32 @@ def test_inspect_page_captures_default_prompt(model_env):
     assert at.metric[0].label == "tokens" and int(at.metric[0].value) > 10
 
 
+def test_inspect_grid_and_dla_and_intervene_sweep(model_env):
+    """The all-heads grid and DLA map are [layers, heads]; the ablation heatmap appears on request."""
+    at = run_ready(page("inspect_page"))
+    no_errors(at)
+    titles = {c["layout"]["title"]["text"].split("<br>")[0]: c for c in charts(at)}
+    assert arr(titles["entropy"]["data"][0]["z"]).shape == (2, 4)
+    dla = next(c for t, c in titles.items() if t.startswith("direct effect on the logit of"))
+    assert arr(dla["data"][0]["z"]).shape == (2, 4)
+    at.selectbox(key="insp_stat").select("mass on token span").run()
+    no_errors(at)
+    grid = next(c for c in charts(at) if c["layout"]["title"]["text"].startswith("mass on token span"))
+    assert (arr(grid["data"][0]["z"]) >= 0).all()
+    at = run_ready(page("intervene_page"))
+    at.multiselect(key="iv_heads").set_value(["L0H0"]).run()
+    at.button(key="iv_sweep_go").click().run()
+    no_errors(at)
+    sweep = next(c for c in charts(at) if "with each head zero-ablated" in c["layout"]["title"]["text"])
+    assert arr(sweep["data"][0]["z"]).shape == (2, 4) and (arr(sweep["data"][0]["z"]) >= 0).all()  # KL >= 0
+
+
 def test_inspect_page_long_prompt_is_pooled(model_env):
     at = run_ready(page("inspect_page"))
     at.text_area(key="insp_text").input("the cat sat on the mat. " * 30).run()
     at.button(key="insp_go").click().run()
     no_errors(at)
-    pat = next(c for c in charts(at) if "attention" in c["layout"]["title"]["text"])
+    pat = next(c for c in charts(at) if re.match(r"L\d+H\d+ attention", c["layout"]["title"]["text"]))
     assert "(pooled)" in pat["layout"]["title"]["text"]
     z = arr(pat["data"][0]["z"])
     assert z.shape[0] <= 128 and z.shape[1] <= 128

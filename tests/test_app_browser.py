@@ -31,6 +31,7 @@ if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
                 allow_module_level=True)
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install -e '.[dev]')")
 from selenium.common.exceptions import StaleElementReferenceException, TimeoutException  # noqa: E402
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
@@ -161,6 +162,33 @@ def test_each_page_renders(app, browser):
     open_page(d, f"{url}/new", "New run", "Jobs")
     d.save_screenshot(str(ARTIFACTS / "05-new-run.png"))
     assert not external_requests(d)  # works offline: nothing fetched from a CDN
+
+
+def test_inspect_all_heads_grid_dla_and_the_ablation_heatmap(app, browser):
+    """The prompt-level views: the all-heads grid (a click opens that head's pattern), direct logit
+    attribution, and the Intervene page's one-click ablation heatmap."""
+    url, _ = app
+    d = browser
+    open_page(d, f"{url}/inspect", "Inspect", "All heads on this prompt", timeout=120)
+    wait_for(d, lambda: "Direct logit attribution" in body(d) and "direct effect on the logit" in body(d), 60,
+             "the DLA heatmap")
+    grid = wait_for(d, lambda: [p for p in plots(d) if "entropy" in p.text][:1], 60, "the all-heads grid")[0]
+    d.execute_script("arguments[0].scrollIntoView({block: 'center'});", grid)
+    before = len([p for p in plots(d) if " attention" in p.text])
+    area = grid.find_elements(By.CSS_SELECTOR, ".nsewdrag")[0]     # the plot area; offsets from its centre
+    w, h = area.size["width"], area.size["height"]
+    ActionChains(d).move_to_element_with_offset(area, -w // 2 + 4, -h // 2 + 4).click().perform()  # L0H0
+    wait_for(d, lambda: "L0H0 attention" in body(d), 60, "the clicked head's pattern")
+    wait_for(d, lambda: settled(d), 60, "Inspect to settle")
+    no_exception(d)
+    assert len([p for p in plots(d) if " attention" in p.text]) >= before
+    d.save_screenshot(str(ARTIFACTS / "09-inspect-grid-dla.png"))
+    open_page(d, f"{url}/intervene", "Intervene", "Ablation heatmap", timeout=120)
+    d.find_element(By.XPATH, "//button[.//p[starts-with(text(), 'sweep ')]]").click()
+    wait_for(d, lambda: "with each head zero-ablated" in body(d), 120, "the ablation heatmap")
+    wait_for(d, lambda: settled(d), 60, "Intervene to settle")
+    no_exception(d)
+    d.save_screenshot(str(ARTIFACTS / "10-intervene-sweep.png"))
 
 
 def _set_number(d, label: str, value: int) -> None:

@@ -278,3 +278,70 @@ def test_live_sink_alpha_on_a_sliding_window_model_matches_eager_and_sinks(tmp_p
     rate = 100.0 * np.array([[(alpha[..., s] > eps).mean() for s in range(T)] for eps in (0.1, 0.3)])
     np.testing.assert_allclose([views.sink_rate(cap.alpha, eps) for eps in (0.1, 0.3)], rate)
     np.testing.assert_allclose(sink_rates(torch.from_numpy(alpha), 0.3), rate[1])
+
+
+def test_head_overview_matches_eager_maps(lm, probe, eager):
+    """Every all-heads grid statistic of the Inspect page vs explicit formulas on eager maps."""
+    ids = live.encode(lm, PROMPT)
+    A, _ = eager_maps(eager, ids)                                             # [L, H, T, T]
+    T = len(ids)
+    cap = live.capture_prompt(probe, lm, ids, [])
+    t = np.arange(T)
+    a, b = sorted(np.random.default_rng().choice(T + 1, 2, replace=False))
+    ref = {
+        "entropy": -(A * np.log(np.where(A > 0, A, 1.0))).sum(-1).mean(-1),
+        "sink mass (token 0)": A[..., 0].mean(-1),
+        "top-1 distance": (t - A.argmax(-1)).mean(-1),
+        "mean span": (A * np.clip(t[:, None] - t[None, :], 0, None)).sum(-1).mean(-1),
+        "mass on token span": A[..., a:b].sum(-1).mean(-1),
+    }
+    assert set(ref) == set(live.OVERVIEW_STATS)
+    for stat, want in ref.items():
+        got = live.head_overview(cap, stat, (a, b))
+        assert got.shape == (2, 4)
+        np.testing.assert_allclose(got, want, atol=1e-4, err_msg=stat)
+    with pytest.raises(HeadscopeError, match="token span"):
+        live.head_overview(cap, "mass on token span", (3, 3))
+
+
+def test_ablation_sweep_matches_one_hooked_eager_forward_per_head(lm, probe, eager):
+    ids = live.encode(lm, PROMPT)
+    bob = lm.tokenizer(" Bob", add_special_tokens=False)["input_ids"][0]
+    with torch.no_grad():
+        base = eager(torch.tensor([ids])).logits[0, -1].double()
+    got_logit, tok = live.ablation_sweep(probe, lm, ids, "zero", live.SWEEP_METRICS[2], " Bob")
+    got_kl, _ = live.ablation_sweep(probe, lm, ids, "zero", live.SWEEP_METRICS[0])
+    assert tok == lm.tokenizer.decode([bob]) and got_logit.shape == (2, 4)
+
+    def zero(h):
+        def fn(z):
+            z[:, :, h] = 0
+            return z
+        return fn
+    for l in range(2):
+        for h in range(4):
+            hook = _o_proj_hook(eager, l, zero(h))
+            try:
+                with torch.no_grad():
+                    after = eager(torch.tensor([ids])).logits[0, -1].double()
+            finally:
+                hook.remove()
+            assert got_logit[l, h] == pytest.approx(float(after[bob] - base[bob]), abs=1e-4)
+            p, q = torch.softmax(base, -1), torch.softmax(after, -1)
+            assert got_kl[l, h] == pytest.approx(float((p * (p / q).log()).sum()), abs=1e-5)
+    with pytest.raises(HeadscopeError, match="sweeps zero, uniform or scale"):
+        live.ablation_sweep(probe, lm, ids, "patch", live.SWEEP_METRICS[0])
+
+
+def test_direct_logits_match_direct_path_removal(lm, probe, eager):
+    from tests.test_dla import _reference
+    ids = live.encode(lm, PROMPT)
+    d = live.direct_logits(probe, lm, ids, " Bob", k=5)
+    bob = lm.tokenizer(" Bob", add_special_tokens=False)["input_ids"][0]
+    assert d["id"] == bob
+    for l, h in ((0, 1), (1, 3)):
+        want = _reference(eager, "llama", torch.tensor([ids]), l, h, len(ids) - 1)    # [V] float64
+        assert d["effects"][l, h] == pytest.approx(float(want[bob]), abs=1e-5)
+        np.testing.assert_array_equal(d["up_ids"][l, h], torch.topk(want, 5).indices.numpy())
+        np.testing.assert_array_equal(d["down_ids"][l, h], torch.topk(-want, 5).indices.numpy())
+        np.testing.assert_allclose(d["down"][l, h], torch.topk(-want, 5).values.neg().numpy(), atol=1e-5)
