@@ -309,6 +309,9 @@ def heads_page() -> None:
     st.subheader("Head drill-down")
     L, H = scores[name].shape
     labels = [views.head_label(l, h, index) for l, h in views.ranked_heads(scores[name])]
+    if st.session_state.get("heads_head_for") != (run.id, name):   # another run or score: start at its top head
+        st.session_state["heads_head_for"] = (run.id, name)
+        st.session_state["heads_head"] = labels[0]
     lab = st.selectbox("head (sorted by score)", labels, key="heads_head")
     layer, head = views.parse_head(lab)
     arrays = run.arrays()

@@ -292,14 +292,18 @@ def series_figure(series: dict[str, np.ndarray], tokens: Sequence[str] | None = 
 
 
 def values_figure(values: list[tuple[str, float]], title: str) -> go.Figure:
-    """A head's value per example (strip of points plus the mean)."""
+    """A head's value per example: unconnected points (examples are independent), the mean and the
+    spread (mean ± std), y ticks in plain significant digits (no SI prefixes such as '250p')."""
     ids = [i for i, _ in values]
     v = np.array([x for _, x in values], dtype=np.float64)
-    fig = go.Figure(go.Scatter(x=ids, y=v, mode="markers+lines", name="per example",
+    fig = go.Figure(go.Scatter(x=ids, y=v, mode="markers", name="per example",
                                hovertemplate="%{x}: %{y:.4g}<extra></extra>"))
-    fig.add_hline(y=float(v.mean()), line={"dash": "dash"}, annotation_text=f"mean {v.mean():.3g}")
+    mean, std = float(v.mean()), float(v.std())
+    if std > 0:
+        fig.add_hrect(y0=mean - std, y1=mean + std, fillcolor="gray", opacity=0.12, line_width=0)
+    fig.add_hline(y=mean, line={"dash": "dash"}, annotation_text=f"mean {mean:.3g} ± {std:.2g} (std)")
     fig.update_layout(title={"text": title}, xaxis={"title": {"text": "example"}, "type": "category"},
-                      height=320, margin={"l": 50, "r": 20, "t": 50, "b": 40})
+                      yaxis={"tickformat": ".3~g"}, height=320, margin={"l": 50, "r": 20, "t": 50, "b": 40})
     return fig
 
 

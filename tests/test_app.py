@@ -250,6 +250,27 @@ def test_heads_page_heatmap_table_and_drilldown(app_env):
     np.testing.assert_allclose(arr(per["data"][0]["y"]), made["per"][:, l, h])
 
 
+def test_heads_drilldown_follows_the_score(app_env):
+    """Switching the score (or run) starts the drill-down at the new score's top head, and the
+    per-example chart shows unconnected points with plain-number ticks."""
+    root, made = app_env
+    at = page("heads_page").run()
+    at.selectbox(key="heads_run").select("ind-a").run()
+    first, second = "previous_token", "induction"   # the second has per-example values
+    at.selectbox(key="heads_score").select(first).run()
+    low = views_label(np.argsort(made["ind_a"][first], axis=None)[0])                # the lowest head of `first`
+    at.selectbox(key="heads_head").select(low).run()
+    at.selectbox(key="heads_score").select(second).run()
+    no_errors(at)
+    assert at.selectbox(key="heads_head").value == views_label(np.argsort(-made["ind_a"][second], axis=None)[0])
+    per = next(c for c in charts(at) if "per example" in c["layout"]["title"]["text"])
+    assert per["data"][0]["mode"] == "markers" and per["layout"]["yaxis"]["tickformat"] == ".3~g"
+
+
+def views_label(flat_index: int, H: int = 6) -> str:
+    return f"L{flat_index // H}H{flat_index % H}"
+
+
 def test_heads_page_kv_scores_and_run_from_url(app_env):
     at = page("heads_page")
     at.query_params["run"] = "kv"
