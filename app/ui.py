@@ -106,6 +106,10 @@ def _rerun_when(done) -> None:
 
 def sidebar() -> None:
     s = settings()
+    for key, (title, _) in PAGE_SPEC.items():
+        if key in _PAGES:
+            st.sidebar.page_link(_PAGES[key], label=title)
+    st.sidebar.divider()
     st.sidebar.markdown("### headscope")
     choices = model_choices(s.model)
     st.sidebar.selectbox("model", choices, key="model", help="the model Inspect, Intervene and New run use")
@@ -838,6 +842,8 @@ def _resume(jm: JobManager, job) -> None:
 
 # --------------------------------------------------------------------------- navigation
 _PAGES: dict[str, object] = {}
+PAGE_SPEC = {"runs": ("Runs", runs_page), "heads": ("Heads", heads_page), "inspect": ("Inspect", inspect_page),
+             "intervene": ("Intervene", intervene_page), "new": ("New run", new_run_page)}
 
 
 def _link_heads(container, run_id: str) -> None:
@@ -851,8 +857,9 @@ def _link_heads(container, run_id: str) -> None:
 def navigation():
     """The app's pages for ``st.navigation``; remembered so pages can link to each other."""
     # no icons: streamlit fetches material-icon SVGs from a CDN, and the app must work offline
-    spec = [("runs", "Runs", runs_page), ("heads", "Heads", heads_page), ("inspect", "Inspect", inspect_page),
-            ("intervene", "Intervene", intervene_page), ("new", "New run", new_run_page)]
-    for key, title, fn in spec:
-        _PAGES[key] = st.Page(fn, title=title, url_path=key, default=key == "runs")
-    return st.navigation(list(_PAGES.values()))
+    for key, (title, fn) in PAGE_SPEC.items():   # the default page is served at "/" and reserves "/home"
+        _PAGES[key] = st.Page(fn, title=title, url_path="home" if key == "runs" else key, default=key == "runs")
+    # "/runs" (like "/heads") reaches the Runs page through an unlisted alias, so the sidebar draws
+    # the links itself (``sidebar``) and the built-in menu is hidden
+    alias = st.Page(runs_page, title="Runs", url_path="runs")
+    return st.navigation([*_PAGES.values(), alias], position="hidden")

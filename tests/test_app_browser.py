@@ -164,6 +164,20 @@ def test_each_page_renders(app, browser):
     assert not external_requests(d)  # works offline: nothing fetched from a CDN
 
 
+def test_runs_page_by_url_and_sidebar_links(app, browser):
+    """``/runs?run=ID`` opens the Runs page on that run (it used to pop up "Page not found"); the
+    sidebar links reach every page."""
+    url, _ = app
+    d = browser
+    open_page(d, f"{url}/runs?run=ind-b", "Runs", "4 of 4 runs")
+    wait_for(d, lambda: plots(d), 30, "the details heatmap")
+    assert "Page not found" not in body(d) and d.current_url.endswith("/runs?run=ind-b")
+    links = {a.text: a for a in d.find_elements(By.CSS_SELECTOR, "[data-testid='stSidebar'] a")}
+    assert {"Runs", "Heads", "Inspect", "Intervene", "New run"} <= set(links)
+    links["New run"].click()
+    wait_for(d, lambda: any(h.text == "New run" for h in d.find_elements(By.TAG_NAME, "h1")), 60, "New run page")
+
+
 def test_inspect_all_heads_grid_dla_and_the_ablation_heatmap(app, browser):
     """The prompt-level views: the all-heads grid (a click opens that head's pattern), direct logit
     attribution, and the Intervene page's one-click ablation heatmap."""
