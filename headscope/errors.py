@@ -3,3 +3,7 @@
 
 class HeadscopeError(Exception):
     """A problem with the user's input or environment, explained in one line."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so runs are saved the same way; the CLI exits 143 for it."""
