@@ -354,6 +354,10 @@ def create_run(out: Path, meta: dict, *, resume: bool = False, digests: list[str
         return run, True
     if resume:
         raise HeadscopeError(f"--resume given but {out} holds no run")
+    try:
+        out.mkdir(parents=True, exist_ok=True)   # callers that write a finished run at once take no lease
+    except OSError as e:
+        raise HeadscopeError(f"cannot write to {out}: {e.strerror or e}; choose another --out") from None
     meta = {"schema": SCHEMA, "id": out.name, **meta, "status": "running"}
     run = Run(out, meta)
     run.save_meta()
