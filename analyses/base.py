@@ -343,11 +343,11 @@ def run_analysis(name: str, model="smollm2-135m", *, data: str | Path | None = N
     if data is not None and not Path(data).exists():
         raise HeadscopeError(f"data file not found: {data} (--data)")
     out = Path(out) if out else default_runs_dir() / new_run_id(name, lm.name if lm is not None else str(model))
-    if resume and not (out / "run.json").exists():
-        raise HeadscopeError(f"--resume given but {out} holds no run")
-    if not resume and (out / "run.json").exists():
-        raise HeadscopeError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     with RunLease.acquire(out):
+        if resume and not (out / "run.json").exists():   # the cheap refusals before the model loads
+            raise HeadscopeError(f"--resume given but {out} holds no run")
+        if not resume and (out / "run.json").exists():
+            raise HeadscopeError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
         if lm is None:
             import torch
 
