@@ -12,8 +12,13 @@ example, so ``--resume`` continues exactly where a crash stopped.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import importlib
+import math
 import platform
+import re
 import time
 import traceback
 from dataclasses import asdict, dataclass, field, replace
@@ -22,48 +27,78 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from headscope.errors import HeadscopeError
+from headscope.errors import HeadscopeError, Interrupted, Terminated
 
-from .store import Run, create_run, default_runs_dir, new_run_id
+from .store import (Run, RunLease, atomic_write_npz, create_run, default_runs_dir, example_digest,
+                    new_run_id)
 
 
 # --------------------------------------------------------------------------- options
 @dataclass(frozen=True)
 class Option:
-    """A typed analysis option; becomes ``--name`` on the CLI and a widget in the app."""
+    """A typed analysis option; becomes ``--name`` on the CLI and a widget in the app.
+
+    ``min``/``max`` (inclusive), ``choices`` and ``pattern`` (a full-match regex for strings) are
+    checked by ``parse`` for both; a value out of range is a one-line error naming the flag, or the
+    form's label when the app passes ``label``.
+    """
 
     name: str
     type: type
     default: Any
     help: str
     choices: tuple | None = None
+    min: float | None = None
+    max: float | None = None
+    pattern: str | None = None
 
-    def parse(self, value):
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def label(self) -> str:
+        """The dashboard's wording for this option."""
+        return self.name.replace("_", " ")
+
+    def parse(self, value, label: str | None = None):
+        """``value`` (a string from the CLI, or a widget value) as ``type``, range-checked."""
+        where = label or self.flag
         if value is None:
             return self.default
         if self.type is bool and isinstance(value, str):
             v = value.lower()
             if v not in ("1", "0", "true", "false", "yes", "no"):
-                raise HeadscopeError(f"--{self.name}: expected true/false, got {value!r}")
+                raise HeadscopeError(f"{where}: expected true/false, got {value!r}")
             value = v in ("1", "true", "yes")
         elif self.type in (list, tuple) and isinstance(value, str):
             value = [x for x in (s.strip() for s in value.split(",")) if x]
         else:
             try:
                 value = self.type(value)
-            except (TypeError, ValueError):
-                raise HeadscopeError(f"--{self.name}: expected {self.type.__name__}, got {value!r}") from None
+            except (TypeError, ValueError, OverflowError):
+                raise HeadscopeError(f"{where}: expected {self.type.__name__}, got {value!r}") from None
+        if self.type is float and not math.isfinite(value):
+            raise HeadscopeError(f"{where}: expected a finite number, got {value!r}")
         if self.choices is not None and value not in self.choices:
-            raise HeadscopeError(f"--{self.name}: {value!r} is not one of {', '.join(map(str, self.choices))}")
+            raise HeadscopeError(f"{where}: {value!r} is not one of {', '.join(map(str, self.choices))}")
+        if self.min is not None and value < self.min:
+            raise HeadscopeError(f"{where}: must be at least {self.min}, got {value!r}")
+        if self.max is not None and value > self.max:
+            raise HeadscopeError(f"{where}: must be at most {self.max}, got {value!r}")
+        if self.pattern is not None and not re.fullmatch(self.pattern, str(value)):
+            raise HeadscopeError(f"{where}: {value!r} is not valid ({self.help})")
         return value
 
 
+SEED_MAX = 2**31 - 1   # torch and numpy seeds, and the analyses' seed arithmetic, stay in int64
+
 COMMON_OPTIONS = (
-    Option("limit", int, None, "use only the first N examples"),
-    Option("seed", int, 0, "random seed (data generation and sampling)"),
-    Option("device", str, "cpu", "torch device, e.g. cpu or cuda"),
+    Option("limit", int, None, "use only the first N examples", min=1),
+    Option("seed", int, 0, "random seed (data generation and sampling)", min=0, max=SEED_MAX),
+    Option("device", str, "cpu", "torch device: cpu, cuda, cuda:N or mps", pattern=r"cpu|cuda(:\d+)?|mps"),
     Option("dtype", str, "float32", "model dtype", ("float32", "bfloat16", "float16")),
-    Option("batch_size", int, 1, "examples per forward pass where the analysis batches"),
+    Option("batch_size", int, 1, "examples per forward pass where the analysis batches", min=1, max=1024),
 )
 
 
@@ -267,12 +302,31 @@ class Analysis:
         return COMMON_OPTIONS + tuple(cls.options)
 
     @classmethod
-    def parse_options(cls, raw: dict) -> dict:
+    def parse_options(cls, raw: dict, gui: bool = False) -> dict:
+        """Every option parsed and range-checked; errors name the CLI flag, or with ``gui`` the
+        form's label. Runs before any model is loaded."""
         known = {o.name: o for o in cls.all_options()}
         unknown = set(raw) - set(known)
         if unknown:
             raise HeadscopeError(f"{cls.name}: unknown option(s) {', '.join(sorted(unknown))}")
-        return {name: o.parse(raw.get(name)) for name, o in known.items()}
+        return {name: o.parse(raw.get(name), o.label if gui else None) for name, o in known.items()}
+
+    def check(self, opts: dict, info) -> None:
+        """Refuse options the loaded model cannot take (``info``: its ModelInfo), before
+        ``examples`` allocates anything. Override for memory-heavy options."""
+
+
+def check_memory(n_bytes: int, flag: str) -> None:
+    """Refuse a run whose per-example buffer alone exceeds half the memory available now
+    (Linux ``MemAvailable``; unchecked where it cannot be read)."""
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return
+    if n_bytes > avail // 2:
+        raise HeadscopeError(f"{flag}: needs about {n_bytes / 2**30:.1f} GiB per example, more than half the "
+                             f"{avail / 2**30:.1f} GiB available; choose a smaller {flag}")
 
 
 _REGISTRY: dict[str, type[Analysis]] = {}
@@ -325,86 +379,109 @@ def run_analysis(name: str, model="smollm2-135m", *, data: str | Path | None = N
                  on_progress: Callable[[int, int | None], None] | None = None) -> Run:
     """Run analysis ``name`` on ``model`` and write a run folder; returns the Run.
 
-    ``lm``/``probe`` may be passed to reuse an already loaded model (the app does). Errors in
-    user input raise HeadscopeError before anything is written; a crash mid-run leaves a
-    ``partial`` run that ``resume=True`` continues.
+    ``lm``/``probe`` may be passed to reuse an already loaded model (the app does). Options are
+    range-checked before the model loads, and the run folder's lease (``store.RunLease``) is taken
+    before it too, so a second writer is refused at once; the lease is held until this returns.
+    Errors in user input raise HeadscopeError before ``run.json`` is written. Bad data met mid-run,
+    a full disk or Ctrl-C/SIGTERM (raised as ``Interrupted``, a HeadscopeError) leave a ``partial``
+    run that ``resume=True`` continues once fixed; any other crash leaves ``failed`` with its traceback.
     """
     cls = get_analysis(name)
     opts = cls.parse_options(options or {})
     if cls.needs_data and data is None:
         raise HeadscopeError(f"{name} needs --data ({cls.data_help or 'a dataset file'})")
     if data is not None and not Path(data).exists():
-        raise HeadscopeError(f"data file not found: {data}")
-    if lm is None:
-        import torch
+        raise HeadscopeError(f"data file not found: {data} (--data)")
+    out = Path(out) if out else default_runs_dir() / new_run_id(name, lm.name if lm is not None else str(model))
+    with RunLease.acquire(out):
+        if resume and not (out / "run.json").exists():   # the cheap refusals before the model loads
+            raise HeadscopeError(f"--resume given but {out} holds no run")
+        if not resume and (out / "run.json").exists():
+            raise HeadscopeError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        if lm is None:
+            import torch
 
-        from headscope.probe import Probe, load_model
-        lm = load_model(model, device=opts["device"], dtype=getattr(torch, opts["dtype"]))
-    if probe is None:
-        from headscope.probe import Probe
-        probe = Probe(lm)
-    analysis = cls()
-    ctx = RunContext(lm=lm, probe=probe, options=opts, data_path=Path(data) if data else None, log=log)
-    examples = list(analysis.examples(ctx))  # validates the data before any write
-    if opts["limit"] is not None:
-        examples = examples[: opts["limit"]]
-    if not examples:
-        raise HeadscopeError(f"{name}: no examples to process (empty dataset?)")
+            from headscope.probe import load_model
+            lm = load_model(model, device=opts["device"], dtype=getattr(torch, opts["dtype"]))
+        if probe is None:
+            from headscope.probe import Probe
+            probe = Probe(lm)
+        analysis = cls()
+        analysis.check(opts, lm.info)
+        ctx = RunContext(lm=lm, probe=probe, options=opts, data_path=Path(data) if data else None, log=log)
+        examples = list(analysis.examples(ctx))  # validates the data before any write
+        if opts["limit"] is not None:
+            examples = examples[: opts["limit"]]
+        if not examples:
+            raise HeadscopeError(f"{name}: no examples to process (empty dataset?)")
+        planned = [(example_digest(ex.id, ex.data), ex.id) for ex in examples]
+        import datetime as _dt
+        meta = {
+            "analysis": name,
+            "created": _dt.datetime.now().isoformat(timespec="seconds"),
+            "model": _model_meta(lm),
+            "config": {**opts, "data": str(data) if data else None},
+            "inputs": {"data_sha256": _data_sha256(Path(data)) if data else None,
+                       "weights": _weights_identity(lm), "n_planned": len(examples)},
+            "versions": versions(),
+        }
+        run, resumed = create_run(out, meta, resume=resume, planned=planned)
+        return _execute(run, resumed, analysis, ctx, examples, planned, progress=progress, log=log,
+                        on_progress=on_progress)
 
-    out = Path(out) if out else default_runs_dir() / new_run_id(name, lm.name)
-    import datetime as _dt
-    meta = {
-        "analysis": name,
-        "created": _dt.datetime.now().isoformat(timespec="seconds"),
-        "model": _model_meta(lm),
-        "config": {**opts, "data": str(data) if data else None},
-        "versions": versions(),
-    }
-    run, resumed = create_run(out, meta, resume=resume)
+
+def _execute(run: Run, resumed: bool, analysis: Analysis, ctx: RunContext, examples: list[Example],
+             planned: list[tuple[str, str]], *, progress: bool, log, on_progress) -> Run:
+    """The run loop: process, fold, append, checkpoint per example; then finalize and publish."""
     state, done = run.load_checkpoint() if resumed else ({}, [])
     agg = Aggregator.from_state(state)
-    done_set = set(done)
     timings = run.meta.setdefault("timings", {})
     t0 = time.time()
-    todo = [ex for ex in examples if ex.id not in done_set]
+    todo = list(zip(examples, planned))[len(done):]   # create_run checked done == planned[:len(done)]
+    hint = f"--resume --out {run.path}"
     if resumed:
-        log(f"resuming {run.path}: {len(done_set)} done, {len(todo)} to go")
+        log(f"resuming {run.path}: {len(done)} done, {len(todo)} to go")
     try:
         from tqdm.auto import tqdm
-        bar = tqdm(todo, desc=name, unit="ex", disable=not progress)
-        for i, ex in enumerate(bar):
+        for ex, key in tqdm(todo, desc=analysis.name, unit="ex", disable=not progress):
             res = analysis.process(ctx, ex)
             if not res.skip:
                 for k, v in res.arrays.items():
                     agg.add(k, v)
             run.append_example({"id": ex.id, "skip": res.skip, **res.details})
-            done.append(ex.id)
+            done.append(key)
             run.save_checkpoint(agg.state(), done)
             if on_progress:
                 on_progress(len(done), len(examples))
         fin = analysis.finalize(ctx, agg, run.examples())
-    except KeyboardInterrupt:
+        run.meta["scores"] = {k: np.asarray(v, dtype=np.float64).tolist() for k, v in fin.scores.items()}
+        run.meta["score_meta"] = {k: asdict(v) for k, v in fin.score_meta.items()}
+        run.meta["summary"] = fin.summary
+        run.meta["n_examples"] = len(done)
+        run.meta["n_used"] = sum(1 for r in run.examples() if not r.get("skip"))
+        if fin.arrays:
+            atomic_write_npz(run.path / "arrays.npz", {k: np.asarray(v) for k, v in fin.arrays.items()})
+            run.meta["arrays"] = "arrays.npz"
+            run.meta["array_shapes"] = {k: list(np.shape(v)) for k, v in fin.arrays.items()}
+        _mark(run, "complete", timings, t0)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM as the CLI raises it
         _mark(run, "partial", timings, t0, error="interrupted")
-        raise HeadscopeError(f"interrupted; {len(done)} of {len(examples)} examples saved. "
-                             f"Continue with --resume --out {run.path}") from None
+        raise Interrupted(f"interrupted; {len(done)} of {len(examples)} examples saved. Continue with {hint}",
+                          exit_code=143 if isinstance(e, Terminated) else 130) from None
     except HeadscopeError as e:
         _mark(run, "partial", timings, t0, error=str(e))
-        raise
+        raise HeadscopeError(f"{e}; the {len(done)} finished examples are kept: fix this, then continue "
+                             f"with {hint}") from None
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            _mark(run, "failed", timings, t0, error=f"{type(e).__name__}: {e}", trace=traceback.format_exc())
+            raise
+        with contextlib.suppress(OSError):   # may fail too; the released lease then shows it interrupted
+            _mark(run, "partial", timings, t0, error="disk full")
+        raise HeadscopeError(f"disk full while writing {run.path}; free space, then continue with {hint}") from None
     except Exception as e:
-        _mark(run, "failed", timings, t0, error=f"{type(e).__name__}: {e}",
-              trace=traceback.format_exc())
+        _mark(run, "failed", timings, t0, error=f"{type(e).__name__}: {e}", trace=traceback.format_exc())
         raise
-    run.meta["scores"] = {k: np.asarray(v, dtype=np.float64).tolist() for k, v in fin.scores.items()}
-    run.meta["score_meta"] = {k: asdict(v) for k, v in fin.score_meta.items()}
-    run.meta["summary"] = fin.summary
-    run.meta["n_examples"] = len(done)
-    run.meta["n_used"] = sum(1 for r in run.examples() if not r.get("skip"))
-    if fin.arrays:
-        from .store import atomic_write_npz
-        atomic_write_npz(run.path / "arrays.npz", {k: np.asarray(v) for k, v in fin.arrays.items()})
-        run.meta["arrays"] = "arrays.npz"
-        run.meta["array_shapes"] = {k: list(np.shape(v)) for k, v in fin.arrays.items()}
-    _mark(run, "complete", timings, t0)
     return run
 
 
@@ -421,3 +498,37 @@ def _model_meta(lm) -> dict:
     info = asdict(lm.info) if hasattr(lm.info, "__dataclass_fields__") else dict(lm.info)
     info.setdefault("id", lm.name)
     return info
+
+
+def _data_sha256(path: Path) -> str:
+    """sha256 of the data as read: a file's bytes, or a folder's files (names and bytes) in order."""
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if path.is_dir():
+            h.update(str(f.relative_to(path)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _weights_identity(lm) -> str | None:
+    """Cheap identity of the weights on disk: a registry cache's marker (it names the source
+    file's sha256), else each ``*.safetensors`` file's name, size and mtime plus ``config.json``.
+    None for a model with no folder (tests' stand-ins, hub objects)."""
+    where = getattr(lm.info, "path", None)
+    if not where or not Path(where).is_dir():
+        return None
+    folder = Path(where)
+    from headscope.probe.models import CACHE_MARKER
+    h = hashlib.sha256()
+    if (folder / CACHE_MARKER).is_file():
+        h.update((folder / CACHE_MARKER).read_bytes())
+    else:
+        for f in sorted(folder.glob("*.safetensors")):
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        if (folder / "config.json").is_file():
+            h.update((folder / "config.json").read_bytes())
+    return h.hexdigest()[:16]

@@ -25,22 +25,27 @@ def load_records(path: str | Path, *, required: tuple[str, ...] = ()) -> list[di
     if not path.exists():
         raise HeadscopeError(f"data file not found: {path}")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise HeadscopeError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise HeadscopeError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
-            missing = [k for k in required if k not in rec]
-            if missing:
-                raise HeadscopeError(f"{path}:{n}: missing field(s) {', '.join(missing)}")
-            rec.setdefault("id", _stable_id(len(out), json.dumps(rec, sort_keys=True)))
-            rec["id"] = str(rec["id"])
-            out.append(rec)
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError as e:
+        raise HeadscopeError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8 (--data)") from None
+    except OSError as e:
+        raise HeadscopeError(f"cannot read {path}: {e.strerror or e} (--data)") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise HeadscopeError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise HeadscopeError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
+        missing = [k for k in required if k not in rec]
+        if missing:
+            raise HeadscopeError(f"{path}:{n}: missing field(s) {', '.join(missing)}")
+        rec.setdefault("id", _stable_id(len(out), json.dumps(rec, sort_keys=True)))
+        rec["id"] = str(rec["id"])
+        out.append(rec)
     if not out:
         raise HeadscopeError(f"{path}: dataset is empty")
     ids = [r["id"] for r in out]

@@ -17,10 +17,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from headscope.errors import HeadscopeError
 from headscope.heads import top_labels
 from headscope.kernels import StatsSpec
 
-from .base import Analysis, Example, ExampleOutput, Finalized, Option, ScoreMeta, register
+from .base import Analysis, Example, ExampleOutput, Finalized, Option, ScoreMeta, check_memory, register
 
 
 def repeated_tokens(vocab_size: int, n: int, seed: int, bos: int | None, exclude: set[int]) -> torch.Tensor:
@@ -50,10 +51,18 @@ class InductionAnalysis(Analysis):
     name = "induction"
     description = "Previous-token, duplicate-token and induction heads on repeated random tokens."
     options = (
-        Option("n_examples", int, 20, "number of random sequences"),
-        Option("seq_len", int, 50, "length n of the random block (the sequence is BOS + 2n tokens)"),
+        Option("n_examples", int, 20, "number of random sequences", min=1, max=1_000_000),
+        Option("seq_len", int, 50, "length n of the random block (the sequence is BOS + 2n tokens)", min=2),
         Option("prepend_bos", bool, True, "prepend the model's BOS token when it has one"),
     )
+
+    def check(self, opts, info):
+        T = 2 * opts["seq_len"] + 1
+        if info.max_context is not None and T > info.max_context:
+            raise HeadscopeError(f"--seq-len {opts['seq_len']}: the sequence (2 x seq-len + 1 = {T} tokens) "
+                                 f"exceeds the model's context of {info.max_context}")
+        # the captured pattern: [L, H, T, T] float32 per example
+        check_memory(4 * info.n_layers * info.n_heads * T * T, "--seq-len")
 
     def examples(self, ctx):
         for i in range(ctx.options["n_examples"]):

@@ -137,8 +137,13 @@ def primary_position(resid: torch.Tensor, candidates: list[int]) -> int:
 
 def active_range(norms: torch.Tensor) -> tuple[int, int]:
     """The reference's sink clipper on per-layer norms [L] of the primary: [start, end)."""
-    d = norms[1:] - norms[:-1]
+    L = norms.shape[0]
+    if L < 2:
+        return 0, L
+    d = norms[1:] - norms[:-1]                  # [L - 1]
     start = int(torch.argmax(d)) + 1
+    if start >= L - 1:                          # the rise is into the last layer: active to the end
+        return start, L
     end = int(torch.argmin(d[start:])) + start + 1
     return start, end
 
@@ -231,7 +236,7 @@ class SinksAnalysis(Analysis):
         Option("k", int, 0, "key position of the sink rate (0-based; 0 = first token, Gu's k = 1)"),
         Option("input", str, "data", "data (--data texts), random (random ids) or repeated (one id repeated T times)",
                ("data", "random", "repeated")),
-        Option("n_examples", int, 20, "number of inputs for input=random|repeated"),
+        Option("n_examples", int, 20, "number of inputs for input=random|repeated", min=1, max=1_000_000),
         Option("prepend_bos", bool, False, "prepend BOS when the tokenizer does not add one"),
         Option("chat_template", bool, True, "render prompt/response records with the model's chat template"),
         Option("sink_threshold", float, 0.2, "sink token: head-averaged column mean above this"),
@@ -246,7 +251,7 @@ class SinksAnalysis(Analysis):
     def examples(self, ctx):
         o = ctx.options
         if not 0 <= o["eps"] < 1 or o["T"] < 0 or o["k"] < 0 or (o["T"] and o["k"] >= o["T"]):
-            raise HeadscopeError("sinks: need 0 <= eps < 1, T >= 0 and 0 <= k < T")
+            raise HeadscopeError("sinks: need 0 <= --eps < 1, --T >= 0 and 0 <= --k < --T")
         return _inputs(ctx, o["input"])
 
     def process(self, ctx, ex):

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from headscope.analyses.store import atomic_write_json, new_run_id, safe_join
+from headscope.analyses.store import atomic_write_json, new_run_id, pid_alive, safe_join
 from headscope.errors import HeadscopeError
 
 JOBS_DIR = ".jobs"
@@ -147,14 +147,30 @@ class Job:
         return min(1.0, self.done / self.total) if self.total else 0.0
 
 
-def pid_alive(pid: int) -> bool:
+def shipped_data_dir() -> Path | None:
+    """The data folder installed with headscope (``headscope.data``), if present."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        from importlib import resources
+        return Path(str(resources.files("headscope.data")))
+    except (ModuleNotFoundError, OSError):
+        return None
+
+
+def confine_inputs(root: Path, cls, opts: dict, data: str | None) -> None:
+    """The one check that keeps the dashboard's reads inside the runs folder and the shipped data
+    (as the README promises): the data file, and any text option whose value names an existing file
+    or folder (a haystack, a source run, a harmless prompt file). Words that name nothing on disk
+    (``builtin``, ``shipped``, a run id) pass; the analysis resolves those itself."""
+    roots = [Path(root).resolve()] + [d.resolve() for d in (shipped_data_dir(),) if d is not None]
+    values = [("data file", data)] + [(o.label, opts[o.name]) for o in cls.all_options()
+                                      if o.type is str and o.choices is None and opts.get(o.name)]
+    for label, value in values:
+        if not value or not Path(value).expanduser().exists():
+            continue
+        p = Path(value).expanduser().resolve()
+        if not any(p == r or r in p.parents for r in roots):
+            raise HeadscopeError(f"{label}: {value} is outside the runs folder and the shipped data; "
+                                 f"upload the file instead")
 
 
 class JobManager:
@@ -203,11 +219,12 @@ class JobManager:
         """
         from headscope.analyses.base import get_analysis
         cls = get_analysis(analysis)
-        opts = cls.parse_options({k: v for k, v in (options or {}).items() if v is not None})
+        opts = cls.parse_options({k: v for k, v in (options or {}).items() if v is not None}, gui=True)
         if cls.needs_data and not data:
             raise HeadscopeError(f"{analysis} needs a data file ({cls.data_help or 'a dataset file'})")
         if data and not Path(data).is_file():
             raise HeadscopeError(f"data file not found: {data}")
+        confine_inputs(self.root, cls, opts, data)
         (self.root / JOBS_DIR).mkdir(parents=True, exist_ok=True)
         if resume_run:
             rid, path = resume_run, safe_join(self.root, resume_run)

@@ -9,6 +9,7 @@ and ``HEADSCOPE_MODEL`` (the model it opens on). Every path that comes from the 
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from dataclasses import dataclass
@@ -17,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
-from headscope.analyses.store import STATUSES, list_runs, resolve_run, safe_join
+from headscope.analyses.store import STATUSES, resolve_run, safe_join, scan_runs
 from headscope.errors import HeadscopeError
 
 from . import live, views
-from .jobs import JobManager, ModelPool, Tasks
+from .jobs import JobManager, ModelPool, Tasks, shipped_data_dir
 
 DEFAULT_MODEL = "smollm2-135m"
 UPLOADS = "uploads"   # user data files, inside the runs folder
@@ -119,7 +120,18 @@ def sidebar() -> None:
 
 
 def _runs() -> list:
-    return list_runs(settings().runs)
+    return scan_runs(settings().runs)[0]
+
+
+def _guarded(page):
+    """A page whose HeadscopeErrors (a damaged run file, say) show as one error line, not a traceback."""
+    @functools.wraps(page)
+    def run_page() -> None:
+        try:
+            page()
+        except HeadscopeError as e:
+            _error(e)
+    return run_page
 
 
 def _chart(fig, key: str) -> None:
@@ -152,10 +164,14 @@ def _run_select(runs: list, label: str, key: str, *, default: str | None = None)
 
 
 # --------------------------------------------------------------------------- Runs
+@_guarded
 def runs_page() -> None:
     s = settings()
     st.title("Runs")
-    runs = _runs()
+    runs, bad = scan_runs(s.runs)
+    if bad:
+        st.warning(f"{len(bad)} run folder(s) cannot be read")
+        st.dataframe([{"id": b.id, "reason": b.reason} for b in bad], hide_index=True, key="runs_unreadable")
     if not runs:
         st.info(f"No runs in `{s.runs}` yet. Start one on the **New run** page or with "
                 f"`headscope score induction`.")
@@ -282,6 +298,7 @@ def _export(runs: list) -> None:
 
 
 # --------------------------------------------------------------------------- Heads
+@_guarded
 def heads_page() -> None:
     st.title("Heads")
     runs = [r for r in _runs() if views.matrix_scores(r)]
@@ -714,7 +731,7 @@ def _ablation_heatmap(loaded, ids: list[int], kind: str, scale: float, target: s
 # --------------------------------------------------------------------------- New run
 def _option_widget(o, key: str):
     """A widget for one analysis Option; returns the raw value for ``Option.parse``."""
-    label = o.name.replace("_", " ")
+    label = o.label
     if o.choices is not None:
         choices = list(o.choices)
         return st.selectbox(label, choices, index=choices.index(o.default) if o.default in choices else 0,
@@ -722,9 +739,12 @@ def _option_widget(o, key: str):
     if o.type is bool:
         return st.checkbox(label, bool(o.default), key=key, help=o.help)
     if o.type is int and o.default is not None:
-        return int(st.number_input(label, value=int(o.default), step=1, key=key, help=o.help))
+        return int(st.number_input(label, value=int(o.default), step=1, key=key, help=o.help,
+                                   min_value=None if o.min is None else int(o.min),
+                                   max_value=None if o.max is None else int(o.max)))
     if o.type is float and o.default is not None:
-        return float(st.number_input(label, value=float(o.default), format="%g", key=key, help=o.help))
+        return float(st.number_input(label, value=float(o.default), format="%g", key=key, help=o.help,
+                                     min_value=o.min, max_value=o.max))
     if o.type in (list, tuple):
         return st.text_input(label, ",".join(map(str, o.default or [])), key=key, help=o.help + " (comma-separated)")
     raw = st.text_input(label, "" if o.default is None else str(o.default), key=key,
@@ -735,14 +755,11 @@ def _option_widget(o, key: str):
 def data_files(root: Path) -> dict[str, Path]:
     """Data files the New run page may use: shipped with headscope, or in ``<runs>/uploads``."""
     out: dict[str, Path] = {}
-    try:
-        from importlib import resources
-        base = Path(str(resources.files("headscope.data")))
+    base = shipped_data_dir()
+    if base is not None:
         for p in sorted(base.glob("*")):
             if p.suffix in (".jsonl", ".txt") or (p.is_dir() and not p.name.startswith(("_", "."))):
                 out[f"headscope data: {p.name}"] = p
-    except (ModuleNotFoundError, OSError):
-        pass
     up = root / UPLOADS
     if up.is_dir():
         for p in sorted(up.iterdir()):

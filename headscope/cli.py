@@ -1,7 +1,8 @@
 """``headscope`` command line: models, score, runs, report, app.
 
-Every user error ends in one line on stderr and exit status 2 (1 for an unexpected crash, whose
-traceback is kept in the run's ``run.json``), never a traceback on the terminal.
+Exit status: 0 done; 2 a user error, one line on stderr naming what to change; 1 an internal
+error, one line naming the file its traceback was saved to (``HEADSCOPE_DEBUG=1`` raises it
+instead); 130 Ctrl-C; 143 SIGTERM. Interrupted runs are saved ``partial`` for ``--resume``.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import sys
 import threading
 from pathlib import Path
 
-from headscope.errors import HeadscopeError
+from headscope.errors import HeadscopeError, Interrupted, Terminated
 from headscope.heads import head_label, ranked_heads
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -63,39 +64,49 @@ def cmd_score(args, extra: dict) -> int:
 
 
 def cmd_runs(args) -> int:
-    from headscope.analyses.store import list_runs, resolve_run
+    from headscope.analyses.store import resolve_run, scan_runs
     if args.action == "show":
         if not args.run:
             raise HeadscopeError("runs show needs a RUN (id or folder)")
         run = resolve_run(args.run, _runs_dir(args))
         if args.json:
-            print(json.dumps(run.meta, indent=1))
+            print(json.dumps({**run.meta, "status": run.status}, indent=1))
         else:
             _print_summary(run, top=10)
         return 0
-    runs = list_runs(_runs_dir(args))
+    runs, bad = scan_runs(_runs_dir(args))
     if args.analysis:
         runs = [r for r in runs if r.analysis == args.analysis]
     if args.json:
         print(json.dumps([{"id": r.id, "path": str(r.path), "analysis": r.analysis, "status": r.status,
-                           "model": r.meta.get("model", {}).get("id"), "created": r.meta.get("created")}
-                          for r in runs], indent=1))
+                           "model": _model_id(r), "created": r.meta.get("created")} for r in runs]
+                         + [{"id": b.id, "path": str(b.path), "status": "unreadable", "error": b.reason}
+                            for b in bad], indent=1))
         return 0
-    if not runs:
+    if not runs and not bad:
         print(f"no runs in {_runs_dir(args)}")
         return 0
-    print(f"{'id':<52} {'analysis':<11} {'status':<9} {'model':<16} created")
+    print(f"{'id':<52} {'analysis':<11} {'status':<11} {'model':<16} created")
     for r in runs:
-        print(f"{r.id:<52} {r.analysis:<11} {r.status:<9} {str(r.meta.get('model', {}).get('id')):<16} "
-              f"{r.meta.get('created', '')}")
+        print(f"{r.id:<52} {r.analysis:<11} {r.status:<11} {_model_id(r):<16} {r.meta.get('created', '')}")
+    for b in bad:
+        print(f"{b.id:<52} {'?':<11} {'unreadable':<11} {b.reason}")
     return 0
+
+
+def _model_id(run) -> str:
+    model = run.meta.get("model")
+    return str(model.get("id")) if isinstance(model, dict) else str(model)
 
 
 def cmd_report(args) -> int:
     from headscope.analyses.store import resolve_run
     runs = [resolve_run(r, _runs_dir(args)) for r in args.runs]
     from headscope.app.report import write_report
-    out = write_report(runs, fmt=args.format, out=Path(args.out) if args.out else None)
+    target = Path(args.out) if args.out else Path(f"report.{args.format}")
+    if target.exists() and not args.force:
+        raise HeadscopeError(f"{target} exists; pass --force to overwrite it or choose another --out")
+    out = write_report(runs, fmt=args.format, out=target)
     print(f"wrote {out}")
     return 0
 
@@ -135,7 +146,7 @@ def _print_summary(run, top: int = 5) -> None:
     m = run.meta
     model = m.get("model", {})
     print(f"{run.id}: {m['analysis']} on {model.get('id')} ({model.get('n_layers')} layers x "
-          f"{model.get('n_heads')} heads, {model.get('n_kv_heads')} KV) - {m.get('status')}")
+          f"{model.get('n_heads')} heads, {model.get('n_kv_heads')} KV) - {run.status}")
     if m.get("error"):
         print(f"  error: {m['error']}")
     if "n_examples" in m:
@@ -192,6 +203,7 @@ def build_parser(with_score: bool = True) -> argparse.ArgumentParser:
     rep.add_argument("runs", nargs="+", help="run ids or folders (several runs of one model form a circuit view)")
     rep.add_argument("--format", choices=["html", "md", "json"], default="html")
     rep.add_argument("--out", default=None, help="output file (default: report.<format>)")
+    rep.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     a = sub.add_parser("app", help="launch the Streamlit dashboard (localhost only by default)")
     a.add_argument("--host", default="127.0.0.1", help="bind address (keep localhost unless you know why)")
     a.add_argument("--port", type=int, default=8501)
@@ -203,7 +215,7 @@ def build_parser(with_score: bool = True) -> argparse.ArgumentParser:
 def _terminate(signum, frame) -> None:
     """SIGTERM (kill, a batch scheduler, a closed terminal) ends a run like Ctrl-C: the finished
     examples are kept and the run is marked partial, ready for --resume, instead of 'running'."""
-    raise KeyboardInterrupt
+    raise Terminated
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,19 +244,32 @@ def _main(argv: list[str] | None) -> int:
             return cmd_report(args)
         if args.command == "app":
             return cmd_app(args)
+    except Interrupted as e:
+        print(f"headscope: {e}", file=sys.stderr)
+        return e.exit_code
     except HeadscopeError as e:
         print(f"headscope: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:   # outside a run (e.g. while the model loads)
         print("headscope: interrupted", file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, Terminated) else 130
     except Exception as e:  # noqa: BLE001 - the UI is one line; HEADSCOPE_DEBUG=1 shows the trace
         if os.environ.get("HEADSCOPE_DEBUG"):
             raise
-        print(f"headscope: internal error: {type(e).__name__}: {e} (set HEADSCOPE_DEBUG=1 for the traceback)",
+        print(f"headscope: internal error: {type(e).__name__}: {e} (traceback saved to {_save_traceback()})",
               file=sys.stderr)
         return 1
     return 0
+
+
+def _save_traceback() -> str:
+    """Write the current exception's traceback to a new file in the temp folder; its path."""
+    import tempfile
+    import traceback
+    fd, path = tempfile.mkstemp(prefix="headscope-crash-", suffix=".txt")
+    with os.fdopen(fd, "w") as f:
+        f.write(" ".join(sys.argv) + "\n\n" + traceback.format_exc())
+    return path
 
 
 if __name__ == "__main__":

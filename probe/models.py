@@ -559,10 +559,16 @@ def _hub_allowed() -> bool:
 
 
 def _offline_unless_opted_in() -> None:
-    """Keep transformers off the network unless HEADSCOPE_ALLOW_HUB=1 (explicit env values win)."""
+    """Keep transformers off the network unless HEADSCOPE_ALLOW_HUB=1 (explicit env values win).
+
+    huggingface_hub reads ``HF_HUB_OFFLINE`` once, when it is imported, so setting the variable is
+    not enough once anything imported it: its module constant is set too."""
     if not _hub_allowed():
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        constants = sys.modules.get("huggingface_hub.constants")
+        if constants is not None and hasattr(constants, "_is_true"):
+            constants.HF_HUB_OFFLINE = constants._is_true(os.environ["HF_HUB_OFFLINE"])
 
 
 def _one_line(exc: BaseException) -> str:
@@ -676,9 +682,19 @@ def load_model(
 
 
 def _load_checked(where: str, label: str, **kwargs: Any) -> tuple[Any, Any]:
-    """_from_pretrained with transformers' load errors turned into one-line HeadscopeErrors."""
+    """_from_pretrained with transformers' load errors turned into one-line HeadscopeErrors: a
+    damaged ``config.json``, damaged safetensors, or none at all (pickled weights are refused)."""
+    from safetensors import SafetensorError
+    config = Path(where) / "config.json"
+    if config.is_file():
+        try:
+            json.loads(config.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise HeadscopeError(f"{label}: {config} is not valid JSON ({_one_line(exc)})") from None
     try:
         return _from_pretrained(where, **kwargs)
+    except SafetensorError as exc:
+        raise HeadscopeError(f"{label}: damaged safetensors weights in {where} ({_one_line(exc)})") from None
     except (OSError, ValueError) as exc:
         has_st = any(Path(where).glob("*.safetensors"))
         if not has_st:

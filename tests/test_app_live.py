@@ -231,7 +231,7 @@ def test_probe_lock_serialises_threads(lm):
 def test_job_manager_runs_in_background(model_dir, tmp_path):
     pool = jobs.ModelPool()
     jm = jobs.JobManager(tmp_path, pool)
-    with pytest.raises(HeadscopeError, match="seq_len"):
+    with pytest.raises(HeadscopeError, match="^seq len: "):   # the form's label, not a CLI flag
         jm.submit("induction", str(model_dir), {"seq_len": "long"})
     assert not [p for p in tmp_path.iterdir() if p.name != jobs.JOBS_DIR]  # nothing written for bad input
     job = jm.submit("induction", str(model_dir), {"n_examples": 3, "seq_len": 5})

@@ -91,7 +91,7 @@ def test_sigterm_marks_run_partial_and_resume_completes(tmp_path, monkeypatch, c
     monkeypatch.setattr(_Toy, "process", killed_at_3)
     out = tmp_path / "run"
     before = signal.getsignal(signal.SIGTERM)
-    assert main(["score", "_toy", "--out", str(out), "--quiet"]) == 2
+    assert main(["score", "_toy", "--out", str(out), "--quiet"]) == 143   # 128 + SIGTERM
     assert "interrupted" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is before           # the CLI's handler is removed again
     assert load_run(out).status == "partial"
