@@ -271,6 +271,7 @@ class Analysis:
     description: str = ""
     options: tuple[Option, ...] = ()
     needs_data: bool = False
+    takes_data: bool = True     # False: the analysis makes its own inputs; --data is refused, not ignored
     data_help: str = ""
 
     def examples(self, ctx: RunContext) -> Iterable[Example]:
@@ -390,6 +391,8 @@ def run_analysis(name: str, model="smollm2-135m", *, data: str | Path | None = N
     opts = cls.parse_options(options or {})
     if cls.needs_data and data is None:
         raise HeadscopeError(f"{name} needs --data ({cls.data_help or 'a dataset file'})")
+    if not cls.takes_data and data is not None:
+        raise HeadscopeError(f"{name} reads no data ({cls.data_help}); drop --data")
     if data is not None and not Path(data).exists():
         raise HeadscopeError(f"data file not found: {data} (--data)")
     out = Path(out) if out else default_runs_dir() / new_run_id(name, lm.name if lm is not None else str(model))

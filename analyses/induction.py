@@ -50,6 +50,8 @@ def diagonal_scores(pattern: torch.Tensor, n: int, offset: int) -> dict[str, np.
 class InductionAnalysis(Analysis):
     name = "induction"
     description = "Previous-token, duplicate-token and induction heads on repeated random tokens."
+    takes_data = False
+    data_help = "it makes its own repeated random token sequences (--n-examples, --seq-len, --seed)"
     options = (
         Option("n_examples", int, 20, "number of random sequences", min=1, max=1_000_000),
         Option("seq_len", int, 50, "length n of the random block (the sequence is BOS + 2n tokens)", min=2),

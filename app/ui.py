@@ -798,9 +798,14 @@ def new_run_page() -> None:
         with st.expander("common options (limit, seed, device, dtype, batch size)"):
             for o in common:
                 raw[o.name] = _option_widget(o, f"nr_{name}_{o.name}")
-        data_label = st.selectbox("data" + (" (required)" if cls.needs_data else ""),
-                                  ["(none)", *files], key=f"nr_{name}_data", help=cls.data_help or None)
-        upload = st.file_uploader("…or upload a data file (.jsonl / .txt)", type=["jsonl", "txt"], key=f"nr_{name}_up")
+        data_label, upload = "(none)", None
+        if cls.takes_data:
+            data_label = st.selectbox("data" + (" (required)" if cls.needs_data else ""),
+                                      ["(none)", *files], key=f"nr_{name}_data", help=cls.data_help or None)
+            upload = st.file_uploader("…or upload a data file (.jsonl / .txt)", type=["jsonl", "txt"],
+                                      key=f"nr_{name}_up")
+        else:
+            st.caption(cls.data_help)
         go = st.form_submit_button("launch", type="primary")
     if go:
         try:

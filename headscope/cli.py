@@ -172,7 +172,8 @@ def _score_parser(sub) -> None:
         q = an.add_parser(name, help=cls.description, description=cls.description)
         q.add_argument("--model", default=DEFAULT_MODEL,
                        help=f"registry name (see `headscope models`) or local path (default: {DEFAULT_MODEL})")
-        q.add_argument("--data", default=None, help=cls.data_help or "dataset file (.jsonl with 'text' or .txt)")
+        if cls.takes_data:
+            q.add_argument("--data", default=None, help=cls.data_help or "dataset file (.jsonl with 'text' or .txt)")
         q.add_argument("--out", default=None, help="run folder (default: $HEADSCOPE_RUNS/<analysis>-<model>-<time>)")
         q.add_argument("--resume", action="store_true", help="continue a partial run in --out")
         q.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -139,3 +139,17 @@ def test_score_run_prints_no_library_warnings_or_load_bars(tmp_path):
     assert "run complete" in out.stdout
     for noise in ("Warning", "Loading weights", "it/s]", "deprecated"):
         assert noise not in out.stderr, out.stderr[-3000:]
+
+
+def test_induction_refuses_data_instead_of_ignoring_it(tmp_path, capsys):
+    """induction makes its own random sequences: --data is not offered, and the API refuses it."""
+    from headscope.analyses.base import run_analysis
+    from headscope.errors import HeadscopeError
+    bad = tmp_path / "x.jsonl"
+    bad.write_text("not json\n")
+    with pytest.raises(SystemExit) as e:
+        main(["score", "induction", "--data", str(bad)])
+    assert e.value.code == 2 and "unrecognized arguments: --data" in capsys.readouterr().err
+    with pytest.raises(HeadscopeError, match="induction reads no data"):
+        run_analysis("induction", data=str(bad), out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
