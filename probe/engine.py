@@ -112,8 +112,8 @@ class Probe:
     def capture_session(self, stats: StatsSpec | None = None, layers: Sequence[int] | None = None,
                         activations: Sequence[str] = (), positions=None, check_finite: bool | None = None) -> Capture:
         """A ``Capture`` not bound to a block (``generate`` makes one per step)."""
-        return Capture(self.anatomy, stats, layers, activations, positions,
-                       self.check_finite if check_finite is None else check_finite)
+        return Capture(self.anatomy, stats, layers, activations=activations, positions=positions,
+                       check_finite=self.check_finite if check_finite is None else check_finite)
 
     @contextlib.contextmanager
     def capture(self, stats: StatsSpec | None = None, layers: Sequence[int] | None = None,
@@ -126,7 +126,8 @@ class Probe:
         with self.lock:
             if self._capture is not None:
                 raise HeadscopeError("a capture block is already active on this probe; captures do not nest")
-            cap = self.capture_session(stats, layers, activations, positions, check_finite)
+            cap = self.capture_session(stats, layers, activations=activations, positions=positions,
+                                       check_finite=check_finite)
             self._capture = cap
             try:
                 yield cap
@@ -141,7 +142,7 @@ class Probe:
         where it acts, before/after RoPE, the phase, and whether the KV cache was built with it.
         Nothing is left behind after the block, also after an exception.
         """
-        with self.lock, intervention_block(self._interventions, self.anatomy, ops, phase) as iv:
+        with self.lock, intervention_block(self._interventions, self.anatomy, ops=ops, phase=phase) as iv:
             yield iv
 
     # -- running -------------------------------------------------------------------------------
@@ -238,5 +239,5 @@ class Probe:
     def patch_sweep(self, clean_ids, corrupt_ids, hook: str, metric, per: str = "head",
                     batch_size: int | None = None, attention_mask=None, logits_to_keep: int = 0) -> torch.Tensor:
         """[L, H] or [L, T] metric with one clean unit patched into the corrupted run; see ``intervene.patch_sweep``."""
-        return patch_sweep(self, clean_ids, corrupt_ids, hook, metric, per=per, batch_size=batch_size,
+        return patch_sweep(self, clean_ids, corrupt_ids, hook=hook, metric=metric, per=per, batch_size=batch_size,
                            attention_mask=attention_mask, logits_to_keep=logits_to_keep)
