@@ -19,40 +19,13 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from headscope.analyses.store import atomic_write_npz, create_run, list_runs, load_run  # noqa: E402
 
+from .helpers import make_tiny_model_dir  # noqa: E402
+
 SYNTH_MODEL = {"id": "synth-model", "name": "synth-model", "n_layers": 4, "n_heads": 6, "n_kv_heads": 2}
 TIMEOUT = 60
 
 
 # --------------------------------------------------------------------------- helpers (also used by other app tests)
-def make_tiny_model_dir(path: Path, seed: int = 0, sliding_window: int | None = None) -> Path:
-    """A random-init 2-layer Llama (4 query / 2 KV heads) with a byte-level tokenizer, as a model dir.
-
-    ``sliding_window``: a Gemma-3-style text model instead (layer 0 sliding, layer 1 global)."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {"<s>": 0, "</s>": 1, **{c: i + 2 for i, c in enumerate(alphabet)}}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>").save_pretrained(path)
-    common = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                  bos_token_id=0, eos_token_id=1, tie_word_embeddings=True, initializer_range=0.3)
-    torch.manual_seed(seed)
-    if sliding_window is None:
-        model = LlamaForCausalLM(LlamaConfig(**common))
-    else:
-        model = Gemma3ForCausalLM(Gemma3TextConfig(head_dim=8, sliding_window=sliding_window, pad_token_id=1,
-                                                   layer_types=["sliding_attention", "full_attention"], **common))
-    model.save_pretrained(path, safe_serialization=True)
-    return path
-
-
 def write_run(root: Path, rid: str, *, analysis: str = "induction", scores: dict | None = None,
               score_meta: dict | None = None, status: str = "complete", created: str = "2025-01-01T00:00:00",
               model: dict | None = None, records: list | None = None, extra: dict | None = None,

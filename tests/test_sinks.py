@@ -13,6 +13,8 @@ from headscope.analyses.base import run_analysis
 from headscope.analyses.sinks import (act_detect, active_range, column_means, detect_secondary, label_sink,
                                       massive_mask, sink_fraction, sink_rate)
 
+from .helpers import as_loaded, tiny_llama
+
 WORDS = ("the a cat dog sat on mat ran to house of and is was it he she they we you red blue green big small "
          "old new one two three four five six seven eight nine ten water fire tree sky sun moon star road "
          "car book pen cup door window city river hill stone bird fish user assistant system : . , ?").split()
@@ -22,9 +24,7 @@ def make_tiny_lm(seed: int, n_layers: int = 3, std: float = 0.25):
     """A random-init Llama (4 query / 2 KV heads) with a word-level tokenizer (no BOS added, like
     SmolLM2's) and a small chat template; ``std`` large enough for peaked, non-uniform attention."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from headscope.probe.models import LoadedModel, model_info
+    from transformers import PreTrainedTokenizerFast
 
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -33,12 +33,9 @@ def make_tiny_lm(seed: int, n_layers: int = 3, std: float = 0.25):
     tok.chat_template = ("<s> system : be brief </s> {% for m in messages %}"
                          "<s> {{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
                          "{% if add_generation_prompt %}<s> assistant : {% endif %}")
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=96, num_hidden_layers=n_layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      initializer_range=std, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-    model = LlamaForCausalLM(cfg).eval()
-    return LoadedModel(model, tok, "tiny", model_info(model, tok, name="tiny", source="path", path="tiny"))
+    model = tiny_llama(len(vocab), seed=seed, layers=n_layers, intermediate=96, initializer_range=std,
+                       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    return as_loaded(model, tok, "tiny", path="tiny")
 
 
 def random_texts(rng: np.random.Generator, n: int, lo: int, hi: int) -> list[str]:
