@@ -14,7 +14,6 @@ from typing import Callable, Sequence
 import numpy as np
 
 from headscope.errors import HeadscopeError
-
 from headscope.heads import top_labels
 
 from .views import softmax

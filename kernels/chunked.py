@@ -273,7 +273,8 @@ def attend_chunked(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | No
         st["mean_dist"] = torch.empty(B, H, Tq, **f32)
     if spec.col_mass:
         st["col_mass"] = torch.zeros(B, H, Tk, **f32)
-        st["col_count"] = _col_count(B, Tq, Tk, causal=causal, window=window, band=spec.col_band, kv_valid=kvv, device=dev)
+        st["col_count"] = _col_count(B, Tq, Tk, causal=causal, window=window, band=spec.col_band, kv_valid=kvv,
+                                     device=dev)
     pr = None
     if spec.pattern_rows is not None:
         pr = (spec.pattern_rows[0], min(spec.pattern_rows[1], Tq))

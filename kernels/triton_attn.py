@@ -552,7 +552,8 @@ def attend_triton(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | Non
             band[0] if band else 0, (band[1] if band[1] is not None else _NO_BAND) if band else _NO_BAND,
             *buckets, HAS_BAND=band is not None, **flags)
         stats["col_mass"] = col
-        stats["col_count"] = _col_count(B, Tq, Tk, causal=causal, window=window, band=band, kv_valid=kv_valid, device=dev)
+        stats["col_count"] = _col_count(B, Tq, Tk, causal=causal, window=window, band=band, kv_valid=kv_valid,
+                                        device=dev)
     if spec.pattern_rows is not None:
         a, b = spec.pattern_rows[0], min(spec.pattern_rows[1], Tq)
         rows = torch.arange(a, max(a, b), device=dev)

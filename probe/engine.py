@@ -185,8 +185,9 @@ class Probe:
                 if capture.wants_logits:
                     on_logits = lambda first, lg: capture.store("logits", first, lg)  # noqa: E731
                     keep_n = 0 if keep_n == 0 else max(keep_n, capture.logits_needed(past + T))
-            ctx = AttnContext(an.layer_of, self.backend, plan=plan, record=capture.record if capture is not None else None,
-                              row_edits=row_edits or {}, check_finite=capture is not None and capture.check_finite)
+            ctx = AttnContext(an.layer_of, self.backend, plan=plan,
+                              record=capture.record if capture is not None else None, row_edits=row_edits or {},
+                              check_finite=capture is not None and capture.check_finite)
             res = run_forward(an, ids, mask, ctx=ctx, chunk_size=chunk_size, cache=cache, hooks=hooks,
                               on_logits=on_logits, logits_to_keep=keep_n)
             if capture is not None:
@@ -223,12 +224,14 @@ class Probe:
         ``step_stats`` / ``step_acts``. With ``capture_prefill``, ``prefill`` holds the capture of
         prompt[:-1] (the last prompt token is step 0). Active ``intervene`` blocks apply by phase.
         """
-        if self._capture is not None:
-            raise HeadscopeError("generate captures per step itself: pass stats=/activations= instead of a capture block")
-        return generate(self, input_ids, max_new_tokens=max_new_tokens, stop_strings=stop_strings,
-                        do_sample=do_sample, seed=seed, temperature=temperature, top_k=top_k, top_p=top_p,
-                        stats=stats, layers=layers, activations=activations, capture_prefill=capture_prefill,
-                        chunk_size=chunk_size, allow_beyond_context=allow_beyond_context)
+        with self.lock:  # a capture block of another thread must not count as this one's
+            if self._capture is not None:
+                raise HeadscopeError("generate captures per step itself: pass stats=/activations= instead of a "
+                                     "capture block")
+            return generate(self, input_ids, max_new_tokens=max_new_tokens, stop_strings=stop_strings,
+                            do_sample=do_sample, seed=seed, temperature=temperature, top_k=top_k, top_p=top_p,
+                            stats=stats, layers=layers, activations=activations, capture_prefill=capture_prefill,
+                            chunk_size=chunk_size, allow_beyond_context=allow_beyond_context)
 
     def sweep_heads(self, input_ids, metric, kind: str = "uniform", heads=None, batch_size: int | None = None,
                     value=None, attention_mask=None, logits_to_keep: int = 0) -> torch.Tensor:

@@ -222,7 +222,8 @@ def _apply_row_edits(out, value, edits: list[RowEdit], call: LayerCall, kv_valid
             out[e.batch, e.head] = e.value.to(out)
         elif e.kind == "uniform":
             kv = None if kv_valid is None else kv_valid[e.batch:e.batch + 1]
-            out[e.batch, e.head] = uniform_output(value[e.batch:e.batch + 1, e.head // G], n_q=call.n_q, window=call.window, kv_valid=kv)[0]
+            v = value[e.batch:e.batch + 1, e.head // G]                         # [1, Tk, D]
+            out[e.batch, e.head] = uniform_output(v, n_q=call.n_q, window=call.window, kv_valid=kv)[0]
         else:
             raise HeadscopeError(f"unknown row edit kind {e.kind!r}")
     return out
@@ -284,7 +285,7 @@ def headscope_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
     plain = (spec is None and edits is None and softcap is None and kv_valid is None
              and (window is None or window >= Tk) and (Tq == Tk or Tq == 1))
     if plain:
-        out = _sdpa_plain(query, key, value, scaling=scaling)                          # [B, H, Tq, D]
+        out = _sdpa_plain(query, key, value, scaling=scaling)                  # [B, H, Tq, D]
     else:
         res = attend(query, key, value, spec=spec, edits=edits, scale=scaling, causal=True, window=window,
                      softcap=softcap, kv_valid=kv_valid, backend=ctx.backend if ctx else "auto")

@@ -195,7 +195,8 @@ class BridgeProbe:
                 hooks.append((f"blocks.{l}.attn.hook_z", self._z_hook(z_ops)))
             wants_stats = cap is not None and cap.spec_for(call) is not None
             if wants_stats or any(op.kind == "uniform" for op in edits.ablations.get(l, ())) or l in edits.reweights:
-                hooks.append((f"blocks.{l}.attn.hook_pattern", self._pattern_hook(l, T, edits=edits, call=call, cap=cap)))
+                fn = self._pattern_hook(l, T, edits=edits, call=call, cap=cap)
+                hooks.append((f"blocks.{l}.attn.hook_pattern", fn))
         hooks += [(p.hook, lambda x, hook, f=patch_fn(p, lambda: 0): f(x)) for p in edits.patches]
         if cap is not None:
             cap.begin(0, T)
