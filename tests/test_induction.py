@@ -8,8 +8,7 @@ import torch
 from headscope.analyses.base import run_analysis
 from headscope.analyses.induction import repeated_tokens
 
-from .helpers import as_loaded, tiny_llama as llama_model
-from .test_models import write_tiny_llama_gguf
+from .helpers import as_loaded, tiny_llama as llama_model, write_tiny_llama_gguf
 
 
 @pytest.fixture()
