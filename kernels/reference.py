@@ -9,7 +9,8 @@ from .spec import AttnResult, HeadEdits, StatsSpec, check_inputs
 
 
 def visible_mask(Tq: int, Tk: int, *, causal: bool = True, window: int | None = None,
-                 kv_valid: torch.Tensor | None = None, rows: torch.Tensor | None = None, device=None) -> torch.Tensor:
+                 kv_valid: torch.Tensor | None = None, rows: torch.Tensor | None = None,
+                 device=None) -> torch.Tensor:
     """[B or 1, 1, R, Tk] bool: key s visible to query i (at key index Tk - Tq + i).
 
     The one definition of visibility (causal, sliding window ``t - s < window``, padding) for
