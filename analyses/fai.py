@@ -33,14 +33,11 @@ Also stored: the entropy of the next-token distribution that produced each span 
 contrasts it at WAAD peaks with the average). Series go to ``arrays.npz`` concatenated over
 examples with ``offsets``; rendered prompts go to ``examples.jsonl``.
 
-This module also holds the text / chat-transcript input helpers that ``sinks`` shares.
+The text / chat-transcript input helpers it shares with ``sinks`` live in ``datasets.py``.
 """
 from __future__ import annotations
 
-import importlib.resources
 import math
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -49,95 +46,9 @@ from headscope.errors import HeadscopeError
 from headscope.heads import head_label, top_labels
 from headscope.kernels import StatsSpec
 
-from .base import Analysis, Example, ExampleOutput, Finalized, Option, ScoreMeta, register
-from .datasets import load_records, load_texts
-
-
-# --------------------------------------------------------------------------- inputs
-def shipped_data(name: str) -> Path:
-    """A data file shipped in ``headscope.data`` (package data), e.g. ``natural_texts.jsonl``."""
-    path = Path(str(importlib.resources.files("headscope.data") / name))
-    if not path.is_file():
-        raise HeadscopeError(f"shipped data file {name} is missing from headscope.data (broken install?)")
-    return path
-
-
-def load_span_records(path: str | Path) -> list[dict]:
-    """Records with either ``text`` or ``prompt`` + ``response`` (optional ``system``), each with an id.
-
-    .jsonl: one object per line; .txt / folder: plain texts (see ``datasets.load_texts``).
-    """
-    path = Path(path)
-    if path.suffix != ".jsonl":
-        return load_texts(path)
-    recs = load_records(path)
-    for r in recs:
-        if "prompt" in r or "response" in r:
-            for k in ("prompt", "response"):
-                if not isinstance(r.get(k), str) or not r[k].strip():
-                    raise HeadscopeError(f"{path}: record {r['id']} needs a non-empty string {k!r}")
-        elif not isinstance(r.get("text"), str) or not r["text"].strip():
-            raise HeadscopeError(f"{path}: record {r['id']} needs a non-empty 'text' (or 'prompt' and 'response')")
-    return recs
-
-
-@dataclass
-class Encoded:
-    """Token ids of one record and the scored span ``[start, end)`` (end = len(ids) always)."""
-
-    ids: list[int]
-    start: int
-    rendered_prompt: str | None  # chat records: the prompt exactly as fed (template applied)
-    kind: str                    # "text" | "chat"
-
-    @property
-    def end(self) -> int:
-        return len(self.ids)
-
-
-def encode_record(rec: dict, tok, *, chat_template: bool = True, prepend_bos: bool = False,
-                  bos_id: int | None = None, max_tokens: int | None = None) -> Encoded:
-    """Tokenize a text or chat record.
-
-    Plain text: the tokenizer's own convention (``add_special_tokens=True``), plus BOS in front with
-    ``prepend_bos`` when the tokenizer did not add one; the span is the text after a leading BOS.
-    Chat: the prompt is rendered with the chat template (user turn, optional system turn, generation
-    prompt) when the tokenizer has one and ``chat_template`` is on, else used as is; prompt and
-    response are tokenized separately and concatenated, so the span boundary is exact. The
-    template's end-of-turn tokens after the response are not appended: with causal attention they
-    cannot change any row of the span. ``max_tokens`` truncates (the span may then shrink or vanish).
-    """
-    def add_bos(ids: list[int]) -> list[int]:
-        if prepend_bos and bos_id is not None and (not ids or ids[0] != bos_id):
-            return [bos_id] + ids
-        return ids
-
-    if "prompt" in rec:
-        use_tpl = chat_template and bool(getattr(tok, "chat_template", None))
-        if use_tpl:
-            msgs = ([{"role": "system", "content": rec["system"]}] if rec.get("system") else [])
-            msgs.append({"role": "user", "content": rec["prompt"]})
-            prompt = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-            p_ids = add_bos(tok(prompt, add_special_tokens=False).input_ids)
-        else:
-            prompt = (rec["system"] + "\n" if rec.get("system") else "") + rec["prompt"]
-            p_ids = add_bos(tok(prompt).input_ids)
-        r_ids = tok(rec["response"], add_special_tokens=False).input_ids
-        ids, start, out = p_ids + r_ids, len(p_ids), Encoded([], 0, prompt, "chat")
-    else:
-        ids = add_bos(tok(rec["text"]).input_ids)
-        start = 1 if (bos_id is not None and ids and ids[0] == bos_id) else 0
-        out = Encoded([], 0, None, "text")
-    if max_tokens:
-        ids = ids[:max_tokens]
-    out.ids, out.start = list(map(int, ids)), min(start, len(ids))
-    return out
-
-
-def data_examples(ctx, default_file: str) -> list[Example]:
-    """Examples from ``--data`` or the shipped default file; ``Example.data`` is the record."""
-    path = ctx.data_path or shipped_data(default_file)
-    return [Example(id=r["id"], data=r) for r in load_span_records(path)]
+from .base import Analysis, ExampleOutput, Finalized, Option, ScoreMeta, register
+from .datasets import (Encoded, data_examples, encode_record, load_span_records,  # noqa: F401 (re-exported)
+                       shipped_data)
 
 
 def parse_layers(spec: str, n_layers: int) -> list[int]:

@@ -503,10 +503,10 @@ class _SafetyBase(Analysis):
         pad = _pad_id(tok)
         if state is None:
             state = last_states(ctx.probe, [p["ids"]], ops, pad=pad)[0]
-        out = {"refusal_logprob": refusal_logprob(ctx.probe, p["ids"], p["conts"], ops, pad=pad),
+        out = {"refusal_logprob": refusal_logprob(ctx.probe, p["ids"], p["conts"], ops=ops, pad=pad),
                "projection": float(state @ self._direction(ctx))}
         if generate and ctx.options["gen_tokens"] > 0:
-            text = generate_text(ctx.probe, p["ids"], ctx.options["gen_tokens"], ops)
+            text = generate_text(ctx.probe, p["ids"], max_new_tokens=ctx.options["gen_tokens"], ops=ops)
             out.update(response=text, refused=is_refusal(text))
         return out
 
@@ -542,7 +542,7 @@ class ShipsAnalysis(_SafetyBase):
     def process(self, ctx, ex):
         p, o = ex.data, ctx.options
         bs = o["batch_size"] if o["batch_size"] > 1 else None
-        scores = ships_scores(ctx.probe, p["ids"], o["ablation"], o["epsilon"], batch_size=bs)
+        scores = ships_scores(ctx.probe, p["ids"], kind=o["ablation"], epsilon=o["epsilon"], batch_size=bs)
         top = top_heads(scores, o["top_k"])
         onehot = np.zeros_like(scores)
         onehot[top[0][0], top[0][1]] = 1.0
@@ -668,7 +668,7 @@ class SaharaAnalysis(_SafetyBase):
         pool = [c for c in pool if c not in self.group]
         base = self._base(ctx)  # clean states: computed outside the group's ablation
         with ctx.probe.intervene(self._ops(ctx, self.group)):
-            states = swept_last_states(ctx.probe, self._seqs(), pool, o["ablation"], o["epsilon"],
+            states = swept_last_states(ctx.probe, self._seqs(), pool, kind=o["ablation"], epsilon=o["epsilon"],
                                        batch=self._batch(ctx), pad=_pad_id(ctx.lm.tokenizer))
         angles = np.full((L, H), np.nan)
         for (l, h), st in states.items():

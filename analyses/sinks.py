@@ -51,7 +51,7 @@ from headscope.heads import top_labels
 from headscope.kernels import StatsSpec
 
 from .base import Analysis, Example, ExampleOutput, Finalized, Option, ScoreMeta, register
-from .fai import data_examples, encode_record, shipped_data
+from .datasets import data_examples, encode_record, shipped_data
 
 DEFAULT_DATA = "natural_texts.jsonl"
 

@@ -14,7 +14,6 @@ from typing import Callable, Sequence
 import numpy as np
 
 from headscope.errors import HeadscopeError
-
 from headscope.heads import top_labels
 
 from .views import softmax
@@ -224,7 +223,7 @@ def fai_waad_series(probe, lm, ids: Sequence[int]) -> dict | None:
     spec = StatsSpec(mean_dist=True, window_dist=o["W"], col_mass=True, col_band=(o["H_lo"], o["H_hi"]))
     with probe.capture(stats=spec) as cap:
         probe.forward(torch.tensor([list(ids)]), logits_to_keep=1)
-    res = fai.fai_waad(cap.stats, L, N, 0, layers=list(range(L)), W=o["W"], H_lo=o["H_lo"], H_hi=o["H_hi"],
+    res = fai.fai_waad(cap.stats, L, N, start=0, layers=list(range(L)), W=o["W"], H_lo=o["H_lo"], H_hi=o["H_hi"],
                        local_frac=o["local_frac"], global_frac=o["global_frac"], exclude_bos=False)
     return {"series": {"WAAD (local heads)": res["waad"], "FAI (global heads)": res["fai"]},
             "local": res["local"], "global": res["global"],
@@ -261,10 +260,10 @@ def make_ops(probe, ids: Sequence[int], heads: Sequence[tuple[int, int]], kind: 
     if kind in ("zero", "uniform"):
         return [HeadAblation(l, h, kind) for l, h in heads]
     if kind == "scale":
-        return [HeadAblation(l, h, "scale", float(scale)) for l, h in heads]
+        return [HeadAblation(l, h, "scale", value=float(scale)) for l, h in heads]
     if kind == "mean":
         z = head_z(probe, ids, [l for l, _ in heads])
-        return [HeadAblation(l, h, "mean", z[l][0, :, h].mean(0)) for l, h in heads]
+        return [HeadAblation(l, h, "mean", value=z[l][0, :, h].mean(0)) for l, h in heads]
     if not source_ids:
         raise HeadscopeError("patching needs a source prompt")
     z = head_z(probe, source_ids, [l for l, _ in heads])

@@ -328,7 +328,6 @@ def heads_page() -> None:
                  key="heads_top")
 
     st.subheader("Head drill-down")
-    L, H = scores[name].shape
     labels = [views.head_label(l, h, index) for l, h in views.ranked_heads(scores[name])]
     if st.session_state.get("heads_head_for") != (run.id, name):   # another run or score: start at its top head
         st.session_state["heads_head_for"] = (run.id, name)
@@ -418,8 +417,8 @@ def _example_pattern(run, layer: int, head: int, index: str) -> None:
     b = a + pat.shape[0]
     # keys beyond the window's last query get no attention (causal): cut them
     ds = views.downsample_pattern(pat[:, :b], keep_first=4)
-    _chart(views.pattern_figure(ds, toks, q_offset=a, title=f"{views.head_label(layer, head)} on {ex}, queries {a}–{b - 1}"),
-           "pat_fig")
+    title = f"{views.head_label(layer, head)} on {ex}, queries {a}–{b - 1}"
+    _chart(views.pattern_figure(ds, toks, q_offset=a, title=title), "pat_fig")
     stats = views.pattern_stats(pat, a)
     st.caption(f"on these queries: entropy {stats['entropy']:.3f} nats · mean distance {stats['mean_distance']:.2f} "
                f"tokens · {stats['first_key_mass']:.0%} of attention on token 0 · most attended key: "

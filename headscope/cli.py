@@ -142,7 +142,6 @@ def _open_when_up(host: str, port: int, timeout: float = 120.0) -> None:
 
 
 def _print_summary(run, top: int = 5) -> None:
-    import numpy as np
     m = run.meta
     model = m.get("model", {})
     print(f"{run.id}: {m['analysis']} on {model.get('id')} ({model.get('n_layers')} layers x "

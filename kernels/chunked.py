@@ -236,21 +236,21 @@ def attend_chunked(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | No
     < 1 or a block_q < 1.
     """
     spec = spec or StatsSpec()
-    B, H, H_kv, Tq, Tk, D = check_inputs(q, k, v, kv_valid)
+    B, H, H_kv, Tq, Tk, D = check_inputs(q, k, v, kv_valid=kv_valid)
     if window is not None and window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     if block_q is not None and block_q < 1:
         raise ValueError(f"block_q must be >= 1, got {block_q}")
     dev, Dv, G = q.device, v.shape[-1], H // H_kv
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    ed = _Edits(edits, H, Tk, Dv, dev)
+    ed = _Edits(edits, H=H, Tk=Tk, Dv=Dv, device=dev)
     P0 = Tk - Tq                                                          # key index of query 0
-    C = block_q or _auto_block(B, H, Tq, Tk, window)
+    C = block_q or _auto_block(B, H, Tq, Tk, window=window)
     kvv = kv_valid.to(dev).bool() if kv_valid is not None else None
     kv_bias = None
     if kvv is not None and not bool(kvv.all()):
         kv_bias = torch.zeros(B, Tk, device=dev).masked_fill_(~kvv, PAD_BIAS)[:, None, None, :]
-    n_vis = _visible_counts(B, Tq, Tk, causal, window, kvv, dev)          # [B, Tq]
+    n_vis = _visible_counts(B, Tq, Tk, causal=causal, window=window, kv_valid=kvv, device=dev)          # [B, Tq]
     need_pmax = spec.lse or spec.entropy
 
     # ---- outputs
@@ -273,7 +273,8 @@ def attend_chunked(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | No
         st["mean_dist"] = torch.empty(B, H, Tq, **f32)
     if spec.col_mass:
         st["col_mass"] = torch.zeros(B, H, Tk, **f32)
-        st["col_count"] = _col_count(B, Tq, Tk, causal, window, spec.col_band, kvv, dev)
+        st["col_count"] = _col_count(B, Tq, Tk, causal=causal, window=window, band=spec.col_band, kv_valid=kvv,
+                                     device=dev)
     pr = None
     if spec.pattern_rows is not None:
         pr = (spec.pattern_rows[0], min(spec.pattern_rows[1], Tq))
@@ -371,7 +372,7 @@ def attend_chunked(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | No
         rinv = torch.where(Zw > 0, 1.0 / Zw, 0.0)                         # [B, H, c]
         cuts = [x for seg in spec.segments for x in seg] + ([t0] if spec.mean_dist else []) + (
             [t0 - w_dist + 1] if w_dist is not None else [])
-        masses = _interval_masses(p, k0, k1, cuts) if cuts else None
+        masses = _interval_masses(p, k0=k0, k1=k1, cuts=cuts) if cuts else None
 
         # ---- output and its edits, in the spec's order
         if output:
@@ -389,7 +390,7 @@ def attend_chunked(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | No
             pm = pmax_raw if pmax_raw is not None else pmax
             st["lse"][:, :, i0:i1] = torch.where(pm > 0, m - torch.log(pm), float("-inf"))
         if kk:
-            val, idx = _topk_lowest_index(p.reshape(-1, S), kk, k0, Tk)
+            val, idx = _topk_lowest_index(p.reshape(-1, S), k=kk, k0=k0, Tk=Tk)
             st["topk_prob"][:, :, i0:i1] = (val.view(B, H, c, kk) * rinv[..., None])
             st["topk_idx"][:, :, i0:i1] = idx.view(B, H, c, kk)
         if spec.entropy:
@@ -422,7 +423,7 @@ def attend_chunked(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | No
 
         # ---- column statistics
         if spec.col_mass:
-            _col_mass_block(st["col_mass"], p, rinv, t0, t1, k0, k1, spec.col_band)
+            _col_mass_block(st["col_mass"], p, rinv, t0=t0, t1=t1, k0=k0, k1=k1, band=spec.col_band)
     return AttnResult(out=out, stats=st)
 
 

@@ -9,7 +9,8 @@ from .spec import AttnResult, HeadEdits, StatsSpec, check_inputs
 
 
 def visible_mask(Tq: int, Tk: int, *, causal: bool = True, window: int | None = None,
-                 kv_valid: torch.Tensor | None = None, rows: torch.Tensor | None = None, device=None) -> torch.Tensor:
+                 kv_valid: torch.Tensor | None = None, rows: torch.Tensor | None = None,
+                 device=None) -> torch.Tensor:
     """[B or 1, 1, R, Tk] bool: key s visible to query i (at key index Tk - Tq + i).
 
     The one definition of visibility (causal, sliding window ``t - s < window``, padding) for
@@ -34,7 +35,7 @@ def attend_reference(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | 
                      softcap: float | None = None, kv_valid: torch.Tensor | None = None,
                      output: bool = True) -> AttnResult:
     spec = spec or StatsSpec()
-    B, H, H_kv, Tq, Tk, D = check_inputs(q, k, v, kv_valid)
+    B, H, H_kv, Tq, Tk, D = check_inputs(q, k, v, kv_valid=kv_valid)
     G = H // H_kv
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     qd, kd, vd = q.double(), k.double(), v.double()
@@ -58,7 +59,7 @@ def attend_reference(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | 
             n = vis.sum(-1, keepdim=True).clamp_min(1)
             p = torch.where(u, vis.double() / n, p)
         if edits.key_pos is not None:
-            w = edits.key_weights(H, Tk, q.device, torch.float64)                  # [H, Tk]
+            w = edits.key_weights(H, Tk, device=q.device, dtype=torch.float64)                  # [H, Tk]
             p = p * w[None, :, None, :]
             p = p / p.sum(-1, keepdim=True).clamp_min(1e-300)
 

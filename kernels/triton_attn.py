@@ -461,7 +461,7 @@ def attend_triton(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | Non
     tensors with ``TRITON_INTERPRET=1`` set before this module is imported (tests).
     """
     spec = spec or StatsSpec()
-    B, H, H_kv, Tq, Tk, D = check_inputs(q, k, v, kv_valid)
+    B, H, H_kv, Tq, Tk, D = check_inputs(q, k, v, kv_valid=kv_valid)
     if window is not None and window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     if not _INTERPRET and q.device.type != "cuda":
@@ -552,7 +552,8 @@ def attend_triton(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | Non
             band[0] if band else 0, (band[1] if band[1] is not None else _NO_BAND) if band else _NO_BAND,
             *buckets, HAS_BAND=band is not None, **flags)
         stats["col_mass"] = col
-        stats["col_count"] = _col_count(B, Tq, Tk, causal, window, band, kv_valid, dev)
+        stats["col_count"] = _col_count(B, Tq, Tk, causal=causal, window=window, band=band, kv_valid=kv_valid,
+                                        device=dev)
     if spec.pattern_rows is not None:
         a, b = spec.pattern_rows[0], min(spec.pattern_rows[1], Tq)
         rows = torch.arange(a, max(a, b), device=dev)
@@ -563,7 +564,7 @@ def attend_triton(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | Non
         stats["topk_idx"], stats["topk_prob"] = r.stats["topk_idx"], r.stats["topk_prob"]
 
     if post_edit:
-        sees = _visible_counts(B, Tq, Tk, causal, window, kv_valid, dev) > 0   # [B, Tq]
+        sees = _visible_counts(B, Tq, Tk, causal=causal, window=window, kv_valid=kv_valid, device=dev) > 0   # [B, Tq]
         out = _apply_output_edits(out, edits, sees).to(v.dtype)
     return AttnResult(out=out, stats=stats)
 
@@ -584,7 +585,7 @@ def _fix_topk(idx, prob, q, k, lse_eff, dense):
     rows = flag.any(0).any(0).nonzero().flatten()
     for chunk in rows.split(max(1, (1 << 24) // (B * H * Tk))):
         p = _dense_probs(q, k, chunk, lse_eff, **dense)                     # [B, H, R, Tk]
-        val, ix = _topk_lowest_index(p.reshape(-1, Tk), K, 0, Tk)
+        val, ix = _topk_lowest_index(p.reshape(-1, Tk), k=K, k0=0, Tk=Tk)
         f = flag[:, :, chunk, None]
         idx[:, :, chunk] = torch.where(f, ix.view(B, H, -1, K), idx[:, :, chunk])
         prob[:, :, chunk] = torch.where(f, val.view(B, H, -1, K), prob[:, :, chunk])

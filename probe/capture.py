@@ -335,7 +335,7 @@ def run_forward(an: Anatomy, input_ids: torch.Tensor, attention_mask: torch.Tens
     past = cache.get_seq_length() if cache is not None else 0
     if attention_mask is not None and attention_mask.shape != (B, past + T):
         raise HeadscopeError(f"attention_mask must be [batch, past + new] = [{B}, {past + T}], got {tuple(attention_mask.shape)}")
-    pos = position_ids_for(attention_mask, past, T, input_ids.device)
+    pos = position_ids_for(attention_mask, past=past, T=T, device=input_ids.device)
     step = T if cache is None or chunk_size is None else chunk_size
     cache_kw = {cache_kwarg(model): cache}
     state = {"q": past}

@@ -112,8 +112,8 @@ class Probe:
     def capture_session(self, stats: StatsSpec | None = None, layers: Sequence[int] | None = None,
                         activations: Sequence[str] = (), positions=None, check_finite: bool | None = None) -> Capture:
         """A ``Capture`` not bound to a block (``generate`` makes one per step)."""
-        return Capture(self.anatomy, stats, layers, activations, positions,
-                       self.check_finite if check_finite is None else check_finite)
+        return Capture(self.anatomy, stats, layers, activations=activations, positions=positions,
+                       check_finite=self.check_finite if check_finite is None else check_finite)
 
     @contextlib.contextmanager
     def capture(self, stats: StatsSpec | None = None, layers: Sequence[int] | None = None,
@@ -126,7 +126,8 @@ class Probe:
         with self.lock:
             if self._capture is not None:
                 raise HeadscopeError("a capture block is already active on this probe; captures do not nest")
-            cap = self.capture_session(stats, layers, activations, positions, check_finite)
+            cap = self.capture_session(stats, layers, activations=activations, positions=positions,
+                                       check_finite=check_finite)
             self._capture = cap
             try:
                 yield cap
@@ -141,7 +142,7 @@ class Probe:
         where it acts, before/after RoPE, the phase, and whether the KV cache was built with it.
         Nothing is left behind after the block, also after an exception.
         """
-        with self.lock, intervention_block(self._interventions, self.anatomy, ops, phase) as iv:
+        with self.lock, intervention_block(self._interventions, self.anatomy, ops=ops, phase=phase) as iv:
             yield iv
 
     # -- running -------------------------------------------------------------------------------
@@ -184,8 +185,9 @@ class Probe:
                 if capture.wants_logits:
                     on_logits = lambda first, lg: capture.store("logits", first, lg)  # noqa: E731
                     keep_n = 0 if keep_n == 0 else max(keep_n, capture.logits_needed(past + T))
-            ctx = AttnContext(an.layer_of, self.backend, plan=plan, record=capture.record if capture is not None else None,
-                              row_edits=row_edits or {}, check_finite=capture is not None and capture.check_finite)
+            ctx = AttnContext(an.layer_of, self.backend, plan=plan,
+                              record=capture.record if capture is not None else None, row_edits=row_edits or {},
+                              check_finite=capture is not None and capture.check_finite)
             res = run_forward(an, ids, mask, ctx=ctx, chunk_size=chunk_size, cache=cache, hooks=hooks,
                               on_logits=on_logits, logits_to_keep=keep_n)
             if capture is not None:
@@ -222,12 +224,14 @@ class Probe:
         ``step_stats`` / ``step_acts``. With ``capture_prefill``, ``prefill`` holds the capture of
         prompt[:-1] (the last prompt token is step 0). Active ``intervene`` blocks apply by phase.
         """
-        if self._capture is not None:
-            raise HeadscopeError("generate captures per step itself: pass stats=/activations= instead of a capture block")
-        return generate(self, input_ids, max_new_tokens=max_new_tokens, stop_strings=stop_strings,
-                        do_sample=do_sample, seed=seed, temperature=temperature, top_k=top_k, top_p=top_p,
-                        stats=stats, layers=layers, activations=activations, capture_prefill=capture_prefill,
-                        chunk_size=chunk_size, allow_beyond_context=allow_beyond_context)
+        with self.lock:  # a capture block of another thread must not count as this one's
+            if self._capture is not None:
+                raise HeadscopeError("generate captures per step itself: pass stats=/activations= instead of a "
+                                     "capture block")
+            return generate(self, input_ids, max_new_tokens=max_new_tokens, stop_strings=stop_strings,
+                            do_sample=do_sample, seed=seed, temperature=temperature, top_k=top_k, top_p=top_p,
+                            stats=stats, layers=layers, activations=activations, capture_prefill=capture_prefill,
+                            chunk_size=chunk_size, allow_beyond_context=allow_beyond_context)
 
     def sweep_heads(self, input_ids, metric, kind: str = "uniform", heads=None, batch_size: int | None = None,
                     value=None, attention_mask=None, logits_to_keep: int = 0) -> torch.Tensor:
@@ -238,5 +242,5 @@ class Probe:
     def patch_sweep(self, clean_ids, corrupt_ids, hook: str, metric, per: str = "head",
                     batch_size: int | None = None, attention_mask=None, logits_to_keep: int = 0) -> torch.Tensor:
         """[L, H] or [L, T] metric with one clean unit patched into the corrupted run; see ``intervene.patch_sweep``."""
-        return patch_sweep(self, clean_ids, corrupt_ids, hook, metric, per=per, batch_size=batch_size,
+        return patch_sweep(self, clean_ids, corrupt_ids, hook=hook, metric=metric, per=per, batch_size=batch_size,
                            attention_mask=attention_mask, logits_to_keep=logits_to_keep)

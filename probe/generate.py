@@ -122,7 +122,7 @@ def _generate(probe, input_ids, *, max_new_tokens, stop_strings, do_sample, seed
         if cap is not None:
             out.step_stats.append(cap.stats)
             out.step_acts.append(cap.acts)
-        nxt = _next_token(logits[0, -1], do_sample, temperature, top_k, top_p, gen)
+        nxt = _next_token(logits[0, -1], do_sample, temperature=temperature, top_k=top_k, top_p=top_p, gen=gen)
         out.new_tokens.append(nxt)
         if nxt in eos:
             out.stop_reason = "eos"

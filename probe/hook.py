@@ -103,7 +103,8 @@ def headscope_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, k
     """
     q_offset, kv_offset = int(q_offset), int(kv_offset)
     if mask_function is not None and not _causal_check(
-            mask_function, batch_size, q_length, q_offset, kv_length, kv_offset, local_size, device):
+            mask_function, batch_size=batch_size, q_length=q_length, q_offset=q_offset, kv_length=kv_length,
+            kv_offset=kv_offset, window=local_size, device=device):
         raise HeadscopeError(
             f"model type {getattr(config, 'model_type', '?')!r} asks for an attention mask other than causal"
             f"{' + sliding window' if local_size else ''} (bidirectional/blockwise/packed); headscope cannot express it")
@@ -115,7 +116,7 @@ def headscope_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, k
         am = am[:, kv_offset:kv_offset + kv_length]
         if not bool(am.all()):
             kv_valid = am
-    return KVMask(q_offset, kv_offset, kv_length, kv_valid, local_size)
+    return KVMask(q_offset=q_offset, kv_offset=kv_offset, kv_length=kv_length, kv_valid=kv_valid, window=local_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,7 +222,8 @@ def _apply_row_edits(out, value, edits: list[RowEdit], call: LayerCall, kv_valid
             out[e.batch, e.head] = e.value.to(out)
         elif e.kind == "uniform":
             kv = None if kv_valid is None else kv_valid[e.batch:e.batch + 1]
-            out[e.batch, e.head] = uniform_output(value[e.batch:e.batch + 1, e.head // G], call.n_q, call.window, kv)[0]
+            v = value[e.batch:e.batch + 1, e.head // G]                         # [1, Tk, D]
+            out[e.batch, e.head] = uniform_output(v, n_q=call.n_q, window=call.window, kv_valid=kv)[0]
         else:
             raise HeadscopeError(f"unknown row edit kind {e.kind!r}")
     return out
@@ -266,8 +268,8 @@ def headscope_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
     ctx = _ACTIVE.get()
     layer = ctx.layer_of.get(id(module)) if ctx is not None else None
     spec = edits = None
-    call = LayerCall(layer if layer is not None else getattr(module, "layer_idx", -1),
-                     mask.q_offset, mask.kv_offset, Tq, Tk, window)
+    call = LayerCall(layer=layer if layer is not None else getattr(module, "layer_idx", -1),
+                     q_start=mask.q_offset, kv_start=mask.kv_offset, n_q=Tq, n_k=Tk, window=window)
     if layer is not None:
         ctx.seen.add(layer)
         if ctx.plan is not None:
@@ -283,15 +285,15 @@ def headscope_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
     plain = (spec is None and edits is None and softcap is None and kv_valid is None
              and (window is None or window >= Tk) and (Tq == Tk or Tq == 1))
     if plain:
-        out = _sdpa_plain(query, key, value, scaling)                          # [B, H, Tq, D]
+        out = _sdpa_plain(query, key, value, scaling=scaling)                  # [B, H, Tq, D]
     else:
-        res = attend(query, key, value, spec, edits, scale=scaling, causal=True, window=window,
+        res = attend(query, key, value, spec=spec, edits=edits, scale=scaling, causal=True, window=window,
                      softcap=softcap, kv_valid=kv_valid, backend=ctx.backend if ctx else "auto")
         out = res.out
         if spec is not None and ctx.record is not None:
             ctx.record(call, res.stats)
     if row_edits:
-        out = _apply_row_edits(out, value, row_edits, call, kv_valid)
+        out = _apply_row_edits(out, value, edits=row_edits, call=call, kv_valid=kv_valid)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -169,7 +169,7 @@ class InterventionSet:
 
 
 @contextlib.contextmanager
-def intervention_block(active: list[InterventionSet], an: Anatomy, ops: Sequence, phase: str):
+def intervention_block(active: list[InterventionSet], an: Anatomy, *, ops: Sequence, phase: str):
     """Push the validated ``ops`` onto ``active`` for the block; removed also after an exception.
 
     The body of ``Probe.intervene`` and ``BridgeProbe.intervene``: blocks nest and compose."""
@@ -346,18 +346,18 @@ def sweep_heads(probe, input_ids: torch.Tensor, metric: Callable[[torch.Tensor],
     call apply to every copy.
     """
     an = probe.anatomy
-    units = _sweep_units(an, kind, value, heads)
+    units = _sweep_units(an, kind=kind, value=value, heads=heads)
     ids, mask = probe.prepare_inputs(input_ids, attention_mask)
     scores = torch.full((an.n_layers, an.n_heads), float("nan"))
     with probe.lock:
         probe.require_no_capture("sweep_heads")
-        for (l, h), logits in _single_head_forks(probe, ids, mask, units, kind=kind, value=value,
+        for (l, h), logits in _single_head_forks(probe, ids, mask, units=units, kind=kind, value=value,
                                                  batch_size=batch_size, logits_to_keep=logits_to_keep):
             scores[l, h] = float(metric(logits))
     return scores
 
 
-def _single_head_forks(probe, ids: torch.Tensor, mask: torch.Tensor | None, units, *, kind: str, value,
+def _single_head_forks(probe, ids: torch.Tensor, mask: torch.Tensor | None, *, units, kind: str, value,
                        batch_size: int | None, states: bool = False, logits_to_keep: int = 0):
     """The batched single-head sweep shared by ``sweep_heads`` and ``sweep_heads_states``.
 
@@ -369,7 +369,7 @@ def _single_head_forks(probe, ids: torch.Tensor, mask: torch.Tensor | None, unit
     n, T = ids.shape
     for l, hs in _layer_groups(units, batch_size or _default_copies(n * T, an.n_heads)):
         v = lambda h: value if kind == "scale" else value[l, h] if kind == "mean" else None  # noqa: E731
-        edits = [RowEdit(c * n + i, h, kind, v(h)) for c, h in enumerate(hs) for i in range(n)]
+        edits = [RowEdit(c * n + i, h, kind, value=v(h)) for c, h in enumerate(hs) for i in range(n)]
         cap = probe.capture_session(activations=[FINAL_STATE], positions=[-1]) if states else None
         res = _fork_run(probe, ids, mask, layer=l, k=len(hs), row_edits={l: edits}, capture=cap,
                         logits_to_keep=1 if states else logits_to_keep)
@@ -435,13 +435,13 @@ def sweep_heads_states(probe, input_ids: torch.Tensor, kind: str = "uniform",
     real tokens only, as in ``probe.forward``. Interventions active around the call apply to every
     copy. kind / value as ``sweep_heads``.
     """
-    units = _sweep_units(probe.anatomy, kind, value, heads)
+    units = _sweep_units(probe.anatomy, kind=kind, value=value, heads=heads)
     ids, mask = probe.prepare_inputs(input_ids, attention_mask)
     if mask is not None and not bool(mask[:, -1].all()):
         raise HeadscopeError("sweep_heads_states needs left padding: every row's last position must be a real token")
     with probe.lock:
         probe.require_no_capture("sweep_heads_states")
-        return dict(_single_head_forks(probe, ids, mask, units, kind=kind, value=value, batch_size=batch_size,
+        return dict(_single_head_forks(probe, ids, mask, units=units, kind=kind, value=value, batch_size=batch_size,
                                        states=True))
 
 
@@ -473,11 +473,11 @@ def patch_sweep(probe, clean_ids: torch.Tensor, corrupt_ids: torch.Tensor, hook:
         raise HeadscopeError(f"clean {tuple(clean.shape)} and corrupted {tuple(corrupt.shape)} inputs differ in shape")
     with probe.lock:
         probe.require_no_capture("patch_sweep")
-        return _patch_sweep(probe, clean, corrupt, mask, names=names, sites=sites, metric=metric, per=per,
+        return _patch_sweep(probe, clean, corrupt, mask=mask, names=names, sites=sites, metric=metric, per=per,
                             batch_size=batch_size, logits_to_keep=logits_to_keep)
 
 
-def _patch_sweep(probe, clean: torch.Tensor, corrupt: torch.Tensor, mask: torch.Tensor | None, *, names, sites,
+def _patch_sweep(probe, clean: torch.Tensor, corrupt: torch.Tensor, *, mask: torch.Tensor | None, names, sites,
                  metric, per: str, batch_size: int | None, logits_to_keep: int) -> torch.Tensor:
     """``patch_sweep`` on checked inputs, under the probe's lock."""
     an = probe.anatomy

@@ -130,8 +130,8 @@ class BridgeProbe:
         """As ``Probe.capture``; ``bridge_probe.forward`` fills the yielded ``Capture``."""
         if self._capture is not None:
             raise HeadscopeError("a capture block is already active on this probe; captures do not nest")
-        self._capture = Capture(self.anatomy, stats, layers, activations, positions,
-                                self.check_finite if check_finite is None else check_finite)
+        self._capture = Capture(self.anatomy, stats, layers, activations=activations, positions=positions,
+                                check_finite=self.check_finite if check_finite is None else check_finite)
         try:
             yield self._capture
         finally:
@@ -141,7 +141,7 @@ class BridgeProbe:
         """As ``Probe.intervene`` (phase "all" or "prefill": a bridge forward is a prefill)."""
         if phase == "decode":
             raise HeadscopeError("BridgeProbe runs no decode steps; phase='decode' needs Probe.generate")
-        return intervention_block(self._interventions, self.anatomy, ops, phase)
+        return intervention_block(self._interventions, self.anatomy, ops=ops, phase=phase)
 
     def _pattern_hook(self, layer: int, T: int, edits, call, cap):
         """hook_pattern: uniform heads, key reweighting, then statistics of the map actually used."""
@@ -152,7 +152,7 @@ class BridgeProbe:
                 u = vis.to(p.dtype) / vis.sum(-1, keepdim=True)
                 p = torch.where(e.uniform[None, :, None, None], u, p)
             if e is not None and e.key_pos is not None:
-                p = p * e.key_weights(p.shape[1], T, p.device, p.dtype)[None, :, None, :]
+                p = p * e.key_weights(p.shape[1], T, device=p.device, dtype=p.dtype)[None, :, None, :]
                 p = p / p.sum(-1, keepdim=True)
             spec = cap.spec_for(call) if cap is not None else None
             if spec is not None:
@@ -189,13 +189,14 @@ class BridgeProbe:
         edits = Edits(an, self._interventions, "prefill")
         hooks: list = []
         for l in range(an.n_layers):
-            call = LayerCall(l, 0, 0, T, T, an.windows[l])
+            call = LayerCall(layer=l, q_start=0, kv_start=0, n_q=T, n_k=T, window=an.windows[l])
             z_ops = [op for op in edits.ablations.get(l, ()) if op.kind != "uniform"]
             if z_ops:
                 hooks.append((f"blocks.{l}.attn.hook_z", self._z_hook(z_ops)))
             wants_stats = cap is not None and cap.spec_for(call) is not None
             if wants_stats or any(op.kind == "uniform" for op in edits.ablations.get(l, ())) or l in edits.reweights:
-                hooks.append((f"blocks.{l}.attn.hook_pattern", self._pattern_hook(l, T, edits, call, cap)))
+                fn = self._pattern_hook(l, T, edits=edits, call=call, cap=cap)
+                hooks.append((f"blocks.{l}.attn.hook_pattern", fn))
         hooks += [(p.hook, lambda x, hook, f=patch_fn(p, lambda: 0): f(x)) for p in edits.patches]
         if cap is not None:
             cap.begin(0, T)

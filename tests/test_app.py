@@ -6,11 +6,9 @@ tokenizer, 2 layers x 4 heads, GQA 2 KV heads), so nothing is downloaded and it 
 """
 from __future__ import annotations
 
-import base64
 import json
 import re
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,93 +16,14 @@ import pytest
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-from headscope.analyses.store import atomic_write_npz, create_run, list_runs, load_run  # noqa: E402
+from headscope.analyses.store import list_runs, load_run  # noqa: E402
 
-SYNTH_MODEL = {"id": "synth-model", "name": "synth-model", "n_layers": 4, "n_heads": 6, "n_kv_heads": 2}
+from .helpers import arr, make_runs, make_tiny_model_dir, write_run  # noqa: E402, F401 (re-exported)
+
 TIMEOUT = 60
 
 
 # --------------------------------------------------------------------------- helpers (also used by other app tests)
-def make_tiny_model_dir(path: Path, seed: int = 0, sliding_window: int | None = None) -> Path:
-    """A random-init 2-layer Llama (4 query / 2 KV heads) with a byte-level tokenizer, as a model dir.
-
-    ``sliding_window``: a Gemma-3-style text model instead (layer 0 sliding, layer 1 global)."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {"<s>": 0, "</s>": 1, **{c: i + 2 for i, c in enumerate(alphabet)}}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>").save_pretrained(path)
-    common = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                  bos_token_id=0, eos_token_id=1, tie_word_embeddings=True, initializer_range=0.3)
-    torch.manual_seed(seed)
-    if sliding_window is None:
-        model = LlamaForCausalLM(LlamaConfig(**common))
-    else:
-        model = Gemma3ForCausalLM(Gemma3TextConfig(head_dim=8, sliding_window=sliding_window, pad_token_id=1,
-                                                   layer_types=["sliding_attention", "full_attention"], **common))
-    model.save_pretrained(path, safe_serialization=True)
-    return path
-
-
-def write_run(root: Path, rid: str, *, analysis: str = "induction", scores: dict | None = None,
-              score_meta: dict | None = None, status: str = "complete", created: str = "2025-01-01T00:00:00",
-              model: dict | None = None, records: list | None = None, extra: dict | None = None,
-              arrays: dict | None = None):
-    """A run folder as ``run_analysis`` leaves it, with the given scores (and ``arrays.npz``)."""
-    meta = {"analysis": analysis, "created": created, "model": dict(model or SYNTH_MODEL),
-            "config": {"seed": 0, "limit": None}, "versions": {"python": "3"}}
-    run, _ = create_run(Path(root) / rid, meta)
-    scores = scores or {}
-    run.meta["scores"] = {k: np.asarray(v).tolist() for k, v in scores.items()}
-    run.meta["score_meta"] = score_meta or {k: {"description": f"{k} score", "index": "query_head",
-                                                "higher_is": k, "threshold": None} for k in scores}
-    run.meta["summary"] = {"accuracy": 0.5}
-    run.meta.update({"status": status, "n_examples": len(records or []), "n_used": len(records or []),
-                     "error": "boom" if status == "failed" else None, "timings": {"run_s": 1.0}})
-    run.meta.update(extra or {})
-    if arrays:
-        atomic_write_npz(run.path / "arrays.npz", arrays)
-        run.meta["arrays"] = "arrays.npz"
-        run.meta["array_shapes"] = {k: list(np.shape(v)) for k, v in arrays.items()}
-    for r in records or []:
-        run.append_example(r)
-    run.save_meta()
-    return run
-
-
-def make_runs(root: Path, seed: int = 0) -> dict:
-    """Two induction runs of one model (one with per-example scores), a KV-head run, a failed run."""
-    rng = np.random.default_rng(seed)
-    L, H = SYNTH_MODEL["n_layers"], SYNTH_MODEL["n_heads"]
-    ind_a = {"induction": rng.random((L, H)), "previous_token": rng.random((L, H))}
-    ind_b = {k: v + rng.normal(0, 0.2, v.shape) for k, v in ind_a.items()}
-    per = rng.random((3, L, H))
-    ind_meta = {"induction": {"description": "induction score", "index": "query_head", "higher_is": "induction head",
-                              "threshold": 0.8},
-                "previous_token": {"description": "prev", "index": "query_head", "higher_is": "previous-token head",
-                                   "threshold": None}}
-    runs = {
-        "ind-a": write_run(root, "ind-a", scores=ind_a, score_meta=ind_meta, created="2025-01-01T00:00:00",
-                           records=[{"id": f"seq{i}", "skip": False, "induction": per[i].tolist()} for i in range(3)],
-                           arrays={"series": rng.random(50), "induction_std": rng.random((L, H))}),
-        "ind-b": write_run(root, "ind-b", scores=ind_b, score_meta=ind_meta, created="2025-01-02T00:00:00"),
-        "kv": write_run(root, "kv", analysis="duo", scores={"gate": rng.random((L, 2))}, created="2025-01-03T00:00:00",
-                        score_meta={"gate": {"description": "gate", "index": "kv_head", "higher_is": "full",
-                                             "threshold": None}}),
-        "bad": write_run(root, "bad", analysis="sinks", status="failed", created="2024-12-31T00:00:00"),
-    }
-    return {"runs": runs, "ind_a": ind_a, "ind_b": ind_b, "per": per}
-
-
-# --------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-model") / "tiny-llama")
@@ -147,14 +66,6 @@ def no_errors(at: AppTest) -> None:
 
 def charts(at: AppTest) -> list[dict]:
     return [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
-
-
-def arr(x) -> np.ndarray:
-    """A plotly JSON array: plain lists, or the typed-array form plotly >= 6 writes for numpy data."""
-    if isinstance(x, dict) and "bdata" in x:
-        a = np.frombuffer(base64.b64decode(x["bdata"]), dtype=np.dtype(x["dtype"]))
-        return a.reshape([int(n) for n in str(x.get("shape", len(a))).split(",")])
-    return np.asarray(x, dtype=float)
 
 
 # --------------------------------------------------------------------------- Runs

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_app import make_runs, make_tiny_model_dir
+from tests.helpers import make_runs, make_tiny_model_dir
 
 pytestmark = pytest.mark.browser
 

@@ -10,7 +10,7 @@ import torch
 
 from headscope.app import jobs, live
 from headscope.errors import HeadscopeError
-from tests.test_app import make_tiny_model_dir
+from tests.helpers import make_tiny_model_dir
 
 PROMPT = "Alice met Bob. Then Alice met Bob again, and Alice"
 

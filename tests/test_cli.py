@@ -129,7 +129,7 @@ def test_score_run_prints_no_library_warnings_or_load_bars(tmp_path):
     """A scoring run shows its own progress and results only: with every Deprecation/FutureWarning
     an error (as ``python -W error::...`` makes them), it completes, and stderr holds no
     transformers load bars or warnings."""
-    from .test_app import make_tiny_model_dir
+    from .helpers import make_tiny_model_dir
     model = make_tiny_model_dir(tmp_path / "tiny")
     cmd = [sys.executable, "-W", "error::FutureWarning", "-W", "error::DeprecationWarning", "-m", "headscope",
            "--runs-dir", str(tmp_path / "runs"), "score", "induction", "--model", str(model),

@@ -10,7 +10,7 @@ import torch
 from headscope.analyses.base import run_analysis
 from headscope.analyses.fai import band_count, encode_record, find_peaks, parse_layers, split_heads
 
-from .test_sinks import make_tiny_lm, random_texts, write_jsonl
+from .helpers import make_tiny_lm, random_texts, write_jsonl
 
 
 def reference(A, logits, start, *, layers, W, H_lo, H_hi, local_frac, global_frac, exclude_bos):

@@ -8,23 +8,19 @@ import torch
 from headscope.analyses.base import run_analysis
 from headscope.analyses.induction import repeated_tokens
 
-from .test_models import write_tiny_llama_gguf
+from .helpers import as_loaded, tiny_llama as llama_model, write_tiny_llama_gguf
 
 
 @pytest.fixture()
 def tiny_llama(tmp_path):
     """A random 3-layer GQA Llama (6 query / 2 KV heads) with a tiny byte-level tokenizer, as a LoadedModel."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
-    from headscope.probe.models import LoadedModel, model_info
     write_tiny_llama_gguf(tmp_path / "tok.gguf")
     tok = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="tok.gguf")
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=3,
-                      num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=128,
-                      bos_token_id=1, eos_token_id=2)
-    model = LlamaForCausalLM(cfg).eval()
-    info = model_info(model, tok, name="tiny-llama", source="path", path=str(tmp_path))
-    return LoadedModel(model=model, tokenizer=tok, name="tiny-llama", info=info)
+    model = llama_model(len(tok), seed=None, heads=6, hidden=48, intermediate=96, max_positions=128,
+                       bos_token_id=1, eos_token_id=2)
+    return as_loaded(model, tok, "tiny-llama", path=str(tmp_path))
 
 
 def _eager_scores(model, ids_list, n, offset):

@@ -15,7 +15,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -34,8 +33,8 @@ from headscope.probe.models import (
     load_model,
 )
 
-VOCAB_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1 (BOS), 2 (EOS)
-MERGES = ["Ġ t", "h e", "Ġt he", "Ġ a"]
+from .helpers import MERGES, VOCAB_SPECIALS, write_tiny_llama_gguf
+
 PROMPT = "the cat sat on the mat and the dog ate the hat"
 
 
@@ -46,65 +45,6 @@ def _no_hub(monkeypatch):
 
 # ---------------------------------------------------------------------------------------------
 # Tiny fixtures: a GGUF written from a random Llama, and local safetensors directories
-
-
-def write_tiny_llama_gguf(path: Path, *, add_bos: bool = False, seed: int = 0):
-    """Write a tiny fp32 Llama GGUF with a byte-level BPE tokenizer; return the source model."""
-    import gguf
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    tokens = VOCAB_SPECIALS + list(bytes_to_unicode().values()) + [m.replace(" ", "") for m in MERGES]
-    cfg = LlamaConfig(
-        vocab_size=len(tokens), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-    )
-    torch.manual_seed(seed)
-    ref = LlamaForCausalLM(cfg).eval()
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name("tiny-llama")
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_vocab_size(len(tokens))
-    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt2")
-    w.add_token_list(tokens)
-    w.add_token_types([gguf.TokenType.CONTROL] * 3 + [gguf.TokenType.NORMAL] * (len(tokens) - 3))
-    w.add_token_merges(MERGES)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_pad_token_id(2)
-    w.add_unk_token_id(0)
-    w.add_add_bos_token(add_bos)
-    w.add_chat_template(
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    )
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
-
-    def permute(a, n_head):  # llama.cpp's rotary layout for q/k rows
-        return a.reshape(n_head, 2, a.shape[0] // n_head // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
-
-    for hf_name, t in ref.state_dict().items():
-        a = t.numpy().astype(np.float32)
-        if hf_name.endswith("q_proj.weight"):
-            a = permute(a, cfg.num_attention_heads)
-        elif hf_name.endswith("k_proj.weight"):
-            a = permute(a, cfg.num_key_value_heads)
-        w.add_tensor(names.get_name(hf_name, try_suffixes=(".weight", ".bias")), a)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return ref
 
 
 @pytest.fixture(scope="module")

@@ -11,66 +11,15 @@ import functools
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GPT2Config, LlamaConfig,
-                          Qwen2Config)
 
 from headscope.kernels import StatsSpec
 from headscope.probe import Probe
 
+from .helpers import VOCAB, assert_top1, eager, one_thread, tiny_model  # noqa: F401 (fixture)
+
 FAMILIES = ("llama", "gemma3", "gemma2", "qwen2", "gpt2")
-VOCAB = 256
 ALL_STATS = StatsSpec(lse=True, topk=2, entropy=True, segments=((0, 1), (2, 9)), mean_dist=True, window_dist=4,
                       col_mass=True)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: small models are dominated by thread synchronisation, which costs 10-100x on
-    a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@functools.lru_cache(maxsize=None)
-def tiny_model(family: str):
-    """A small random causal LM with eager attention (shared: tests must not modify it)."""
-    torch.manual_seed(0)
-    common = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, vocab_size=VOCAB,
-                  max_position_embeddings=64)
-    if family == "llama":
-        cfg = LlamaConfig(num_hidden_layers=3, num_key_value_heads=2, **common)
-    elif family == "gemma3":
-        cfg = Gemma3TextConfig(num_hidden_layers=4, num_key_value_heads=1, head_dim=16, sliding_window=6,
-                               layer_types=["sliding_attention", "full_attention"] * 2, **common)
-    elif family == "gemma2":
-        cfg = Gemma2Config(num_hidden_layers=2, num_key_value_heads=2, head_dim=16, sliding_window=6,
-                           attn_logit_softcapping=5.0, **common)
-    elif family == "qwen2":
-        cfg = Qwen2Config(num_hidden_layers=3, num_key_value_heads=2, **common)
-    else:
-        cfg = GPT2Config(n_embd=64, n_layer=3, n_head=4, vocab_size=VOCAB, n_positions=64)
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
-    with torch.no_grad():
-        for layer in range(cfg.num_hidden_layers):
-            attn = model.transformer.h[layer].attn if family == "gpt2" else model.model.layers[layer].self_attn
-            if family == "gpt2":
-                attn.c_attn.weight[:, :2 * 64] *= 6
-            elif family == "gemma3":
-                attn.q_norm.weight.fill_(2.0)  # Gemma RMSNorm scales by (1 + w)
-                attn.k_norm.weight.fill_(2.0)
-            else:
-                attn.q_proj.weight *= 6
-                attn.k_proj.weight *= 6
-    return model
-
-
-def eager(model, ids, mask=None, **kw):
-    """HF eager forward with maps and hidden states; positions count real tokens under left padding."""
-    pos = None if mask is None else (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        return model(ids, attention_mask=mask, position_ids=pos, output_attentions=True, output_hidden_states=True, **kw)
 
 
 def ref_stats(p: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -85,14 +34,6 @@ def ref_stats(p: torch.Tensor) -> dict[str, torch.Tensor]:
         "win_dist": (p * dist.clamp_max(4)).sum(-1),
         "col_mass": p.sum(-2),
     }
-
-
-def assert_top1(idx: torch.Tensor, p: torch.Tensor) -> None:
-    """idx [...] equals the argmax of p [..., Tk] wherever the maximum is not a near-tie."""
-    top = p.double().topk(2, dim=-1)
-    clear = (top.values[..., 0] - top.values[..., 1]) > 1e-5
-    assert clear.float().mean() > 0.5, "test input has too many ties to be meaningful"
-    assert torch.equal(idx[clear], top.indices[..., 0][clear])
 
 
 def assert_stats(stats: dict, p: torch.Tensor, q_valid: torch.Tensor | None = None, atol=2e-5) -> None:

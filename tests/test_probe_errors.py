@@ -12,7 +12,7 @@ from headscope.kernels import StatsSpec
 from headscope.probe import Probe
 from headscope.probe.hook import cache_kwarg, installed
 
-from .test_probe import VOCAB, one_thread, tiny_model  # noqa: F401 (fixture)
+from .helpers import VOCAB, one_thread, tiny_model  # noqa: F401 (fixture)
 
 IDS = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
 

@@ -12,7 +12,7 @@ from headscope.kernels import StatsSpec
 from headscope.probe import HeadAblation, Probe
 from headscope.probe.hook import cache_kwarg
 
-from .test_probe import VOCAB, assert_top1, eager, one_thread, tiny_model  # noqa: F401 (fixture)
+from .helpers import VOCAB, assert_top1, eager, one_thread, tiny_model  # noqa: F401 (fixture)
 
 
 def prompt(seed: int, T: int = 9) -> torch.Tensor:

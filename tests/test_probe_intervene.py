@@ -19,7 +19,7 @@ from headscope.kernels import StatsSpec
 from headscope.probe import (HeadAblation, KeyReweight, Patch, Probe, kl_div, logit_diff, sweep_heads_states,
                              target_logprob)
 
-from .test_probe import VOCAB, eager, one_thread, tiny_model  # noqa: F401 (fixture)
+from .helpers import VOCAB, eager, one_thread, tiny_model  # noqa: F401 (fixture)
 
 D = 16  # d_head of every tiny model
 

@@ -8,7 +8,7 @@ from headscope.errors import HeadscopeError
 from headscope.kernels import StatsSpec
 from headscope.probe import HeadAblation, KeyReweight, Patch, Probe
 
-from .test_probe import assert_top1, one_thread  # noqa: F401 (fixture)
+from .helpers import assert_top1, one_thread  # noqa: F401 (fixture)
 
 STATS = StatsSpec(topk=1, entropy=True, segments=((0, 1), (3, 9)), mean_dist=True, window_dist=5, col_mass=True,
                   pattern_rows=(4, 8))
@@ -70,7 +70,7 @@ def test_probe_refuses_a_model_rewired_by_a_bridge_boot(tmp_path):
     ``'KVMask' object has no attribute 'ndim'``. A fresh load stays usable."""
     from headscope.probe import load_model
     from headscope.probe.tl import boot_bridge
-    from tests.test_app import make_tiny_model_dir
+    from tests.helpers import make_tiny_model_dir
     lm = load_model(str(make_tiny_model_dir(tmp_path / "tiny")))
     probe = Probe(lm)
     ids = torch.tensor([[1, 5, 7, 9, 11]])

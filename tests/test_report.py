@@ -13,7 +13,7 @@ import pytest
 
 from headscope.app import report
 from headscope.errors import HeadscopeError
-from tests.test_app import arr, make_runs, write_run
+from tests.helpers import arr, make_runs, write_run
 
 
 @pytest.fixture

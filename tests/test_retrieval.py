@@ -18,6 +18,8 @@ from headscope.analyses.retrieval import copy_scores, head_sets, rouge1_recall
 from headscope.errors import HeadscopeError
 from headscope.probe.hook import cache_kwarg
 
+from .helpers import as_loaded, tiny_llama
+
 HAYSTACK = load_haystack("builtin")
 
 
@@ -45,20 +47,9 @@ def bpe_tok():
 def tiny(bpe_tok):
     """A random-init GQA Llama (2 layers, 4 query / 2 KV heads) over ``bpe_tok``'s vocabulary, with
     q/k scaled up so attention rows are peaked (near-uniform rows make argmax ties)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from headscope.probe.models import LoadedModel, model_info
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(bpe_tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                      eos_token_id=bpe_tok.eos_token_id, bos_token_id=None, pad_token_id=None)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(8.0)
-            layer.self_attn.k_proj.weight.mul_(8.0)
-    return LoadedModel(model, bpe_tok, "tiny-llama",
-                       model_info(model, bpe_tok, name="tiny-llama", source="path", path=""))
+    model = tiny_llama(len(bpe_tok), seed=0, layers=2, max_positions=2048, qk_scale=8.0,
+                       eos_token_id=bpe_tok.eos_token_id, bos_token_id=None, pad_token_id=None)
+    return as_loaded(model, bpe_tok, "tiny-llama", path="")
 
 
 # --------------------------------------------------------------------------- references

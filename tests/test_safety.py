@@ -21,6 +21,8 @@ from headscope.analyses.base import run_analysis
 from headscope.errors import HeadscopeError
 from headscope.heads import head_label
 
+from .helpers import as_loaded, tiny_llama
+
 EPS = 1e-5
 
 
@@ -42,22 +44,15 @@ def tiny_tokenizer():
 
 def tiny_model(tok, seed=0):
     """Random-init GQA Llama (4 query heads on 2 KV heads), large init so heads matter."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      initializer_range=0.2, tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(len(tok), seed=seed, initializer_range=0.2, tie_word_embeddings=False,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
 
 
 @pytest.fixture(scope="module")
 def tiny():
     from headscope.probe import Probe
-    from headscope.probe.models import LoadedModel, model_info
     tok = tiny_tokenizer()
-    model = tiny_model(tok)
-    lm = LoadedModel(model, tok, "tiny-safety", model_info(model, tok, name="tiny-safety", source="path", path="-"))
+    lm = as_loaded(tiny_model(tok), tok, "tiny-safety")
     return lm, Probe(lm)
 
 

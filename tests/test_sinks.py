@@ -3,8 +3,6 @@ computations: HF eager attention / hidden states in float64 on tiny random-init 
 random inputs, hand-computed cases, and the real default model (slow)."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -13,43 +11,7 @@ from headscope.analyses.base import run_analysis
 from headscope.analyses.sinks import (act_detect, active_range, column_means, detect_secondary, label_sink,
                                       massive_mask, sink_fraction, sink_rate)
 
-WORDS = ("the a cat dog sat on mat ran to house of and is was it he she they we you red blue green big small "
-         "old new one two three four five six seven eight nine ten water fire tree sky sun moon star road "
-         "car book pen cup door window city river hill stone bird fish user assistant system : . , ?").split()
-
-
-def make_tiny_lm(seed: int, n_layers: int = 3, std: float = 0.25):
-    """A random-init Llama (4 query / 2 KV heads) with a word-level tokenizer (no BOS added, like
-    SmolLM2's) and a small chat template; ``std`` large enough for peaked, non-uniform attention."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from headscope.probe.models import LoadedModel, model_info
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    tok.chat_template = ("<s> system : be brief </s> {% for m in messages %}"
-                         "<s> {{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
-                         "{% if add_generation_prompt %}<s> assistant : {% endif %}")
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=96, num_hidden_layers=n_layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      initializer_range=std, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-    model = LlamaForCausalLM(cfg).eval()
-    return LoadedModel(model, tok, "tiny", model_info(model, tok, name="tiny", source="path", path="tiny"))
-
-
-def random_texts(rng: np.random.Generator, n: int, lo: int, hi: int) -> list[str]:
-    words = [w for w in WORDS if w.isalpha()]
-    return [" ".join(rng.choice(words, size=int(rng.integers(lo, hi)))) for _ in range(n)]
-
-
-def write_jsonl(path, recs):
-    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    return path
-
+from .helpers import make_tiny_lm, random_texts, write_jsonl
 
 def eager(model, ids):
     """(attentions [L, H, T, T] float64, hidden states after each layer [L, T, D] with the last one

@@ -26,6 +26,8 @@ from headscope.errors import HeadscopeError
 from headscope.probe.vlm import LoadedVLM, encode, feed_image, image_spans, load_vlm, vlm_model_type
 from headscope.probe.vlm_fixture import CHATML_TEMPLATE, build_llava
 
+from .helpers import as_loaded, tiny_llama
+
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
@@ -49,13 +51,7 @@ def _tiny_tokenizer():
 
 
 def _tiny_llama(vocab: int, seed: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      initializer_range=0.2, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-    m = LlamaForCausalLM(cfg).eval()
+    m = tiny_llama(vocab, seed=seed, initializer_range=0.2, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     m.generation_config.eos_token_id = 2
     return m
 
@@ -67,11 +63,7 @@ def tiny_tok():
 
 @pytest.fixture(scope="module")
 def tiny_text_lm(tiny_tok):
-    from headscope.probe.models import LoadedModel, model_info
-
-    model = _tiny_llama(len(tiny_tok), seed=11)
-    info = model_info(model, tiny_tok, name="tiny-llama", source="path", path="tiny")
-    return LoadedModel(model=model, tokenizer=tiny_tok, name="tiny-llama", info=info)
+    return as_loaded(_tiny_llama(len(tiny_tok), seed=11), tiny_tok, "tiny-llama", path="tiny")
 
 
 @pytest.fixture(scope="module")
