@@ -1,13 +1,19 @@
 """Previous-token, duplicate-token and induction head scores on repeated random tokens.
 
-The classic probe (Olsson et al. 2022; TransformerLens' ``detect_head``): feed
-``[BOS] r r`` where ``r`` is ``n`` uniformly random token ids, and read three diagonals of
-each head's attention:
+The classic probe (Olsson et al. 2022): feed ``[BOS] r r`` where ``r`` is ``n`` uniformly random
+token ids, and read three diagonals of each head's attention. Default scale (``--scale headscope``),
+each a mean over only the queries where the pattern can occur, so a perfect head scores 1:
 
 - previous-token: mean over every query ``t`` (after the first content token) of ``A[t, t-1]``;
 - duplicate-token: mean over second-half queries of ``A[t, t-n]`` (the same token, earlier);
 - induction: mean over second-half queries of ``A[t, t-n+1]`` (the token *after* the earlier
   copy), which is what lets the model predict the repeat.
+
+``--scale transformerlens`` gives TransformerLens' ``detect_head`` numbers instead (its "mul"
+measure, no exclusions): detection patterns from token equality (accidental repeats inside ``r``
+count, and previous-token includes the query right after BOS), attention on them summed over *all*
+queries and divided by the total attention. On this input that is about n / (2n + 1) of the default
+for duplicate / induction (0.495 at n = 50); rankings agree up to accidental repeats.
 
 Sequences are short by construction, so the full pattern rows are captured. The second half's
 next-token accuracy is stored as a sanity check (an induction-capable model gets it high).
@@ -46,6 +52,21 @@ def diagonal_scores(pattern: torch.Tensor, n: int, offset: int) -> dict[str, np.
             "induction": diag(t_second, n - 1)}
 
 
+def tl_detection_scores(pattern: torch.Tensor, ids: torch.Tensor) -> dict[str, np.ndarray]:
+    """TransformerLens ``detect_head`` ("mul", no exclusions) scores from patterns ``[L, H, T, T]``
+    of the sequence ``ids`` [1, T]: sum of attention on the detection pattern / sum of attention."""
+    t = ids[0]
+    T = len(t)
+    lower = torch.ones(T, T).tril(-1)                                          # keys strictly before the query
+    duplicate = (t[:, None] == t[None, :]).float() * lower                     # [T, T] same token earlier
+    induction = torch.zeros(T, T)
+    induction[:, 1:] = duplicate[:, :-1]                                       # one to the right of a duplicate
+    previous = torch.diag(torch.ones(T - 1), -1)
+    total = pattern.sum((-1, -2))                                              # [L, H]
+    score = lambda det: ((pattern * det.tril()).sum((-1, -2)) / total).numpy()  # noqa: E731
+    return {"previous_token": score(previous), "duplicate_token": score(duplicate), "induction": score(induction)}
+
+
 @register
 class InductionAnalysis(Analysis):
     name = "induction"
@@ -56,6 +77,9 @@ class InductionAnalysis(Analysis):
         Option("n_examples", int, 20, "number of random sequences", min=1, max=1_000_000),
         Option("seq_len", int, 50, "length n of the random block (the sequence is BOS + 2n tokens)", min=2),
         Option("prepend_bos", bool, True, "prepend the model's BOS token when it has one"),
+        Option("scale", str, "headscope", "headscope = diagonal means over the queries where the pattern can "
+               "occur (1 = perfect head); transformerlens = TransformerLens detect_head's 'mul' score",
+               choices=("headscope", "transformerlens")),
     )
 
     def check(self, opts, info):
@@ -81,7 +105,8 @@ class InductionAnalysis(Analysis):
             ctx.probe.forward(ids)
         pattern = torch.stack([cap.stats[l]["pattern"][0] for l in range(ctx.info.n_layers)])  # [L, H, T, T]
         offset = 1 if bos is not None else 0
-        scores = diagonal_scores(pattern, n, offset)
+        scores = (tl_detection_scores(pattern, ids) if ctx.options["scale"] == "transformerlens"
+                  else diagonal_scores(pattern, n, offset))
         logits = cap.acts["logits"][0]  # [T, vocab]
         pred = logits[offset + n - 1: T - 1].argmax(-1)
         acc = float((pred == ids[0, offset + n:]).float().mean())
@@ -89,12 +114,14 @@ class InductionAnalysis(Analysis):
 
     def finalize(self, ctx, agg, records):
         scores = {k: agg[k].mean for k in ("previous_token", "duplicate_token", "induction")}
+        tl = ctx.options["scale"] == "transformerlens"
+        how = " (TransformerLens detect_head 'mul' scale: share of all attention)" if tl else ""
         meta = {
-            "previous_token": ScoreMeta("mean attention from token t to t-1", higher_is="previous-token head"),
-            "duplicate_token": ScoreMeta("mean attention from a repeated token to its earlier copy",
+            "previous_token": ScoreMeta("mean attention from token t to t-1" + how, higher_is="previous-token head"),
+            "duplicate_token": ScoreMeta("mean attention from a repeated token to its earlier copy" + how,
                                          higher_is="duplicate-token head"),
-            "induction": ScoreMeta("mean attention from a repeated token to the token after its earlier copy",
-                                   higher_is="induction head", threshold=0.4),
+            "induction": ScoreMeta("mean attention from a repeated token to the token after its earlier copy" + how,
+                                   higher_is="induction head", threshold=None if tl else 0.4),
         }
         acc = [r["second_half_accuracy"] for r in records if not r.get("skip")]
         summary = {"second_half_accuracy": float(np.mean(acc)) if acc else None}

@@ -58,6 +58,38 @@ def test_induction_matches_eager(tiny_llama, tmp_path):
         np.testing.assert_allclose(run.scores()[k], v, atol=2e-6, err_msg=k)
 
 
+def test_transformerlens_scale_matches_transformerlens_detect_head(tiny_llama, tmp_path):
+    """--scale transformerlens equals TransformerLens' own head_detector functions ("mul", no exclusions)
+    on HF eager maps, averaged over the examples."""
+    import transformer_lens.head_detector as hd
+
+    from headscope.probe import Probe
+    lm = tiny_llama
+    n, N, seed = 7, 3, int(torch.randint(0, 10_000, ()).item())
+    run = run_analysis("induction", lm=lm, probe=Probe(lm), out=tmp_path / "run", progress=False,
+                       options={"n_examples": N, "seq_len": n, "seed": seed, "scale": "transformerlens"})
+    bos, exclude = lm.info.bos_token_id, set(lm.tokenizer.all_special_ids)
+    lm.model.set_attn_implementation("eager")
+    L, H = lm.info.n_layers, lm.info.n_heads
+    ref = {k: np.zeros((L, H)) for k in ("previous_token", "duplicate_token", "induction")}
+    detect = {"previous_token": hd.get_previous_token_head_detection_pattern,
+              "duplicate_token": hd.get_duplicate_token_head_detection_pattern,
+              "induction": hd.get_induction_head_detection_pattern}
+    for i in range(N):
+        ids = repeated_tokens(lm.info.vocab_size, n, seed * 100_003 + i, bos, exclude)
+        with torch.no_grad():
+            att = lm.model(ids, output_attentions=True).attentions
+        for k, fn in detect.items():
+            det = fn(ids)
+            for l in range(L):
+                for h in range(H):
+                    ref[k][l, h] += hd.compute_head_attention_similarity_score(
+                        att[l][0, h].double(), det.double(), exclude_bos=False, exclude_current_token=False,
+                        error_measure="mul") / N
+    for k in ref:
+        np.testing.assert_allclose(run.scores()[k], ref[k], atol=2e-6, err_msg=k)
+
+
 @pytest.mark.slow
 def test_induction_default_model(smollm2, tmp_path):
     """SmolLM2 has induction heads: MODELS.md reports L18H6 as its top one and ~0.75 copy accuracy."""
