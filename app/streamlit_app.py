@@ -2,6 +2,9 @@
 import streamlit as st
 
 from headscope.app import ui
+from headscope.threads import configure_threads
+
+configure_threads()  # once per server process, before the model pool loads
 
 st.set_page_config(page_title="headscope", layout="wide")  # no page_icon: material icons load from a CDN
 page = ui.navigation()

@@ -56,7 +56,9 @@ def cmd_models(args) -> int:
 
 def cmd_score(args, extra: dict) -> int:
     from headscope.analyses.base import run_analysis
-    run = run_analysis(args.analysis, args.model, data=args.data, options=extra, out=args.out,
+    from headscope.threads import configure_threads
+    configure_threads()
+    run = run_analysis(args.analysis, args.model, data=getattr(args, "data", None), options=extra, out=args.out,
                        resume=args.resume, progress=not args.quiet)
     print(f"run {run.meta['status']}: {run.path}")
     _print_summary(run, top=5)

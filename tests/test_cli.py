@@ -29,9 +29,13 @@ def test_score_help_lists_analyses_and_options(capsys):
     with pytest.raises(SystemExit):
         main(["score", "induction", "--help"])
     text = capsys.readouterr().out
-    for flag in ("--model", "--data", "--out", "--resume", "--limit", "--seed", "--device", "--dtype",
-                 "--batch-size", "--seq-len"):
+    for flag in ("--model", "--out", "--resume", "--limit", "--seed", "--device", "--dtype",
+                 "--batch-size", "--seq-len", "--scale"):
         assert flag in text
+    assert "--data" not in text   # induction makes its own inputs (see the refusal test below)
+    with pytest.raises(SystemExit):
+        main(["score", "sinks", "--help"])
+    assert "--data" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, msg", [
