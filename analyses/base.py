@@ -456,7 +456,12 @@ def _execute(run: Run, resumed: bool, analysis: Analysis, ctx: RunContext, examp
             run.save_checkpoint(agg.state(), done)
             if on_progress:
                 on_progress(len(done), len(examples))
-        fin = analysis.finalize(ctx, agg, run.examples())
+        records = run.examples()
+        if records and all(r.get("skip") for r in records):
+            reasons = sorted({str(r.get("reason") or r.get("error") or "no reason recorded") for r in records})
+            raise AllSkipped(f"all {len(records)} examples were skipped ({'; '.join(reasons[:3])}): nothing to score; "
+                             "fix the data or options and start a new run (resuming would skip them again)")
+        fin = analysis.finalize(ctx, agg, records)
         run.meta["scores"] = {k: np.asarray(v, dtype=np.float64).tolist() for k, v in fin.scores.items()}
         run.meta["score_meta"] = {k: asdict(v) for k, v in fin.score_meta.items()}
         run.meta["summary"] = fin.summary
@@ -467,6 +472,10 @@ def _execute(run: Run, resumed: bool, analysis: Analysis, ctx: RunContext, examp
             run.meta["arrays"] = "arrays.npz"
             run.meta["array_shapes"] = {k: list(np.shape(v)) for k, v in fin.arrays.items()}
         _mark(run, "complete", timings, t0)
+        run.drop_checkpoint()
+    except AllSkipped as e:
+        _mark(run, "empty", timings, t0, error=str(e))
+        raise HeadscopeError(str(e)) from None
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM as the CLI raises it
         _mark(run, "partial", timings, t0, error="interrupted")
         raise Interrupted(f"interrupted; {len(done)} of {len(examples)} examples saved. Continue with {hint}",
@@ -486,6 +495,10 @@ def _execute(run: Run, resumed: bool, analysis: Analysis, ctx: RunContext, examp
         _mark(run, "failed", timings, t0, error=f"{type(e).__name__}: {e}", trace=traceback.format_exc())
         raise
     return run
+
+
+class AllSkipped(Exception):
+    """Every example of a run was skipped: there is nothing to finalize (status ``empty``)."""
 
 
 def _mark(run: Run, status: str, timings: dict, t0: float, error: str | None = None, trace: str | None = None):

@@ -45,7 +45,7 @@ from headscope.errors import HeadscopeError
 
 SCHEMA = "headscope.run/1"
 # "interrupted" is never written: it is a "running" run.json whose writer's lease is gone
-STATUSES = ("running", "interrupted", "partial", "complete", "failed")
+STATUSES = ("running", "interrupted", "partial", "complete", "empty", "failed")
 LOCK_FILE = ".lock"
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
@@ -171,6 +171,10 @@ class Run:
         arrays = dict(state)
         arrays["__done__"] = np.array(json.dumps(done))
         atomic_write_npz(self.path / "checkpoint.npz", arrays)
+
+    def drop_checkpoint(self) -> None:
+        """A complete run needs no resume state (and cannot be resumed): its checkpoint goes."""
+        (self.path / "checkpoint.npz").unlink(missing_ok=True)
 
     def load_checkpoint(self, tidy: bool = True) -> tuple[dict[str, np.ndarray], list[tuple[str, str]]]:
         """Aggregation state and the finished (digest, id) pairs; ``tidy`` drops example lines
@@ -458,7 +462,8 @@ def list_runs(root: Path | None = None) -> list[Run]:
 
 
 def resolve_run(ref: str, root: Path | None = None) -> Run:
-    """A run by folder path or by id inside ``root``; confined to ``root`` for ids."""
+    """A run by folder path, by id inside ``root``, or by a prefix of exactly one id there; ids are
+    confined to ``root``. An ambiguous prefix names its candidates."""
     p = Path(ref)
     if (p / "run.json").exists():
         return load_run(p)
@@ -466,6 +471,13 @@ def resolve_run(ref: str, root: Path | None = None) -> Run:
     cand = safe_join(root, ref)
     if (cand / "run.json").exists():
         return load_run(cand)
+    matches = sorted(d.name for d in root.glob("*") if d.name.startswith(ref) and (d / "run.json").is_file()) \
+        if ref and "/" not in ref and root.is_dir() else []
+    if len(matches) == 1:
+        return load_run(root / matches[0])
+    if matches:
+        raise HeadscopeError(f"run id prefix {ref!r} matches {len(matches)} runs ({', '.join(matches[:5])}"
+                             f"{', ...' if len(matches) > 5 else ''}); give more of the id")
     raise HeadscopeError(f"no run {ref!r} (looked for {p} and {cand})")
 
 

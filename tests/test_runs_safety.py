@@ -516,7 +516,8 @@ def test_8_run_files_share_one_mode(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
-    assert {"run.json", "examples.jsonl", "checkpoint.npz", "arrays.npz"} <= set(modes)
+    assert {"run.json", "examples.jsonl", "arrays.npz"} <= set(modes)
+    assert "checkpoint.npz" not in modes   # a complete run keeps no resume state (issue 19)
     assert set(modes.values()) == {0o666 & ~umask} == {FILE_MODE}
 
 
