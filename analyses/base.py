@@ -136,6 +136,19 @@ class RunningMean:
             return {f"{prefix}.n": np.array(0)}
         return {f"{prefix}.n": np.array(self.n), f"{prefix}.sum": self.sum, f"{prefix}.sumsq": self.sumsq}
 
+    def merge(self, other: "RunningMean") -> None:
+        """Fold in another accumulator's examples: counts and sums add, so the merge is exact
+        (up to float64 addition order) whichever process or order produced the parts."""
+        if not other.n:
+            return
+        if self.sum is None:
+            self.sum, self.sumsq = np.zeros_like(other.sum), np.zeros_like(other.sumsq)
+        if self.sum.shape != other.sum.shape:
+            raise HeadscopeError(f"cannot merge statistics of shapes {self.sum.shape} and {other.sum.shape}")
+        self.sum += other.sum
+        self.sumsq += other.sumsq
+        self.n += other.n
+
     @classmethod
     def from_state(cls, state: dict, prefix: str) -> "RunningMean":
         r = cls()
@@ -159,6 +172,10 @@ class Aggregator:
 
     def __contains__(self, name: str) -> bool:
         return name in self.stats
+
+    def merge(self, other: "Aggregator") -> None:
+        for name, stat in other.stats.items():
+            self.stats.setdefault(name, RunningMean()).merge(stat)
 
     def state(self) -> dict[str, np.ndarray]:
         out = {}
@@ -237,6 +254,8 @@ class Analysis:
     options: tuple[Option, ...] = ()
     needs_data: bool = False
     data_help: str = ""
+    # why examples cannot be split across processes (one depends on those before it); "" if they can
+    sequential: str = ""
 
     def examples(self, ctx: RunContext) -> Iterable[Example]:
         raise NotImplementedError
@@ -326,8 +345,12 @@ def versions() -> dict:
 def run_analysis(name: str, model="smollm2-135m", *, data: str | Path | None = None,
                  options: dict | None = None, out: str | Path | None = None, resume: bool = False,
                  lm=None, probe=None, progress: bool = True, log: Callable[[str], None] = print,
-                 on_progress: Callable[[int, int | None], None] | None = None) -> Run:
+                 on_progress: Callable[[int, int | None], None] | None = None, ranks=None) -> Run | None:
     """Run analysis ``name`` on ``model`` and write a run folder; returns the Run.
+
+    ``ranks`` (a ``distributed.Ranks``, as ``distributed.init_from_env`` makes under torchrun)
+    shards the examples across processes; every rank calls this with the same arguments, only
+    rank 0 takes the lease, writes the folder and returns the Run, the others return None.
 
     ``lm``/``probe`` may be passed to reuse an already loaded model (the app does). Options are
     range-checked before the model loads, and the run folder's lease (``store.RunLease``) is taken
@@ -342,17 +365,22 @@ def run_analysis(name: str, model="smollm2-135m", *, data: str | Path | None = N
         raise HeadscopeError(f"{name} needs --data ({cls.data_help or 'a dataset file'})")
     if data is not None and not Path(data).exists():
         raise HeadscopeError(f"data file not found: {data} (--data)")
-    out = Path(out) if out else default_runs_dir() / new_run_id(name, lm.name if lm is not None else str(model))
-    if resume and not (out / "run.json").exists():
-        raise HeadscopeError(f"--resume given but {out} holds no run")
-    if not resume and (out / "run.json").exists():
-        raise HeadscopeError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    with RunLease.acquire(out):
+    if ranks is not None and cls.sequential:
+        raise HeadscopeError(f"{name} cannot be split across processes ({cls.sequential}); run it without torchrun")
+    writer = ranks is None or ranks.rank == 0
+    if writer:
+        out = Path(out) if out else default_runs_dir() / new_run_id(name, lm.name if lm is not None else str(model))
+        if resume and not (out / "run.json").exists():
+            raise HeadscopeError(f"--resume given but {out} holds no run")
+        if not resume and (out / "run.json").exists():
+            raise HeadscopeError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    with RunLease.acquire(out) if writer else contextlib.nullcontext():
         if lm is None:
             import torch
 
             from headscope.probe import load_model
-            lm = load_model(model, device=opts["device"], dtype=getattr(torch, opts["dtype"]))
+            device = ranks.device(opts["device"]) if ranks is not None else opts["device"]
+            lm = load_model(model, device=device, dtype=getattr(torch, opts["dtype"]))
         if probe is None:
             from headscope.probe import Probe
             probe = Probe(lm)
@@ -375,14 +403,18 @@ def run_analysis(name: str, model="smollm2-135m", *, data: str | Path | None = N
                        "weights": _weights_identity(lm), "n_planned": len(examples)},
             "versions": versions(),
         }
+        if not writer:
+            ranks.follow(analysis, ctx, examples, digests)
+            return None
         run, resumed = create_run(out, meta, resume=resume, digests=digests)
         return _execute(run, resumed, analysis, ctx, examples, digests, progress=progress, log=log,
-                        on_progress=on_progress)
+                        on_progress=on_progress, ranks=ranks)
 
 
 def _execute(run: Run, resumed: bool, analysis: Analysis, ctx: RunContext, examples: list[Example],
-             digests: list[str], *, progress: bool, log, on_progress) -> Run:
-    """The run loop: process, fold, append, checkpoint per example; then finalize and publish."""
+             digests: list[str], *, progress: bool, log, on_progress, ranks=None) -> Run:
+    """The run loop: process, fold, append, checkpoint per example (with ``ranks``: per round of
+    one example per rank, ``Ranks.lead``); then finalize and publish."""
     state, done = run.load_checkpoint() if resumed else ({}, [])
     agg = Aggregator.from_state(state)
     timings = run.meta.setdefault("timings", {})
@@ -391,18 +423,28 @@ def _execute(run: Run, resumed: bool, analysis: Analysis, ctx: RunContext, examp
     hint = f"--resume --out {run.path}"
     if resumed:
         log(f"resuming {run.path}: {len(done)} done, {len(todo)} to go")
+    if ranks is not None or "shards" in run.meta:   # which process did which examples, per segment
+        run.meta.setdefault("shards", []).append(
+            {"start": len(done), **(ranks.describe() if ranks is not None else {"world_size": 1})})
+        run.save_meta()
     try:
         from tqdm.auto import tqdm
-        for ex, digest in tqdm(todo, desc=analysis.name, unit="ex", disable=not progress):
-            res = analysis.process(ctx, ex)
-            if not res.skip:
-                for k, v in res.arrays.items():
-                    agg.add(k, v)
-            run.append_example({"id": ex.id, "skip": res.skip, **res.details})
-            done.append((digest, ex.id))
-            run.save_checkpoint(agg.state(), done)
-            if on_progress:
-                on_progress(len(done), len(examples))
+        bar = tqdm(total=len(examples), initial=len(done), desc=analysis.name, unit="ex", disable=not progress)
+        if ranks is not None:
+            agg = ranks.lead(analysis, ctx, todo, agg, done, run, bar=bar, on_progress=on_progress)
+        else:
+            for ex, digest in todo:
+                res = analysis.process(ctx, ex)
+                if not res.skip:
+                    for k, v in res.arrays.items():
+                        agg.add(k, v)
+                run.append_example({"id": ex.id, "skip": res.skip, **res.details})
+                done.append((digest, ex.id))
+                run.save_checkpoint(agg.state(), done)
+                bar.update()
+                if on_progress:
+                    on_progress(len(done), len(examples))
+        bar.close()
         fin = analysis.finalize(ctx, agg, run.examples())
         run.meta["scores"] = {k: np.asarray(v, dtype=np.float64).tolist() for k, v in fin.scores.items()}
         run.meta["score_meta"] = {k: asdict(v) for k, v in fin.score_meta.items()}
