@@ -107,18 +107,26 @@ def test_sequential_analysis_refuses_ranks(tmp_path):
 
 # ------------------------------------------------------------------------ the default model
 SMALL = {
-    "sinks": ["--n-examples", 4, "--T", 24],
+    "sinks": ["--limit", 4, "--T", 24],
     "induction": ["--n-examples", 4, "--seq-len", 12],
-    "retrieval": ["--lengths", "300", "--depths", "0.5,1", "--max-new-tokens", 12, "--rouge-threshold", 0.2],
+    "retrieval": ["--lengths", "300", "--depths", "1", "--max-new-tokens", 12, "--rouge-threshold", 0.2],
 }
+
+
+def _reference(analysis: str, args: list, lm, out: Path):
+    """The single-process run, in this process on the session's model (the same run loop)."""
+    from headscope.analyses.base import run_analysis
+    from headscope.probe import Probe
+    flags = dict(zip(args[::2], args[1::2]))
+    options = {k.lstrip("-").replace("-", "_"): str(v) for k, v in flags.items()}
+    run_analysis(analysis, lm=lm, probe=Probe(lm), options=options, out=out, progress=False)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("analysis", sorted(SMALL))
-def test_two_ranks_equal_one_process_smollm2(analysis, headscope_cache, tmp_path):
-    args = [analysis, "--model", "smollm2-135m", *SMALL[analysis]]
-    _score(args + ["--out", tmp_path / "one"], cwd=tmp_path)
-    _score(args + ["--out", tmp_path / "two"], ranks=2, cwd=tmp_path)
+def test_two_ranks_equal_one_process_smollm2(analysis, smollm2, tmp_path):
+    _reference(analysis, SMALL[analysis], smollm2, tmp_path / "one")
+    _score([analysis, "--model", "smollm2-135m", *SMALL[analysis], "--out", tmp_path / "two"], ranks=2, cwd=tmp_path)
     assert_same_run(tmp_path / "one", tmp_path / "two")
 
 
@@ -141,19 +149,20 @@ def _rank_pid(launcher: int, rank: int) -> int | None:
 
 
 @pytest.mark.slow
-def test_killed_rank_resumed_with_one_process_equals_uninterrupted(headscope_cache, tmp_path):
+def test_killed_rank_resumed_with_one_process_equals_uninterrupted(smollm2, tmp_path):
     """SIGKILL rank 1 once a few examples are written; --resume with 1 process completes the run
     and it equals the uninterrupted single-process run (no example lost, none counted twice)."""
-    args = ["induction", "--model", "smollm2-135m", "--n-examples", 24, "--seq-len", 12, "--seed", 5]
-    _score(args + ["--out", tmp_path / "ref"], cwd=tmp_path)
+    flags = ["--n-examples", 12, "--seq-len", 12, "--seed", 5]
+    _reference("induction", flags, smollm2, tmp_path / "ref")
+    args = ["induction", "--model", "smollm2-135m", *flags]
     out = tmp_path / "cut"
     proc = _score(args + ["--out", out], ranks=2, cwd=tmp_path, wait=False)
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
-            if (out / "examples.jsonl").exists() and len((out / "examples.jsonl").read_text().splitlines()) >= 4:
+            if (out / "examples.jsonl").exists() and len((out / "examples.jsonl").read_text().splitlines()) >= 2:
                 break
-            time.sleep(0.05)
+            time.sleep(0.02)
         victim = _rank_pid(proc.pid, 1)
         assert victim is not None and proc.poll() is None, "the run ended before a rank could be killed"
         os.kill(victim, signal.SIGKILL)
@@ -164,7 +173,7 @@ def test_killed_rank_resumed_with_one_process_equals_uninterrupted(headscope_cac
             proc.communicate()
     assert proc.returncode != 0
     meta, records = _load(out)
-    assert meta["status"] != "complete" and 4 <= len(records) < 24
+    assert meta["status"] != "complete" and 2 <= len(records) < 12
     _score(args + ["--out", out, "--resume"], cwd=tmp_path)
     assert_same_run(tmp_path / "ref", out)
     meta, _ = _load(out)
