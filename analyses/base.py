@@ -367,14 +367,14 @@ def run_analysis(name: str, model="smollm2-135m", *, data: str | Path | None = N
         raise HeadscopeError(f"data file not found: {data} (--data)")
     if ranks is not None and cls.sequential:
         raise HeadscopeError(f"{name} cannot be split across processes ({cls.sequential}); run it without torchrun")
-    writer = ranks is None or ranks.rank == 0
+    writer = ranks is None or ranks.rank == 0   # only rank 0 touches the folder
     if writer:
         out = Path(out) if out else default_runs_dir() / new_run_id(name, lm.name if lm is not None else str(model))
-        if resume and not (out / "run.json").exists():
-            raise HeadscopeError(f"--resume given but {out} holds no run")
-        if not resume and (out / "run.json").exists():
-            raise HeadscopeError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     with RunLease.acquire(out) if writer else contextlib.nullcontext():
+        if writer and resume and not (out / "run.json").exists():   # the cheap refusals before the model loads
+            raise HeadscopeError(f"--resume given but {out} holds no run")
+        if writer and not resume and (out / "run.json").exists():
+            raise HeadscopeError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
         if lm is None:
             import torch
 

@@ -260,28 +260,35 @@ class RunLease:
     @classmethod
     def acquire(cls, folder: Path, wait_s: float = 1.0) -> "RunLease":
         folder = Path(folder)
-        created = not folder.exists()
-        if not created:
+        if folder.exists():
             if not folder.is_dir():
                 raise HeadscopeError(f"--out {folder} is a file, not a folder")
             if not (folder / "run.json").exists() and _foreign_entries(folder):
                 raise HeadscopeError(
                     f"--out {folder} is not a headscope run folder (it holds {', '.join(_foreign_entries(folder)[:3])}); "
                     f"choose a new or empty --out")
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, FILE_MODE)
-        except OSError as e:
-            raise HeadscopeError(f"cannot write to {folder}: {e.strerror or e}; choose another --out") from None
-        deadline = time.monotonic() + wait_s
+        deadline, created = time.monotonic() + wait_s, False
         while True:
+            try:
+                try:
+                    folder.mkdir(parents=True)   # again, if a releasing writer removed it meanwhile
+                    created = True
+                except FileExistsError:
+                    pass
+                fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, FILE_MODE)
+            except FileNotFoundError:
+                if time.monotonic() < deadline:
+                    continue   # removed between our mkdir and open
+                raise HeadscopeError(f"cannot write to {folder}: it keeps disappearing; choose another --out") from None
+            except OSError as e:
+                raise HeadscopeError(f"cannot write to {folder}: {e.strerror or e}; choose another --out") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                os.close(fd)
                 if time.monotonic() < deadline:
                     time.sleep(0.02)
                     continue
-                os.close(fd)
                 h = lease_holder(folder) or {}
                 raise HeadscopeError(
                     f"{folder} is being written by process {h.get('pid', '?')} on {h.get('host', '?')} "
@@ -291,11 +298,11 @@ class RunLease:
                 if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP):
                     raise HeadscopeError(f"{folder}: this filesystem has no file locks; use a local --out") from None
                 raise
-            # the file may have been removed by a holder that released before we locked it
-            if (folder / LOCK_FILE).exists() and os.fstat(fd).st_ino == os.stat(folder / LOCK_FILE).st_ino:
-                break
+            # locked; but a holder that released meanwhile may have removed the file we opened
+            with contextlib.suppress(OSError):
+                if os.fstat(fd).st_ino == os.stat(folder / LOCK_FILE).st_ino:
+                    break
             os.close(fd)
-            fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, FILE_MODE)
         info = {"host": socket.gethostname(), "pid": os.getpid(),
                 "started": _dt.datetime.now().isoformat(timespec="seconds")}
         os.ftruncate(fd, 0)
