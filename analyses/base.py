@@ -99,6 +99,8 @@ COMMON_OPTIONS = (
     Option("seed", int, 0, "random seed (data generation and sampling)", min=0, max=SEED_MAX),
     Option("device", str, "cpu", "torch device: cpu, cuda, cuda:N or mps", pattern=r"cpu|cuda(:\d+)?|mps"),
     Option("dtype", str, "float32", "model dtype", ("float32", "bfloat16", "float16")),
+    Option("device_map", str, None, "place layers across devices with accelerate: auto, balanced, or a JSON "
+                                    "object / .json file of module -> device (docs/SCALE.md)"),
     Option("batch_size", int, 1, "examples per forward pass where the analysis batches", min=1, max=1024),
 )
 
@@ -365,6 +367,9 @@ def run_analysis(name: str, model="smollm2-135m", *, data: str | Path | None = N
         raise HeadscopeError(f"{name} needs --data ({cls.data_help or 'a dataset file'})")
     if data is not None and not Path(data).exists():
         raise HeadscopeError(f"data file not found: {data} (--data)")
+    if ranks is not None and opts["device_map"]:
+        raise HeadscopeError("--device-map places one model copy across devices; under torchrun each rank "
+                             "takes one device (--device cuda): use one or the other")
     if ranks is not None and cls.sequential:
         raise HeadscopeError(f"{name} cannot be split across processes ({cls.sequential}); run it without torchrun")
     writer = ranks is None or ranks.rank == 0   # only rank 0 touches the folder
@@ -381,6 +386,10 @@ def run_analysis(name: str, model="smollm2-135m", *, data: str | Path | None = N
             from headscope.probe import load_model
             device = ranks.device(opts["device"]) if ranks is not None else opts["device"]
             lm = load_model(model, device=device, dtype=getattr(torch, opts["dtype"]))
+        placement = None
+        if opts["device_map"]:
+            from headscope.probe.placement import place
+            placement = place(lm.model, opts["device_map"])
         if probe is None:
             from headscope.probe import Probe
             probe = Probe(lm)
@@ -402,6 +411,7 @@ def run_analysis(name: str, model="smollm2-135m", *, data: str | Path | None = N
             "inputs": {"data_sha256": _data_sha256(Path(data)) if data else None,
                        "weights": _weights_identity(lm), "n_planned": len(examples)},
             "versions": versions(),
+            "placement": placement,
         }
         if not writer:
             ranks.follow(analysis, ctx, examples, digests)

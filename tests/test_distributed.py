@@ -178,3 +178,74 @@ def test_killed_rank_resumed_with_one_process_equals_uninterrupted(smollm2, tmp_
     assert_same_run(tmp_path / "ref", out)
     meta, _ = _load(out)
     assert [s["world_size"] for s in meta["shards"]] == [2, 1]
+
+
+# ------------------------------------------------------------------------ --device-map (probe/placement.py)
+def _placed_pair(tiny, dmap: dict, offload_dir=None):
+    """The tiny model twice: as loaded (one device), and placed by ``dmap``."""
+    from headscope.probe import Probe, load_model
+    from headscope.probe.placement import place
+    ref, placed = load_model(str(tiny)), load_model(str(tiny))
+    record = place(placed.model, json.dumps(dmap), offload_dir=offload_dir)
+    return Probe(ref), Probe(placed), record
+
+
+def _capture_and_ablate(probe, ids, mask):
+    """Per-layer attention patterns and logits, clean and with heads ablated in both layers."""
+    import torch
+
+    from headscope.kernels import StatsSpec
+    from headscope.probe import HeadAblation
+    T = ids.shape[1]
+    with probe.capture(stats=StatsSpec(pattern_rows=(0, T)), activations=["blocks.1.hook_resid_post"]) as cap:
+        logits = probe.forward(ids, attention_mask=mask).logits
+    pats = torch.stack([cap.stats[l]["pattern"][0] for l in range(2)])   # [L, H, T, T], on the CPU
+    ops = [HeadAblation(layer=0, head=1, kind="zero"), HeadAblation(layer=1, head=2, kind="uniform")]
+    with probe.intervene(ops):
+        ablated = probe.forward(ids, attention_mask=mask).logits
+    return pats, cap.acts["blocks.1.hook_resid_post"], logits.cpu(), ablated.cpu()
+
+
+def _assert_same_under_placement(ref, placed):
+    import torch
+    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    ids = torch.randint(2, 200, (2, 17), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0   # left padding: the key mask is made on the input device, used on each layer's
+    a, b = _capture_and_ablate(ref, ids, mask), _capture_and_ablate(placed, ids, mask)
+    for x, y, what in zip(a, b, ("patterns", "resid_post", "logits", "ablated logits")):
+        torch.testing.assert_close(y.cpu(), x.cpu(), rtol=1e-5, atol=1e-5, msg=what)
+    assert not torch.allclose(a[2], a[3])   # the ablation changes the output
+
+
+def test_disk_offloaded_layer_captures_and_ablates_as_one_device(tiny, tmp_path):
+    """CPU only: layer 1 and the final norm offloaded to disk, so accelerate's hooks load their
+    weights in and move activations at every call, wrapped around headscope's attention switch,
+    capture and edits. Patterns, activations, logits and an ablation equal the plain model's."""
+    dmap = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+            "model.layers.1": "disk", "model.norm": "disk", "lm_head": "cpu"}
+    ref, placed, record = _placed_pair(tiny, dmap, offload_dir=tmp_path / "offload")
+    assert record["model.layers.1"] == "disk"
+    assert str(next(placed.model.model.layers[1].parameters()).device) == "meta"   # really offloaded
+    _assert_same_under_placement(ref, placed)
+
+
+def test_device_map_errors_name_the_flag():
+    from headscope.errors import HeadscopeError
+    from headscope.probe.placement import parse_device_map
+    with pytest.raises(HeadscopeError, match="--device-map"):
+        parse_device_map("{not json")
+    with pytest.raises(HeadscopeError, match="--device-map: module 'x': 'gpu0' is not a device"):
+        parse_device_map('{"x": "gpu0"}')
+    with pytest.raises(HeadscopeError, match="does not exist on this machine"):
+        parse_device_map('{"x": "cuda:64"}')
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a GPU: cpu + cuda:0 split")
+def test_layers_split_across_cpu_and_cuda_capture_and_ablate_as_one_device(tiny):
+    """First layer (and the embedding) on the CPU, the rest on cuda:0: tensors cross devices."""
+    dmap = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+            "model.layers.1": "cuda:0", "model.norm": "cuda:0", "lm_head": "cpu"}
+    ref, placed, _ = _placed_pair(tiny, dmap)
+    assert placed.model.model.layers[1].self_attn.q_proj.weight.device.type == "cuda"
+    _assert_same_under_placement(ref, placed)
