@@ -249,3 +249,16 @@ def test_layers_split_across_cpu_and_cuda_capture_and_ablate_as_one_device(tiny)
     ref, placed, _ = _placed_pair(tiny, dmap)
     assert placed.model.model.layers[1].self_attn.q_proj.weight.device.type == "cuda"
     _assert_same_under_placement(ref, placed)
+
+
+def test_run_records_placement_and_refuses_it_under_ranks(tiny, tmp_path):
+    """--device-map reaches the model and run.json records the placement (a JSON map onto the
+    CPU here: disk offload is not offered on the command line); torchrun ranks refuse it."""
+    from headscope.analyses.base import run_analysis
+    from headscope.analyses.distributed import Ranks
+    from headscope.errors import HeadscopeError
+    opts = {"n_examples": "2", "seq_len": "5", "device_map": '{"": "cpu"}'}
+    run = run_analysis("induction", str(tiny), options=opts, out=tmp_path / "r", progress=False)
+    assert run.meta["placement"] == {"": "cpu"} and run.meta["status"] == "complete"
+    with pytest.raises(HeadscopeError, match="--device-map places one model copy"):
+        run_analysis("induction", str(tiny), options=opts, out=tmp_path / "x", ranks=Ranks(0, 2, 0, "gloo"))
