@@ -13,8 +13,8 @@ from headscope.kernels import StatsSpec, resolve_backend
 from .capture import Capture, ForwardResult, run_forward
 from .generate import Generation, generate
 from .hook import Anatomy, AttnContext, register
-from .placement import layer_device
 from .intervene import Edits, InterventionSet, patch_sweep, sweep_heads
+from .placement import layer_device
 
 
 class Probe:
