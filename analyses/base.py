@@ -17,7 +17,6 @@ import errno
 import hashlib
 import importlib
 import math
-import os
 import platform
 import re
 import time
@@ -28,7 +27,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from headscope.errors import HeadscopeError
+from headscope.errors import HeadscopeError, Interrupted, Terminated
 
 from .store import (Run, RunLease, atomic_write_npz, create_run, default_runs_dir, example_digest,
                     new_run_id)
@@ -358,8 +357,8 @@ def run_analysis(name: str, model="smollm2-135m", *, data: str | Path | None = N
     range-checked before the model loads, and the run folder's lease (``store.RunLease``) is taken
     before it too, so a second writer is refused at once; the lease is held until this returns.
     Errors in user input raise HeadscopeError before ``run.json`` is written. Bad data met mid-run,
-    a full disk or Ctrl-C/SIGTERM (KeyboardInterrupt, re-raised) leave a ``partial`` run that
-    ``resume=True`` continues once fixed; any other crash leaves ``failed`` with its traceback.
+    a full disk or Ctrl-C/SIGTERM (raised as ``Interrupted``, a HeadscopeError) leave a ``partial``
+    run that ``resume=True`` continues once fixed; any other crash leaves ``failed`` with its traceback.
     """
     cls = get_analysis(name)
     opts = cls.parse_options(options or {})
@@ -401,7 +400,7 @@ def run_analysis(name: str, model="smollm2-135m", *, data: str | Path | None = N
             examples = examples[: opts["limit"]]
         if not examples:
             raise HeadscopeError(f"{name}: no examples to process (empty dataset?)")
-        digests = [example_digest(ex.id, ex.data) for ex in examples]
+        planned = [(example_digest(ex.id, ex.data), ex.id) for ex in examples]
         import datetime as _dt
         meta = {
             "analysis": name,
@@ -414,22 +413,22 @@ def run_analysis(name: str, model="smollm2-135m", *, data: str | Path | None = N
             "placement": placement,
         }
         if not writer:
-            ranks.follow(analysis, ctx, examples, digests)
+            ranks.follow(analysis, ctx, examples, planned)
             return None
-        run, resumed = create_run(out, meta, resume=resume, digests=digests)
-        return _execute(run, resumed, analysis, ctx, examples, digests, progress=progress, log=log,
+        run, resumed = create_run(out, meta, resume=resume, planned=planned)
+        return _execute(run, resumed, analysis, ctx, examples, planned, progress=progress, log=log,
                         on_progress=on_progress, ranks=ranks)
 
 
 def _execute(run: Run, resumed: bool, analysis: Analysis, ctx: RunContext, examples: list[Example],
-             digests: list[str], *, progress: bool, log, on_progress, ranks=None) -> Run:
+             planned: list[tuple[str, str]], *, progress: bool, log, on_progress, ranks=None) -> Run:
     """The run loop: process, fold, append, checkpoint per example (with ``ranks``: per round of
     one example per rank, ``Ranks.lead``); then finalize and publish."""
     state, done = run.load_checkpoint() if resumed else ({}, [])
     agg = Aggregator.from_state(state)
     timings = run.meta.setdefault("timings", {})
     t0 = time.time()
-    todo = list(zip(examples, digests))[len(done):]
+    todo = list(zip(examples, planned))[len(done):]   # create_run checked done == planned[:len(done)]
     hint = f"--resume --out {run.path}"
     if resumed:
         log(f"resuming {run.path}: {len(done)} done, {len(todo)} to go")
@@ -443,13 +442,13 @@ def _execute(run: Run, resumed: bool, analysis: Analysis, ctx: RunContext, examp
         if ranks is not None:
             agg = ranks.lead(analysis, ctx, todo, agg, done, run, bar=bar, on_progress=on_progress)
         else:
-            for ex, digest in todo:
+            for ex, key in todo:
                 res = analysis.process(ctx, ex)
                 if not res.skip:
                     for k, v in res.arrays.items():
                         agg.add(k, v)
                 run.append_example({"id": ex.id, "skip": res.skip, **res.details})
-                done.append((digest, ex.id))
+                done.append(key)
                 run.save_checkpoint(agg.state(), done)
                 bar.update()
                 if on_progress:
@@ -468,8 +467,8 @@ def _execute(run: Run, resumed: bool, analysis: Analysis, ctx: RunContext, examp
         _mark(run, "complete", timings, t0)
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM as the CLI raises it
         _mark(run, "partial", timings, t0, error="interrupted")
-        e.args = (f"interrupted; {len(done)} of {len(examples)} examples saved. Continue with {hint}",)
-        raise
+        raise Interrupted(f"interrupted; {len(done)} of {len(examples)} examples saved. Continue with {hint}",
+                          exit_code=143 if isinstance(e, Terminated) else 130) from None
     except HeadscopeError as e:
         _mark(run, "partial", timings, t0, error=str(e))
         raise HeadscopeError(f"{e}; the {len(done)} finished examples are kept: fix this, then continue "
@@ -519,9 +518,10 @@ def _weights_identity(lm) -> str | None:
     """Cheap identity of the weights on disk: a registry cache's marker (it names the source
     file's sha256), else each ``*.safetensors`` file's name, size and mtime plus ``config.json``.
     None for a model with no folder (tests' stand-ins, hub objects)."""
-    folder = Path(str(getattr(lm.info, "path", "") or ""))
-    if not str(folder) or not folder.is_dir():
+    where = getattr(lm.info, "path", None)
+    if not where or not Path(where).is_dir():
         return None
+    folder = Path(where)
     from headscope.probe.models import CACHE_MARKER
     h = hashlib.sha256()
     if (folder / CACHE_MARKER).is_file():

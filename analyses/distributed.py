@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 
@@ -83,38 +84,38 @@ class Ranks:
         state; returns the merged Aggregator (``agg`` holds the resumed examples' statistics)."""
         base = agg
         total = len(done) + len(todo)
-        self._start([d for _, d in todo], len(done))
+        self._start([key for _, key in todo], len(done))
         merged = base
         for chunk, records, reduced in self._rounds(analysis, ctx, todo):
             merged = Aggregator()
             merged.merge(base)
             merged.merge(reduced)
-            for (ex, digest), rec in zip(chunk, records):
+            for (_, key), rec in zip(chunk, records):
                 run.append_example(rec)
-                done.append((digest, ex.id))
+                done.append(key)
             run.save_checkpoint(merged.state(), done)
             bar.update(len(chunk))
             if on_progress:
                 on_progress(len(done), total)
         return merged
 
-    def follow(self, analysis, ctx, examples: list, digests: list[str]) -> None:
+    def follow(self, analysis, ctx, examples: list, planned: list[tuple[str, str]]) -> None:
         """Ranks > 0: process their share of the examples rank 0 has not finished; write nothing."""
-        n_done = self._start(digests, None)
-        for _ in self._rounds(analysis, ctx, list(zip(examples, digests))[n_done:]):
+        n_done = self._start(planned, None)
+        for _ in self._rounds(analysis, ctx, list(zip(examples, planned))[n_done:]):
             pass
 
     # ------------------------------------------------------------------------ collectives
-    def _start(self, digests: list[str], n_done: int | None) -> int:
-        """Check that every rank plans the same examples; rank 0's count of finished ones to all.
-        On rank 0 ``digests`` are those still to do, so the hash covers the whole list only on
-        the others: each rank hashes the tail after rank 0's count instead."""
+    def _start(self, planned: list[tuple[str, str]], n_done: int | None) -> int:
+        """Check that every rank plans the same examples ((digest, id) pairs); rank 0's count of
+        finished ones to all. On rank 0 ``planned`` holds only those still to do, so every rank
+        hashes the tail after rank 0's count."""
         from torch import distributed as dist
         box = [n_done]
         self._call(dist.broadcast_object_list, box, src=0)
         n_done = box[0]
-        tail = digests if self.rank == 0 else digests[n_done:]
-        mine = hashlib.sha256("".join(tail).encode()).hexdigest()
+        tail = planned if self.rank == 0 else planned[n_done:]
+        mine = hashlib.sha256(json.dumps([list(k) for k in tail]).encode()).hexdigest()
         hashes = [None] * self.world_size
         self._call(dist.all_gather_object, hashes, mine)
         if len(set(hashes)) > 1:
@@ -125,7 +126,7 @@ class Ranks:
 
     def _rounds(self, analysis, ctx, todo: list):
         """Process ``todo`` one example per rank per round. Yields, on rank 0, (the round's
-        (example, digest) pairs, their records in order, the statistics summed over every rank's
+        (example, (digest, id)) pairs, their records in order, the statistics summed over every rank's
         examples so far); on other ranks None."""
         from torch import distributed as dist
         own = Aggregator()   # the examples this rank processed

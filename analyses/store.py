@@ -5,8 +5,7 @@ Layout of a run folder::
     run.json          # the contract: analysis, model, config, versions, timings, status, scores
     arrays.npz        # large arrays referenced from run.json["arrays"]
     examples.jsonl    # one line per finished example (id + per-example details)
-    checkpoint.npz    # running aggregation state + ids of finished examples (resume)
-
+    checkpoint.npz    # running aggregation state + (digest, id) of finished examples (resume)
     .lock             # the writer's lease (see RunLease); holds the last holder's host/pid/start
 
 Every file is written to a temporary name in the same folder and moved into place with
@@ -48,8 +47,6 @@ SCHEMA = "headscope.run/1"
 # "interrupted" is never written: it is a "running" run.json whose writer's lease is gone
 STATUSES = ("running", "interrupted", "partial", "complete", "failed")
 LOCK_FILE = ".lock"
-# every file a run writes; an existing --out folder holding anything else is not ours to touch
-RUN_FILES = frozenset({"run.json", "examples.jsonl", "checkpoint.npz", "arrays.npz", LOCK_FILE})
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 FILE_MODE = 0o666 & ~_UMASK
@@ -328,15 +325,15 @@ class RunLease:
         self.release()
 
 
-def create_run(out: Path, meta: dict, *, resume: bool = False, digests: list[str] | None = None
+def create_run(out: Path, meta: dict, *, resume: bool = False, planned: list[tuple[str, str]] | None = None
                ) -> tuple[Run, bool]:
     """Make (or reopen, with ``resume``) a run folder whose ``RunLease`` the caller holds.
     Returns (run, resumed).
 
     Refuses to overwrite an existing run unless resuming it; refuses to resume a run of another
     analysis, model or weights, with other options, with a smaller ``--limit``, or whose finished
-    examples are no longer the first ones of the data (``digests``: one ``example_digest`` per
-    example now planned), since mixing them would give a wrong average.
+    examples are no longer the first ones of the data (``planned``: (``example_digest``, id) of
+    each example now planned), since mixing them would give a wrong average.
     """
     out = Path(out)
     if (out / "run.json").exists():
@@ -346,13 +343,14 @@ def create_run(out: Path, meta: dict, *, resume: bool = False, digests: list[str
         _check_resumable(out, old, meta)
         if old.get("status") == "complete":
             raise HeadscopeError(f"{out} is already complete; nothing to resume")
-        if digests is not None:
+        if planned is not None:
             done = Run(out, old).load_checkpoint(tidy=False)[1]
-            planned = old.get("inputs", {}).get("n_planned", len(done))
-            if len(digests) < planned:
-                raise HeadscopeError(f"cannot resume {out}: it plans {planned} examples, now only {len(digests)} "
+            n_old = old.get("inputs", {}).get("n_planned", len(done))
+            if len(planned) < n_old:
+                raise HeadscopeError(f"cannot resume {out}: it plans {n_old} examples, now only {len(planned)} "
                                      f"(--limit may only grow on resume, and the data must keep its examples)")
-            if any(d is not None and d != now for (d, _), now in zip(done, digests)):
+            # a checkpoint from before digests existed has None for them: its ids must still match
+            if any(i != j or (d is not None and d != e) for (d, i), (e, j) in zip(done, planned)):
                 raise HeadscopeError(f"cannot resume {out}: the data changed in the {len(done)} examples "
                                      f"already done (--data must hold the same examples)")
         meta = {**old, "status": "running", "inputs": meta.get("inputs", {}), "timings": old.get("timings", {})}

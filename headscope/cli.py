@@ -14,7 +14,7 @@ import sys
 import threading
 from pathlib import Path
 
-from headscope.errors import HeadscopeError, Terminated
+from headscope.errors import HeadscopeError, Interrupted, Terminated
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -254,11 +254,14 @@ def _main(argv: list[str] | None) -> int:
             return cmd_report(args)
         if args.command == "app":
             return cmd_app(args)
+    except Interrupted as e:
+        print(f"headscope: {e}", file=sys.stderr)
+        return e.exit_code
     except HeadscopeError as e:
         print(f"headscope: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as e:
-        print(f"headscope: {e.args[0] if e.args else 'interrupted'}", file=sys.stderr)
+    except KeyboardInterrupt as e:   # outside a run (e.g. while the model loads)
+        print("headscope: interrupted", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     except Exception as e:  # noqa: BLE001 - the UI is one line; HEADSCOPE_DEBUG=1 shows the trace
         if os.environ.get("HEADSCOPE_DEBUG"):

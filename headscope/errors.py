@@ -7,3 +7,12 @@ class HeadscopeError(Exception):
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so runs are saved the same way; the CLI exits 143 for it."""
+
+
+class Interrupted(HeadscopeError):
+    """A run stopped by Ctrl-C or SIGTERM and saved ``partial``; the CLI exits with ``exit_code``
+    (130 or 143, as a shell reports a process killed by SIGINT or SIGTERM)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
