@@ -83,9 +83,9 @@ class Option:
         if self.choices is not None and value not in self.choices:
             raise HeadscopeError(f"{where}: {value!r} is not one of {', '.join(map(str, self.choices))}")
         if self.min is not None and value < self.min:
-            raise HeadscopeError(f"{where}: must be at least {self.min:g}, got {value!r}")
+            raise HeadscopeError(f"{where}: must be at least {self.min}, got {value!r}")
         if self.max is not None and value > self.max:
-            raise HeadscopeError(f"{where}: must be at most {self.max:g}, got {value!r}")
+            raise HeadscopeError(f"{where}: must be at most {self.max}, got {value!r}")
         if self.pattern is not None and not re.fullmatch(self.pattern, str(value)):
             raise HeadscopeError(f"{where}: {value!r} is not valid ({self.help})")
         return value

@@ -154,7 +154,7 @@ def _print_summary(run, top: int = 5) -> None:
     m = run.meta
     model = m.get("model", {})
     print(f"{run.id}: {m['analysis']} on {model.get('id')} ({model.get('n_layers')} layers x "
-          f"{model.get('n_heads')} heads, {model.get('n_kv_heads')} KV) - {m.get('status')}")
+          f"{model.get('n_heads')} heads, {model.get('n_kv_heads')} KV) - {run.status}")
     if m.get("error"):
         print(f"  error: {m['error']}")
     if "n_examples" in m:

@@ -101,22 +101,25 @@ def _n_done(run_dir: Path) -> int:
 
 
 # ============================================================================ 1. the run-folder lease
-def test_1_second_writer_refused_and_kill9_shows_interrupted(tmp_path):
-    """A live writer holds the folder: a second `score --resume` and a second fresh `score` are
-    refused naming its pid; after kill -9 the run is `interrupted` (not `running`) for `runs`, and
-    --resume completes it with every example exactly once and the uninterrupted scores."""
-    texts = [f"text number {i}" for i in range(600)]
+def test_1_second_writer_refused_and_kill9_shows_interrupted(tmp_path, fake_model, capsys):
+    """A live writer (a subprocess) holds the folder: a second `score --resume` and a second fresh
+    `score` (subprocesses too) are refused naming its pid; after kill -9 the run is `interrupted`
+    (not `running`) for `runs`, and --resume completes it with every example exactly once and the
+    uninterrupted scores."""
+    texts = [f"text number {i}" for i in range(150)]
     data = _write_texts(tmp_path / "d.jsonl", texts)
     out = tmp_path / "runs" / "x"
     a = _cli(["score", "_texts", "--data", str(data), "--out", str(out), "--quiet"],
-             env={"HEADSCOPE_TOY_SLEEP": "0.1"})   # 60 s in all; killed long before
+             env={"HEADSCOPE_TOY_SLEEP": "0.3"})   # 45 s in all; killed long before
     try:
         _wait_for(lambda: _n_done(out) >= 1)
-        for extra in (["--resume"], []):
-            b = _cli(["score", "_texts", "--data", str(data), "--out", str(out), "--quiet", *extra])
+        second = [_cli(["score", "_texts", "--data", str(data), "--out", str(out), "--quiet", *extra])
+                  for extra in (["--resume"], [])]
+        for b in second:
             _, err = b.communicate(timeout=120)
             assert b.returncode == 2, err
             assert f"being written by process {a.pid}" in err and err.count("\n") == 1
+        assert a.poll() is None, "the first writer ended before the second ones were refused"
         assert lease_holder(out)["pid"] == a.pid
         assert load_run(out).status == "running"
         a.send_signal(signal.SIGKILL)
@@ -125,16 +128,12 @@ def test_1_second_writer_refused_and_kill9_shows_interrupted(tmp_path):
         if a.poll() is None:
             a.kill()
     assert lease_holder(out) is None
-    assert load_run(out).status == "interrupted"
-    r = _cli(["--runs-dir", str(out.parent), "runs", "--json"])
-    listed, _ = r.communicate(timeout=120)
-    assert [row["status"] for row in json.loads(listed)] == ["interrupted"]
-    r = _cli(["score", "_texts", "--data", str(data), "--out", str(out), "--quiet", "--resume"])
-    _, err = r.communicate(timeout=120)
-    assert r.returncode == 0, err
+    assert main(["--runs-dir", str(out.parent), "runs", "--json"]) == 0
+    assert [row["status"] for row in json.loads(capsys.readouterr().out)] == ["interrupted"]
+    assert main(["score", "_texts", "--data", str(data), "--out", str(out), "--quiet", "--resume"]) == 0
     run = load_run(out)
     assert run.status == "complete" and run.meta["n_examples"] == len(texts)
-    assert sorted(_lines(out)) == sorted(r["id"] for r in load_texts(data))
+    assert _lines(out) == [r["id"] for r in load_texts(data)]
     np.testing.assert_allclose(run.scores()["s"], np.mean([_value(t) for t in texts], axis=0), rtol=1e-12)
 
 
