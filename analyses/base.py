@@ -98,6 +98,8 @@ COMMON_OPTIONS = (
     Option("seed", int, 0, "random seed (data generation and sampling)", min=0, max=SEED_MAX),
     Option("device", str, "cpu", "torch device: cpu, cuda, cuda:N or mps", pattern=r"cpu|cuda(:\d+)?|mps"),
     Option("dtype", str, "float32", "model dtype", ("float32", "bfloat16", "float16")),
+    Option("device_map", str, None, "place layers across devices with accelerate: auto, balanced, or a JSON "
+                                    "object / .json file of module -> device (docs/SCALE.md)"),
     Option("batch_size", int, 1, "examples per forward pass where the analysis batches", min=1, max=1024),
 )
 
@@ -141,6 +143,23 @@ class RunningMean:
             return {f"{prefix}.n": np.array(0)}
         return {f"{prefix}.n": np.array(self.n), f"{prefix}.mean": self._mean, f"{prefix}.m2": self.m2}
 
+    def merge(self, other: "RunningMean") -> None:
+        """Fold in another accumulator's examples (Chan et al.'s parallel update of mean and m2):
+        the same mean and std as one accumulator over all examples, up to float64 rounding,
+        whichever process or order produced the parts."""
+        if not other.n:
+            return
+        if self._mean is None:
+            self.n, self._mean, self.m2 = other.n, other._mean.copy(), other.m2.copy()
+            return
+        if self._mean.shape != other._mean.shape:
+            raise HeadscopeError(f"cannot merge statistics of shapes {self._mean.shape} and {other._mean.shape}")
+        n = self.n + other.n
+        delta = other._mean - self._mean
+        self._mean = self._mean + delta * (other.n / n)
+        self.m2 = self.m2 + other.m2 + delta ** 2 * (self.n * other.n / n)
+        self.n = n
+
     @classmethod
     def from_state(cls, state: dict, prefix: str) -> "RunningMean":
         """Also reads the ``sum`` / ``sumsq`` state of partial runs written before the Welford update."""
@@ -169,6 +188,10 @@ class Aggregator:
 
     def __contains__(self, name: str) -> bool:
         return name in self.stats
+
+    def merge(self, other: "Aggregator") -> None:
+        for name, stat in other.stats.items():
+            self.stats.setdefault(name, RunningMean()).merge(stat)
 
     def state(self) -> dict[str, np.ndarray]:
         out = {}
@@ -273,6 +296,8 @@ class Analysis:
     needs_data: bool = False
     takes_data: bool = True     # False: the analysis makes its own inputs; --data is refused, not ignored
     data_help: str = ""
+    # why examples cannot be split across processes (one depends on those before it); "" if they can
+    sequential: str = ""
 
     def examples(self, ctx: RunContext) -> Iterable[Example]:
         raise NotImplementedError
@@ -377,8 +402,12 @@ def versions() -> dict:
 def run_analysis(name: str, model="smollm2-135m", *, data: str | Path | None = None,
                  options: dict | None = None, out: str | Path | None = None, resume: bool = False,
                  lm=None, probe=None, progress: bool = True, log: Callable[[str], None] = print,
-                 on_progress: Callable[[int, int | None], None] | None = None) -> Run:
+                 on_progress: Callable[[int, int | None], None] | None = None, ranks=None) -> Run | None:
     """Run analysis ``name`` on ``model`` and write a run folder; returns the Run.
+
+    ``ranks`` (a ``distributed.Ranks``, as ``distributed.init_from_env`` makes under torchrun)
+    shards the examples across processes; every rank calls this with the same arguments, only
+    rank 0 takes the lease, writes the folder and returns the Run, the others return None.
 
     ``lm``/``probe`` may be passed to reuse an already loaded model (the app does). Options are
     range-checked before the model loads, and the run folder's lease (``store.RunLease``) is taken
@@ -395,17 +424,29 @@ def run_analysis(name: str, model="smollm2-135m", *, data: str | Path | None = N
         raise HeadscopeError(f"{name} reads no data ({cls.data_help}); drop --data")
     if data is not None and not Path(data).exists():
         raise HeadscopeError(f"data file not found: {data} (--data)")
-    out = Path(out) if out else default_runs_dir() / new_run_id(name, lm.name if lm is not None else str(model))
-    with RunLease.acquire(out):
-        if resume and not (out / "run.json").exists():   # the cheap refusals before the model loads
+    if ranks is not None and opts["device_map"]:
+        raise HeadscopeError("--device-map places one model copy across devices; under torchrun each rank "
+                             "takes one device (--device cuda): use one or the other")
+    if ranks is not None and cls.sequential:
+        raise HeadscopeError(f"{name} cannot be split across processes ({cls.sequential}); run it without torchrun")
+    writer = ranks is None or ranks.rank == 0   # only rank 0 touches the folder
+    if writer:
+        out = Path(out) if out else default_runs_dir() / new_run_id(name, lm.name if lm is not None else str(model))
+    with RunLease.acquire(out) if writer else contextlib.nullcontext():
+        if writer and resume and not (out / "run.json").exists():   # the cheap refusals before the model loads
             raise HeadscopeError(f"--resume given but {out} holds no run")
-        if not resume and (out / "run.json").exists():
+        if writer and not resume and (out / "run.json").exists():
             raise HeadscopeError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
         if lm is None:
             import torch
 
             from headscope.probe import load_model
-            lm = load_model(model, device=opts["device"], dtype=getattr(torch, opts["dtype"]))
+            device = ranks.device(opts["device"]) if ranks is not None else opts["device"]
+            lm = load_model(model, device=device, dtype=getattr(torch, opts["dtype"]))
+        placement = None
+        if opts["device_map"]:
+            from headscope.probe.placement import place
+            placement = place(lm.model, opts["device_map"])
         if probe is None:
             from headscope.probe import Probe
             probe = Probe(lm)
@@ -427,15 +468,20 @@ def run_analysis(name: str, model="smollm2-135m", *, data: str | Path | None = N
             "inputs": {"data_sha256": _data_sha256(Path(data)) if data else None,
                        "weights": _weights_identity(lm), "n_planned": len(examples)},
             "versions": versions(),
+            "placement": placement,
         }
+        if not writer:
+            ranks.follow(analysis, ctx, examples, planned)
+            return None
         run, resumed = create_run(out, meta, resume=resume, planned=planned)
         return _execute(run, resumed, analysis, ctx, examples, planned, progress=progress, log=log,
-                        on_progress=on_progress)
+                        on_progress=on_progress, ranks=ranks)
 
 
 def _execute(run: Run, resumed: bool, analysis: Analysis, ctx: RunContext, examples: list[Example],
-             planned: list[tuple[str, str]], *, progress: bool, log, on_progress) -> Run:
-    """The run loop: process, fold, append, checkpoint per example; then finalize and publish."""
+             planned: list[tuple[str, str]], *, progress: bool, log, on_progress, ranks=None) -> Run:
+    """The run loop: process, fold, append, checkpoint per example (with ``ranks``: per round of
+    one example per rank, ``Ranks.lead``); then finalize and publish."""
     state, done = run.load_checkpoint() if resumed else ({}, [])
     agg = Aggregator.from_state(state)
     timings = run.meta.setdefault("timings", {})
@@ -444,18 +490,28 @@ def _execute(run: Run, resumed: bool, analysis: Analysis, ctx: RunContext, examp
     hint = f"--resume --out {run.path}"
     if resumed:
         log(f"resuming {run.path}: {len(done)} done, {len(todo)} to go")
+    if ranks is not None or "shards" in run.meta:   # which process did which examples, per segment
+        run.meta.setdefault("shards", []).append(
+            {"start": len(done), **(ranks.describe() if ranks is not None else {"world_size": 1})})
+        run.save_meta()
     try:
         from tqdm.auto import tqdm
-        for ex, key in tqdm(todo, desc=analysis.name, unit="ex", disable=not progress):
-            res = analysis.process(ctx, ex)
-            if not res.skip:
-                for k, v in res.arrays.items():
-                    agg.add(k, v)
-            run.append_example({"id": ex.id, "skip": res.skip, **res.details})
-            done.append(key)
-            run.save_checkpoint(agg.state(), done)
-            if on_progress:
-                on_progress(len(done), len(examples))
+        bar = tqdm(total=len(examples), initial=len(done), desc=analysis.name, unit="ex", disable=not progress)
+        if ranks is not None:
+            agg = ranks.lead(analysis, ctx, todo, agg, done, run, bar=bar, on_progress=on_progress)
+        else:
+            for ex, key in todo:
+                res = analysis.process(ctx, ex)
+                if not res.skip:
+                    for k, v in res.arrays.items():
+                        agg.add(k, v)
+                run.append_example({"id": ex.id, "skip": res.skip, **res.details})
+                done.append(key)
+                run.save_checkpoint(agg.state(), done)
+                bar.update()
+                if on_progress:
+                    on_progress(len(done), len(examples))
+        bar.close()
         records = run.examples()
         if records and all(r.get("skip") for r in records):
             reasons = sorted({str(r.get("reason") or r.get("error") or "no reason recorded") for r in records})

@@ -608,6 +608,7 @@ def _refusal_summary(records: list[dict], conditions: Sequence[str]) -> dict:
 @register
 class SaharaAnalysis(_SafetyBase):
     name = "sahara"
+    sequential = "each greedy step extends the head group the steps before it found"
     description = ("Sahara: greedy search for the head group whose joint ablation most rotates the leading "
                    "singular direction of harmful-query states (generalized Ships), then refusal metrics of "
                    "the group vs random heads. Examples are search steps (--limit caps them).")

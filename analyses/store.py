@@ -390,7 +390,7 @@ def _check_resumable(out: Path, old: dict, meta: dict) -> None:
 
 # options that only change how a run executes, not what it computes; the data file's path is
 # free too: its content is compared instead (example digests); --limit is checked to only grow
-RESUME_FREE_KEYS = {"limit", "batch_size", "device", "progress", "data"}
+RESUME_FREE_KEYS = {"limit", "batch_size", "device", "device_map", "progress", "data"}
 
 
 def example_digest(ex_id: str, data) -> str:

@@ -56,11 +56,20 @@ def cmd_models(args) -> int:
 
 
 def cmd_score(args, extra: dict) -> int:
+    """One run; under torchrun (``WORLD_SIZE`` > 1) one rank of a data-parallel run (docs/SCALE.md)."""
     from headscope.analyses.base import run_analysis
+    from headscope.analyses.distributed import init_from_env
     from headscope.threads import configure_threads
     configure_threads()
-    run = run_analysis(args.analysis, args.model, data=getattr(args, "data", None), options=extra, out=args.out,
-                       resume=args.resume, progress=not args.quiet)
+    ranks = init_from_env(extra.get("device", "cpu"))
+    try:
+        run = run_analysis(args.analysis, args.model, data=getattr(args, "data", None), options=extra,
+                           out=args.out, resume=args.resume, progress=not args.quiet, ranks=ranks)
+    finally:
+        if ranks is not None:
+            ranks.close()
+    if run is None:   # a rank > 0: rank 0 writes and reports the run
+        return 0
     print(f"run {run.meta['status']}: {run.path}")
     _print_summary(run, top=5)
     return 0

@@ -15,6 +15,7 @@ from .capture import Capture, ForwardResult, run_forward
 from .generate import Generation, generate
 from .hook import Anatomy, AttnContext, register
 from .intervene import Edits, InterventionSet, intervention_block, patch_sweep, sweep_heads
+from .placement import layer_device
 
 
 class Probe:
@@ -46,7 +47,9 @@ class Probe:
             self.model, self.tokenizer, self.info = lm.model, tokenizer or lm.tokenizer, lm.info
         register()
         self.anatomy = Anatomy.of(self.model)
-        self.device = next(self.model.parameters()).device
+        self.device = next(self.model.parameters()).device   # where inputs go (the embedding's device)
+        # where each layer runs: several devices once placed with probe.placement (--device-map)
+        self._layer_devices = [layer_device(a, b) for a, b in zip(self.anatomy.attn, self.anatomy.layers)]
         self.backend = backend
         try:
             resolve_backend(backend, self.device)
@@ -165,11 +168,10 @@ class Probe:
             edits = Edits(an, self._interventions, phase)
             past = cache.get_seq_length() if cache is not None else 0
             T = ids.shape[1]
-            device = self.device
 
             def plan(call):
                 spec = capture.spec_for(call) if capture is not None else None
-                return spec, edits.edits_for(call, device)
+                return spec, edits.edits_for(call, self._layer_devices[call.layer])
 
             def hooks(q_start):
                 handles = edits.hooks(q_start)  # patches first: captures see the patched values

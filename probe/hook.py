@@ -261,7 +261,8 @@ def headscope_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
         raise HeadscopeError(f"model type {model_type!r}: keys [{mask.kv_offset}, +{Tk}) do not end at the queries "
                              f"[{mask.q_offset}, +{Tq}) (static or offloaded caches are not supported; use DynamicCache)")
 
-    kv_valid = mask.kv_valid
+    kv_valid = mask.kv_valid   # made on the input's device; a placed model runs layers elsewhere
+    kv_valid = kv_valid.to(query.device) if kv_valid is not None else None
     if kv_valid is not None and kv_valid.shape[0] != B:  # batch forked inside the forward (sweeps)
         kv_valid = kv_valid.expand(B, -1)
 

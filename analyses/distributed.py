@@ -1,0 +1,184 @@
+"""Data-parallel runs: one process per rank under ``torchrun``, examples sharded, statistics reduced.
+
+``torchrun --nproc-per-node N -m headscope score ...`` starts N copies of the CLI; each finds its
+rank in the environment (``init_from_env``) and runs the same analysis on the same example list.
+The examples still to do are dealt out in rounds: in round ``j`` rank ``r`` processes example
+``start + j * N + r`` (``start``: examples a resumed run already has). After each round
+
+- every rank learns whether any rank failed (``all_gather_object``), so all stop together;
+- rank 0 gathers the round's example records (``gather_object``) and appends them to
+  ``examples.jsonl`` in example order, so the file reads as a single-process run's;
+- each rank's own ``Aggregator`` (the statistics of the examples it processed) is gathered onto
+  rank 0 and merged there (Chan's parallel update of count, mean and m2: the single-process result
+  up to float64 rounding), and rank 0 checkpoints the resumed state merged with it.
+
+Only rank 0 touches the run folder. Because records and state are committed round by round, the
+finished examples are always the first ones of the list: the checkpoint has the single-process
+format, so ``--resume`` works with any number of ranks, one included, and a rank killed mid-round
+costs only that round's examples, which the resumed run redoes. ``run.json["shards"]`` records
+each segment's start and world size, which gives the rank of every finished example.
+
+Failure modes: a rank that dies makes the others' next collective raise; they stop with a
+HeadscopeError and rank 0 leaves the run ``partial`` (torchrun then stops the rest). Ranks that
+build different example lists (another ``--data`` file on another host) are refused at the start.
+Analyses whose examples depend on earlier ones (``Analysis.sequential``) refuse to run sharded.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from headscope.errors import HeadscopeError
+
+from .base import Aggregator, RunningMean
+
+
+def init_from_env(device: str = "cpu") -> "Ranks | None":
+    """The process group of a torchrun launch (``WORLD_SIZE`` > 1 in the environment), else None.
+
+    gloo for CPU runs, NCCL when ``device`` is CUDA (each rank then uses ``cuda:LOCAL_RANK``)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+    import torch.distributed as dist
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        # long enough for the slowest single example (a long retrieval decode) of another rank
+        dist.init_process_group(backend, timeout=datetime.timedelta(hours=2))
+    return Ranks(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, backend=backend)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in an initialised ``torch.distributed`` group."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+
+    def device(self, device: str) -> str:
+        """This rank's torch device: plain ``cuda`` means ``cuda:LOCAL_RANK``, one GPU per process."""
+        return f"cuda:{self.local_rank}" if device == "cuda" else device
+
+    def describe(self) -> dict:
+        return {"world_size": self.world_size, "backend": self.backend,
+                "sharding": "round-robin: example start + i was processed by rank i % world_size"}
+
+    def close(self) -> None:
+        from torch import distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    # ------------------------------------------------------------------------ the two roles
+    def lead(self, analysis, ctx, todo: list, agg: Aggregator, done: list, run, *, bar, on_progress) -> Aggregator:
+        """Rank 0: process its share, write each round's records in order and checkpoint the merged
+        state; returns the merged Aggregator (``agg`` holds the resumed examples' statistics)."""
+        base = agg
+        total = len(done) + len(todo)
+        self._start([key for _, key in todo], len(done))
+        merged = base
+        for chunk, records, reduced in self._rounds(analysis, ctx, todo):
+            merged = Aggregator()
+            merged.merge(base)
+            merged.merge(reduced)
+            for (_, key), rec in zip(chunk, records):
+                run.append_example(rec)
+                done.append(key)
+            run.save_checkpoint(merged.state(), done)
+            bar.update(len(chunk))
+            if on_progress:
+                on_progress(len(done), total)
+        return merged
+
+    def follow(self, analysis, ctx, examples: list, planned: list[tuple[str, str]]) -> None:
+        """Ranks > 0: process their share of the examples rank 0 has not finished; write nothing."""
+        n_done = self._start(planned, None)
+        for _ in self._rounds(analysis, ctx, list(zip(examples, planned))[n_done:]):
+            pass
+
+    # ------------------------------------------------------------------------ collectives
+    def _start(self, planned: list[tuple[str, str]], n_done: int | None) -> int:
+        """Check that every rank plans the same examples ((digest, id) pairs); rank 0's count of
+        finished ones to all. On rank 0 ``planned`` holds only those still to do, so every rank
+        hashes the tail after rank 0's count."""
+        from torch import distributed as dist
+        box = [n_done]
+        self._call(dist.broadcast_object_list, box, src=0)
+        n_done = box[0]
+        tail = planned if self.rank == 0 else planned[n_done:]
+        mine = hashlib.sha256(json.dumps([list(k) for k in tail]).encode()).hexdigest()
+        hashes = [None] * self.world_size
+        self._call(dist.all_gather_object, hashes, mine)
+        if len(set(hashes)) > 1:
+            bad = [r for r, h in enumerate(hashes) if h != hashes[0]]
+            raise HeadscopeError(f"ranks {bad} build other examples than rank 0 (--data, --limit and the options "
+                                 f"must be the same on every host)")
+        return n_done
+
+    def _rounds(self, analysis, ctx, todo: list):
+        """Process ``todo`` one example per rank per round. Yields, on rank 0, (the round's
+        (example, (digest, id)) pairs, their records in order, the statistics summed over every rank's
+        examples so far); on other ranks None."""
+        from torch import distributed as dist
+        own = Aggregator()   # the examples this rank processed
+        for start in range(0, len(todo), self.world_size):
+            chunk = todo[start:start + self.world_size]
+            res, fail, error = None, None, None
+            if self.rank < len(chunk):
+                ex = chunk[self.rank][0]
+                try:
+                    res = analysis.process(ctx, ex)
+                except Exception as e:  # noqa: BLE001 - told to every rank below, then re-raised here
+                    error = e
+                    fail = (isinstance(e, HeadscopeError), f"{ex.id}: {e}" if isinstance(e, HeadscopeError)
+                            else f"{type(e).__name__}: {e}")
+            fails = [None] * self.world_size
+            self._call(dist.all_gather_object, fails, fail)
+            if error is not None:
+                raise error
+            for r, f in enumerate(fails):
+                if f is not None:
+                    user, msg = f
+                    raise (HeadscopeError if user else RuntimeError)(f"rank {r}: {msg}")
+            record = None
+            if res is not None:
+                if not res.skip:
+                    for k, v in res.arrays.items():
+                        own.add(k, v)
+                record = {"id": chunk[self.rank][0].id, "skip": res.skip, **res.details}
+            records = [None] * self.world_size if self.rank == 0 else None
+            self._call(dist.gather_object, record, records, dst=0)
+            reduced = self._reduce(own)
+            yield (chunk, records[: len(chunk)], reduced) if self.rank == 0 else None
+
+    def _reduce(self, agg: Aggregator) -> Aggregator | None:
+        """Every rank's statistics onto rank 0 (None elsewhere): one ``gather_object`` of each rank's
+        (n, mean, m2) per statistic, folded in rank order with ``Aggregator.merge`` (Chan's parallel
+        update: the single-process mean and std up to float64 rounding). Mismatched shapes raise."""
+        from torch import distributed as dist
+        every = [None] * self.world_size if self.rank == 0 else None
+        self._call(dist.gather_object, agg.state(), every, dst=0)
+        if self.rank != 0:
+            return None
+        out = Aggregator()
+        for state in every:
+            out.merge(Aggregator.from_state(state))
+        return out
+
+    def _call(self, fn, *args, **kwargs):
+        """A collective; a peer that died (its sockets close, or the timeout passes) becomes a
+        one-line HeadscopeError, so rank 0 saves the run as partial for --resume."""
+        try:
+            return fn(*args, **kwargs)
+        except RuntimeError as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise HeadscopeError(f"rank {self.rank}: lost contact with another rank ({first})") from None
