@@ -55,7 +55,8 @@ def prune(configs, named_args, **kwargs):
     """``early_config_prune``: keep configs whose tiles fit the problem and the shared memory.
 
     Reads the kernel's ``Q`` dtype, ``HEAD_DIM`` / ``HEAD_DV`` / ``HAS_OUT`` constexprs and the
-    ``TQ_BUCKET`` / ``TK_BUCKET`` arguments (powers of two of the query and key counts). Never
+    ``TQ_BUCKET`` / ``TK_BUCKET`` arguments (powers of two of the query and key counts; a
+    16-row tile is kept only below 64 queries, where a 64-row one would be mostly empty). Never
     returns an empty list: if nothing fits, the smallest config is kept (and fails loudly).
     """
     args = {**named_args, **kwargs}
@@ -66,6 +67,7 @@ def prune(configs, named_args, **kwargs):
     limit = smem_limit()
     fit = [c for c in configs
            if c.kwargs["BLOCK_M"] <= max(16, tq) and c.kwargs["BLOCK_N"] <= max(16, tk)
+           and (c.kwargs["BLOCK_M"] >= 64 or tq < 64)      # 16-row tiles only for decoding / tiny Tq
            and smem_estimate(c, hd, hdv, elem, with_v) <= limit]
     if elem == 4 and hd > 128:  # fp32, head_dim 256: only the small-tile configs are worth compiling
         fit = [c for c in fit if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64] or fit
