@@ -62,8 +62,9 @@ _MIN_SPLIT = 1024       # keys per split below which splitting costs more than i
 
 def _configs():
     # the tiles that do not spill with every statistic on at head_dim 128 (ptxas sm_90,
-    # tests/triton_compile.py --all-configs): 16-row tiles for decoding, 64/128-row at 8 warps
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=2)
+    # tests/triton_compile.py --all-configs): 16-row tiles for decoding, 64/128-row at 8 warps;
+    # the key loop's stages are set in the kernel (tl.range)
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=3)
             for bm, bn, w in ((16, 32, 4), (16, 64, 4), (64, 32, 8), (64, 64, 8), (128, 32, 8), (128, 64, 8))]
 
 
@@ -74,7 +75,7 @@ _TUNE_KEY = ["TQ_BUCKET", "TK_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_WINDOW", "SOFT
 @triton.jit
 def _topk_insert(tk_v, tk_i, x, start_n, n_rounds, TOPK: tl.constexpr, TOPKP: tl.constexpr,
                  BLOCK_N: tl.constexpr):
-    """Insert a tile's best logits into the sorted per-row lists, ``n_rounds`` times.
+    """Insert a tile's best logits into the sorted per-row lists, ``n_rounds`` (<= TOPK) times.
 
     Each round takes every row's tile maximum (lowest index on ties) and inserts it after the
     list's entries >= it: those come from earlier tiles, i.e. lower indices, so they win ties.
@@ -83,19 +84,20 @@ def _topk_insert(tk_v, tk_i, x, start_n, n_rounds, TOPK: tl.constexpr, TOPKP: tl
     """
     kcol = tl.arange(0, TOPKP)[None, :]
     offs_n = tl.arange(0, BLOCK_N)
-    for _ in range(n_rounds):
-        tv, ti = tl.max(x, 1, return_indices=True, return_indices_tie_break_left=True)
-        x = tl.where(offs_n[None, :] == ti[:, None], float("-inf"), x)
-        pos = tl.sum((tk_v >= tv[:, None]).to(tl.int32), 1)[:, None]     # [BLOCK_M, 1]
-        sh_v = tk_v
-        sh_i = tk_i
-        for j in tl.static_range(1, TOPK):                                # sh[:, j] = tk[:, j - 1]
-            sh_v = tl.where(kcol == j, tl.max(tl.where(kcol == j - 1, tk_v, float("-inf")), 1)[:, None], sh_v)
-            sh_i = tl.where(kcol == j, tl.sum(tl.where(kcol == j - 1, tk_i, 0), 1)[:, None], sh_i)
-        ins = (kcol == pos) & (kcol < TOPK)
-        after = (kcol > pos) & (kcol < TOPK)
-        tk_v = tl.where(ins, tv[:, None], tl.where(after, sh_v, tk_v))
-        tk_i = tl.where(ins, (ti + start_n)[:, None], tl.where(after, sh_i, tk_i))
+    for r in tl.static_range(TOPK):   # unrolled + guarded: a nested scf.for would stop the K pipelining
+        if r < n_rounds:
+            tv, ti = tl.max(x, 1, return_indices=True, return_indices_tie_break_left=True)
+            x = tl.where(offs_n[None, :] == ti[:, None], float("-inf"), x)
+            pos = tl.sum((tk_v >= tv[:, None]).to(tl.int32), 1)[:, None]     # [BLOCK_M, 1]
+            sh_v = tk_v
+            sh_i = tk_i
+            for j in tl.static_range(1, TOPK):                                # sh[:, j] = tk[:, j - 1]
+                sh_v = tl.where(kcol == j, tl.max(tl.where(kcol == j - 1, tk_v, float("-inf")), 1)[:, None], sh_v)
+                sh_i = tl.where(kcol == j, tl.sum(tl.where(kcol == j - 1, tk_i, 0), 1)[:, None], sh_i)
+            ins = (kcol == pos) & (kcol < TOPK)
+            after = (kcol > pos) & (kcol < TOPK)
+            tk_v = tl.where(ins, tv[:, None], tl.where(after, sh_v, tk_v))
+            tk_i = tl.where(ins, (ti + start_n)[:, None], tl.where(after, sh_i, tk_i))
     return tk_v, tk_i
 
 
@@ -155,7 +157,9 @@ def _stats_from_lse(Q, K, KvOk, SegBounds, Lse, RowPart, TopV, TopI, ColPart,  #
         hi = k_hi
         if CAUSAL:
             hi = tl.minimum(hi, P0 + mb * BLOCK_M + BLOCK_M)
-        for start_n in range(lo, hi, BLOCK_N):
+        # explicit stages: without a loop-carried dot accumulator Triton 3.9 does not pipeline the
+        # K loads on its own (no async copies in the TTGIR; tests/triton_compile.py)
+        for start_n in tl.range(lo, hi, BLOCK_N, num_stages=3):
             start_n = tl.multiple_of(start_n, BLOCK_N)
             cols = start_n + offs_n
             kT, kv_ok, _ = _load_key_tile(k_base, kv_base, kv_base, cols, offs_d, stride_kn, stride_kd, Tk, D,
