@@ -27,6 +27,7 @@ With ``OUT`` set, the log goes to ``$OUT/gpu.log`` and the numbers to ``$OUT/gpu
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -286,8 +287,10 @@ def main() -> None:
     t0 = time.perf_counter()
     import transformers
 
-    log(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
-        f"transformers {transformers.__version__} | {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    cached = "cache_results" in inspect.signature(triton.autotune).parameters
+    log(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} "
+        f"(autotune cache_results: {cached}) | transformers {transformers.__version__} | "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     for run in (correctness, kernels, per_statistic, decoding, cold_start, model):
         run()
     RESULTS["total_s"] = time.perf_counter() - t0

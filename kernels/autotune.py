@@ -5,17 +5,19 @@ Why: on an H200 the first call of a kernel variant spent 27-33 s benchmarking ev
 shared memory). Three remedies, all here:
 
 - ``prune``: Triton's ``early_config_prune`` hook drops, before anything is compiled, the
-  configs whose tiles are larger than the problem (a 128-row tile for a 1-query decoding step)
-  and those whose pipelined tiles cannot fit in the device's shared memory (estimate below;
-  it errs on the large side, so a dropped config never was one that fits).
+  configs whose tiles are larger than the problem (a 128-row tile for a 1-query decoding step),
+  16-row tiles for long prefills, and those whose pipelined tiles cannot fit in the device's
+  shared memory (a rough estimate, below; fp32 at head_dim 256 also keeps only the 16-row
+  tiles, which ptxas measured to fit).
 - ``tuned``: ``triton.autotune(..., cache_results=True)`` where the installed Triton has it
   (3.9 here; checked by signature, not by version), so the chosen config is stored in Triton's
   cache directory next to the compiled kernels and a second process re-benchmarks nothing.
 - Under the interpreter a single config (more than one raises "0 active drivers" there).
 
-Failure modes: the shared-memory estimate ignores the compiler's own scratch (layout
-conversions, reductions); a config that passes it can still fail to compile, which Triton's
-autotuner then skips (at the price of that compile). ``tests/triton_compile.py`` reports the real
+Failure modes: the shared-memory estimate is rough both ways (the compiler keeps Q in registers
+for wgmma but adds scratch for layout conversions: 262 KB measured where it says 205 KB for
+fp32 64x32 at head_dim 256); a config that passes it can still fail to compile, which Triton's
+autotuner then skips at the price of that compile. ``tests/triton_compile.py`` reports the real
 figure per variant.
 """
 from __future__ import annotations
@@ -55,8 +57,7 @@ def prune(configs, named_args, **kwargs):
     """``early_config_prune``: keep configs whose tiles fit the problem and the shared memory.
 
     Reads the kernel's ``Q`` dtype, ``HEAD_DIM`` / ``HEAD_DV`` / ``HAS_OUT`` constexprs and the
-    ``TQ_BUCKET`` / ``TK_BUCKET`` arguments (powers of two of the query and key counts; a
-    16-row tile is kept only below 64 queries, where a 64-row one would be mostly empty). Never
+    ``TQ_BUCKET`` / ``TK_BUCKET`` arguments (powers of two of the query and key counts). Never
     returns an empty list: if nothing fits, the smallest config is kept (and fails loudly).
     """
     args = {**named_args, **kwargs}
@@ -67,11 +68,14 @@ def prune(configs, named_args, **kwargs):
     limit = smem_limit()
     fit = [c for c in configs
            if c.kwargs["BLOCK_M"] <= max(16, tq) and c.kwargs["BLOCK_N"] <= max(16, tk)
-           and (c.kwargs["BLOCK_M"] >= 64 or tq < 64)      # 16-row tiles only for decoding / tiny Tq
            and smem_estimate(c, hd, hdv, elem, with_v) <= limit]
-    if elem == 4 and hd > 128:  # fp32, head_dim 256: only the small-tile configs are worth compiling
-        fit = [c for c in fit if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64] or fit
-    return fit or [min(configs, key=lambda c: smem_estimate(c, hd, hdv, elem, with_v))]
+    if elem == 4 and hd > 128:
+        # fp32, head_dim 256: every 64-row tile of the fused forward needs > 232 KB or spills
+        # kilobytes (ptxas sm_90, tests/triton_compile.py --dtype fp32 --head-dim 256)
+        small = [c for c in fit if c.kwargs["BLOCK_M"] == 16]
+    else:   # 16-row tiles only for decoding / tiny Tq, where a 64-row one would be mostly empty
+        small = [c for c in fit if c.kwargs["BLOCK_M"] >= 64 or tq < 64]
+    return small or fit or [min(configs, key=lambda c: smem_estimate(c, hd, hdv, elem, with_v))]
 
 
 def tuned(configs, key):

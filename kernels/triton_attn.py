@@ -57,6 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .autotune import tuned
 from .chunked import _col_count, _topk_lowest_index, _visible_counts, attend_chunked
 from .spec import AttnResult, HeadEdits, StatsSpec, check_inputs
 
@@ -235,7 +236,7 @@ def _attn_stats_fwd_inner(acc, l_i, m_i, l_r, m_r, ent, wd, md, seg, tk_v, tk_i,
     return acc, l_i, m_i, l_r, m_r, ent, wd, md, seg, tk_v, tk_i
 
 
-@triton.autotune(configs=_configs(), key=_TUNE_KEY + ["HAS_OUT"])
+@tuned(_configs(), _TUNE_KEY + ["HAS_OUT"])
 @triton.jit
 def _attn_stats_fwd(Q, K, V, Out, KvOk, Bias, Uni, SegBounds,  #
                     LseEff, LseRaw, Ent, WinD, MeanD, Seg, TopV, TopI,  #
@@ -372,7 +373,7 @@ def _attn_col_mass_inner(col, kT, kv_ok, bias, is_uni, q_base, lse_base, cols,  
     return col
 
 
-@triton.autotune(configs=_configs(), key=_TUNE_KEY)
+@tuned(_configs(), _TUNE_KEY)
 @triton.jit
 def _attn_col_mass(Q, K, KvOk, Bias, Uni, LseEff, Col,  #
                    stride_qb, stride_qh, stride_qm, stride_qd,  #

@@ -319,7 +319,7 @@ def _flash_out_lse(q, k, v, *, scale, causal, window):
     out, lse, *_ = torch.ops.aten._flash_attention_forward(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, None, Tq, Tk, 0.0, causal, False,
         scale=scale, window_size_left=left, window_size_right=0 if causal else -1)
-    return out.transpose(1, 2), lse
+    return out.transpose(1, 2), lse[..., :Tq]   # some builds pad the LSE's query axis
 
 
 def attend_triton_lse(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | None = None, *,

@@ -6,7 +6,7 @@ Run as a script by ``test_kernels_triton_compile.py`` in a process without ``TRI
 compile error. The interpreter tests check semantics; this checks that the kernels lower to real
 GPU code and what they cost in registers, which the interpreter cannot see.
 
-    python tests/triton_compile.py --arch 90 [--all-configs] [--variant NAME ...] [--dtype fp32 --head-dim 256]
+    python tests/triton_compile.py --arch 90 [--all-configs | --pruned T] [--variant NAME ...] [--dtype fp32 --head-dim 256]
 """
 from __future__ import annotations
 
@@ -19,11 +19,13 @@ import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from headscope.kernels import triton_attn as ta  # noqa: E402
+from headscope.kernels.autotune import prune  # noqa: E402
 from headscope.kernels import triton_stats as ts  # noqa: E402
 
 POINTERS = {"Q": "*{dt}", "K": "*{dt}", "V": "*{dt}", "Out": "*{dt}", "KvOk": "*i8", "Uni": "*i32",
@@ -31,6 +33,7 @@ POINTERS = {"Q": "*{dt}", "K": "*{dt}", "V": "*{dt}", "Out": "*{dt}", "KvOk": "*
             "Ent": "*fp32", "WinD": "*fp32", "MeanD": "*fp32", "Seg": "*fp32", "TopV": "*fp32", "Col": "*fp32",
             "Lse": "*fp32", "RowPart": "*fp32", "ColPart": "*fp32"}
 FLOATS = {"qk_scale", "softcap", "win_dist"}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MASKS = dict(CAUSAL=True, HAS_WINDOW=True, SOFTCAP=True, HAS_KV_VALID=True, HAS_BIAS=True, HAS_UNIFORM=True,
              UPCAST=False)
 ALL_STATS = dict(RAW_LSE=True, ENTROPY=True, WIN_DIST=True, MEAN_DIST=True, NSEG=2, SEGP=2, TOPK=5, TOPKP=8)
@@ -77,6 +80,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     ap.add_argument("--all-configs", action="store_true", help="every autotune config (default: first and last)")
     ap.add_argument("--variant", action="append", choices=list(VARIANTS), help="only these (repeatable)")
+    ap.add_argument("--pruned", type=int, metavar="T",
+                    help="the configs autotune.prune keeps for T queries and keys (instead of first and last)")
     args = ap.parse_args()
     target = GPUTarget("cuda", args.arch, 32)
     prec = "tf32x3" if args.dtype == "fp32" else None
@@ -84,6 +89,10 @@ def main() -> None:
         if args.variant and name not in args.variant:
             continue
         configs = space() if args.all_configs else [space()[0], space()[-1]]
+        if args.pruned:
+            q = torch.empty(0, dtype=DTYPES[args.dtype])
+            configs = prune(space(), {"Q": q, "TQ_BUCKET": args.pruned, "TK_BUCKET": args.pruned},
+                            HEAD_DIM=args.head_dim, HEAD_DV=args.head_dim, HAS_OUT=extra.get("HAS_OUT", False))
         for cfg in configs:
             consts = dict(cfg.kwargs, **extra, HEAD_DIM=args.head_dim, DOT_PRECISION=prec)
             if "HEAD_DV" in kernel.arg_names:
