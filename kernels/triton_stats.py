@@ -280,13 +280,16 @@ def stats_from_lse(q, k, lse, spec: StatsSpec, *, scale: float, causal: bool, wi
     dense = dict(scale=scale, causal=causal, window=window, softcap=softcap, kv_valid=kv_valid, uni=None,
                  bias=None)
     if kk:
-        if k_in:   # merge the splits' lists: a stable sort keeps lower splits (lower keys) first on ties
-            cand_v = top_v.permute(1, 2, 0, 3).reshape(B, H, Tq, n_split * k_in)
-            cand_i = top_i.permute(1, 2, 0, 3).reshape(B, H, Tq, n_split * k_in)
-            val, order = torch.sort(cand_v, dim=-1, descending=True, stable=True)
-            idx = cand_i.gather(-1, order[..., :k_in]).long()
+        if k_in:
+            val, idx = top_v.view(n_split, B, H, Tq, k_in)[0], top_i.view(n_split, B, H, Tq, k_in)[0]
+            if n_split > 1:  # merge the splits' lists: a stable sort keeps lower splits (lower keys) first on ties
+                cand_v = top_v.permute(1, 2, 0, 3).reshape(B, H, Tq, n_split * k_in)
+                val, order = torch.sort(cand_v, dim=-1, descending=True, stable=True)
+                val = val[..., :k_in]
+                idx = top_i.permute(1, 2, 0, 3).reshape(B, H, Tq, n_split * k_in).gather(-1, order[..., :k_in])
             fin = lse > float("-inf")
-            prob = torch.where(fin[..., None], torch.exp(val[..., :k_in] - torch.where(fin, lse, 0.0)[..., None]), 0.0)
+            prob = torch.where(fin[..., None], torch.exp(val - torch.where(fin, lse, 0.0)[..., None]), 0.0)
+            idx = idx.long()
         else:      # beyond the kernel's list length: every row ranked densely from its LSE
             idx = torch.zeros(B, H, Tq, kk, device=dev, dtype=torch.long)
             prob = torch.zeros(B, H, Tq, kk, device=dev, dtype=fp32)
