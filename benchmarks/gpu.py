@@ -148,7 +148,8 @@ def correctness():
             ok_all &= ok
             rows.append({"case": name, "backend": backend, "ok": ok, "worst": worst, "err": errs[worst],
                          "out_err": out_err})
-            log(f"{'ok  ' if ok else 'FAIL'} {name:28s} {backend:13s} worst {worst:13s} {errs[worst]:.1e}  out {out_err:.1e}")
+            log(f"{'ok  ' if ok else 'FAIL'} {name:28s} {backend:13s} worst {worst:13s} {errs[worst]:.1e}  "
+                f"out {out_err:.1e}")
     RESULTS["correctness"] = {"seed": seed, "all_ok": ok_all, "rows": rows}
 
 
@@ -176,7 +177,8 @@ def kernels():
                "out + top1/entropy/col": bench(lambda: attend(q, k, v, RETRIEVAL, backend="triton")),
                "stats only (no out), all": bench(lambda: attend(q, k, v, all_stats(T), backend="triton", output=False))}
         table[T] = row
-        log(f"T={T}: SDPA {base:.3f} ms; " + "; ".join(f"{n} {ms / base:.2f}x" for n, ms in row.items() if n != "sdpa_ms"))
+        log(f"T={T}: SDPA {base:.3f} ms; "
+            + "; ".join(f"{n} {ms / base:.2f}x" for n, ms in row.items() if n != "sdpa_ms"))
     RESULTS["kernels"] = table
     names = [n for n in table[KERNEL_T[0]] if n != "sdpa_ms"]
     log(f"\n| bf16, B=1, {H}/{HKV} heads, D={D}, causal | " + " | ".join(f"T={T}" for T in table) + " |")
@@ -243,7 +245,8 @@ def cold_start():
             raise RuntimeError(res.stderr[-2000:])
         times.append(float(res.stdout.split()[-1]))
     RESULTS["cold_start_s"] = times
-    log(f"first call of the all-statistics variant at 4k: fresh cache {times[0]:.1f} s, second process {times[1]:.1f} s")
+    log(f"first call of the all-statistics variant at 4k: fresh cache {times[0]:.1f} s, "
+        f"second process {times[1]:.1f} s")
 
 
 @section

@@ -255,16 +255,17 @@ def stats_from_lse(q, k, lse, spec: StatsSpec, *, scale: float, causal: bool, wi
     kv_ok = kv_valid.to(torch.int8).contiguous() if kv_valid is not None else lse
     band = spec.col_band
     band_hi = (band[1] if band[1] is not None else _NO_BAND) if band else _NO_BAND
-    _stats_from_lse[(slabs, n_split, B * H)](
-        q, k, kv_ok, seg_bounds, lse.contiguous(), row_part, top_v, top_i, col_part,
-        *q.stride(), *k.stride(), H, H // H_kv, Tq, Tk, D,
-        scale / softcap if softcap is not None else scale, softcap or 0.0, window or 0,
-        float(spec.window_dist or 0), band[0] if band else 0, band_hi, s_len, _pow2(Tq), _pow2(Tk),
-        HEAD_DIM=_pow2(D, 16), CAUSAL=causal, HAS_WINDOW=window is not None, SOFTCAP=softcap is not None,
-        HAS_KV_VALID=kv_valid is not None, ENTROPY=spec.entropy, WIN_DIST=spec.window_dist is not None,
-        MEAN_DIST=spec.mean_dist, NSEG=len(segs), NRP=_pow2(n_rows), TOPK=k_in, TOPKP=_pow2(k_in, 2),
-        COL_MASS=spec.col_mass, HAS_BAND=band is not None, UPCAST=INTERPRET and q.dtype != fp32,
-        DOT_PRECISION="ieee" if INTERPRET else ("tf32x3" if q.dtype == fp32 else None))
+    if n_rows > 1 or k_in or spec.col_mass:  # lse / pattern / long top-k alone need no pass
+        _stats_from_lse[(slabs, n_split, B * H)](
+            q, k, kv_ok, seg_bounds, lse.contiguous(), row_part, top_v, top_i, col_part,
+            *q.stride(), *k.stride(), H, H // H_kv, Tq, Tk, D,
+            scale / softcap if softcap is not None else scale, softcap or 0.0, window or 0,
+            float(spec.window_dist or 0), band[0] if band else 0, band_hi, s_len, _pow2(Tq), _pow2(Tk),
+            HEAD_DIM=_pow2(D, 16), CAUSAL=causal, HAS_WINDOW=window is not None, SOFTCAP=softcap is not None,
+            HAS_KV_VALID=kv_valid is not None, ENTROPY=spec.entropy, WIN_DIST=spec.window_dist is not None,
+            MEAN_DIST=spec.mean_dist, NSEG=len(segs), NRP=_pow2(n_rows), TOPK=k_in, TOPKP=_pow2(k_in, 2),
+            COL_MASS=spec.col_mass, HAS_BAND=band is not None, UPCAST=INTERPRET and q.dtype != fp32,
+            DOT_PRECISION="ieee" if INTERPRET else ("tf32x3" if q.dtype == fp32 else None))
 
     stats: dict[str, torch.Tensor] = {}
     if n_rows > 1:

@@ -48,12 +48,13 @@ def _masks(q, kw):
                 window=kw.get("window"), softcap=kw.get("softcap"), kv_valid=kw.get("kv_valid"))
 
 
-CASES = [  # B, H, H_kv, Tq, Tk, D, pad, attention kwargs, output edits
-    (1, 2, 2, 45, 45, 16, None, {}, False),
-    (1, 3, 1, 40, 70, 16, None, {}, True),                              # GQA 3, chunk of a prefill
-    (1, 7, 1, 33, 33, 8, None, {"window": 5}, True),                    # sliding window
-    (1, 2, 2, 50, 50, 8, "random", {"causal": False, "softcap": 2.0}, False),
-    (2, 2, 1, 40, 40, 16, "left", {"window": 20}, True),                # padded rows see nothing
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+CASES = [  # B, H, H_kv, Tq, Tk, D, pad, attention kwargs, output edits, dtype
+    (1, 2, 2, 45, 45, 16, None, {}, False, F32),
+    (1, 3, 1, 40, 70, 16, None, {}, True, BF16),                        # GQA 3, chunk of a prefill
+    (1, 7, 1, 33, 33, 8, None, {"window": 5}, True, F32),               # sliding window
+    (1, 2, 2, 50, 50, 8, "random", {"causal": False, "softcap": 2.0}, False, F16),
+    (2, 2, 1, 40, 40, 16, "left", {"window": 20}, True, F32),           # padded rows see nothing
 ]
 
 
@@ -62,12 +63,15 @@ def _output_edits(H, D, g):
     return HeadEdits(replace_mask=e.replace_mask, replace_value=e.replace_value, out_scale=e.out_scale)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"H{c[1]}kv{c[2]}q{c[3]}k{c[4]}{c[6] or ''}{c[7]}")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"H{c[1]}kv{c[2]}q{c[3]}k{c[4]}{c[6] or ''}{c[7]}{c[9]}")
 def test_every_statistic_matches_reference(case):
-    B, H, H_kv, Tq, Tk, D, pad, kw, with_edits = case
-    q, k, v, kv_valid = make_case(B, H, H_kv, Tq, Tk, D, pad=pad, seed=300 + CASES.index(case))
+    """bf16/fp16 cases also check the interpreter's upcast and that ``out`` keeps v's dtype."""
+    B, H, H_kv, Tq, Tk, D, pad, kw, with_edits, dtype = case
+    q, k, v, kv_valid = make_case(B, H, H_kv, Tq, Tk, D, pad=pad, dtype=dtype, seed=300 + CASES.index(case))
     edits = _output_edits(H, D, torch.Generator().manual_seed(SEED)) if with_edits else None
-    _check(q, k, v, full_spec(Tq, Tk), edits, dict(kw, kv_valid=kv_valid), msg=str(case))
+    got = _check(q, k, v, full_spec(Tq, Tk), edits, dict(kw, kv_valid=kv_valid),
+                 out_atol=None if dtype == F32 else 2e-2, msg=str(case))
+    assert got.out.dtype == dtype
 
 
 def test_probability_edits_go_to_the_fused_pass():
@@ -115,12 +119,9 @@ def test_topk_beyond_list_length_ranked_densely():
     _check(q, k, v, StatsSpec(topk=triton_attn.MAX_TOPK + 1, entropy=True), None, {}, msg="long topk")
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_inputs(dtype):
-    q, k, v, kv_valid = make_case(1, 3, 1, 37, 37, 16, pad="left", dtype=dtype, seed=370)
-    got = _check(q, k, v, full_spec(37, 37), None, dict(window=11, kv_valid=kv_valid), out_atol=2e-2,
-                 msg=str(dtype))
-    assert got.out.dtype == dtype
+def test_lse_and_pattern_alone_skip_the_pass():
+    q, k, v, _ = make_case(1, 3, 1, 30, 50, 8, seed=370)
+    _check(q, k, v, StatsSpec(lse=True, pattern_rows=(3, 9)), None, {"window": 9}, msg="lse + pattern")
 
 
 def test_huge_logits_entropy_without_cancellation():

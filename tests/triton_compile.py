@@ -6,7 +6,8 @@ Run as a script by ``test_kernels_triton_compile.py`` in a process without ``TRI
 compile error. The interpreter tests check semantics; this checks that the kernels lower to real
 GPU code and what they cost in registers, which the interpreter cannot see.
 
-    python tests/triton_compile.py --arch 90 [--all-configs | --pruned T] [--variant NAME ...] [--dtype fp32 --head-dim 256]
+    python tests/triton_compile.py --arch 90 [--all-configs | --pruned T] [--variant NAME ...]
+        [--dtype fp32 --head-dim 256]
 """
 from __future__ import annotations
 
