@@ -140,6 +140,18 @@ def _topk_merge(tk_v, tk_i, x, start_n, TOPK: tl.constexpr, TOPKP: tl.constexpr,
 
 
 @triton.jit
+def _head_bases(Q, K, off_bh, H, GROUP, stride_qb, stride_qh, stride_kb, stride_kh):
+    """Batch, query head and KV head (GQA) of program row ``off_bh = b * H + h``, with the base
+    pointers of that head's queries and of its KV head's keys (int64 offsets: i32 overflows)."""
+    off_b = off_bh // H
+    off_h = off_bh % H
+    off_hk = off_h // GROUP
+    q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
+    k_base = K + off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh
+    return off_b, off_h, off_hk, q_base, k_base
+
+
+@triton.jit
 def _load_key_tile(k_base, kv_base, bias_base, cols, offs_d, stride_kn, stride_kd, Tk, D,
                    HAS_KV_VALID: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
                    BLOCK_N: tl.constexpr):
@@ -257,11 +269,8 @@ def _attn_stats_fwd(Q, K, V, Out, KvOk, Bias, Uni, SegBounds,  #
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
-    off_b = off_bh // H
-    off_h = off_bh % H
-    off_hk = off_h // GROUP
-    q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
-    k_base = K + off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh
+    off_b, off_h, off_hk, q_base, k_base = _head_bases(Q, K, off_bh, H, GROUP, stride_qb, stride_qh,
+                                                       stride_kb, stride_kh)
     v_base = V + off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh
     o_base = Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
     kv_base = KvOk + off_b.to(tl.int64) * Tk
@@ -387,11 +396,8 @@ def _attn_col_mass(Q, K, KvOk, Bias, Uni, LseEff, Col,  #
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
     off_bh = tl.program_id(1)
-    off_b = off_bh // H
-    off_h = off_bh % H
-    off_hk = off_h // GROUP
-    q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
-    k_base = K + off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh
+    off_b, off_h, off_hk, q_base, k_base = _head_bases(Q, K, off_bh, H, GROUP, stride_qb, stride_qh,
+                                                       stride_kb, stride_kh)
     offs_d = tl.arange(0, HEAD_DIM)
     cols = start_n + tl.arange(0, BLOCK_N)
     in_k = cols < Tk

@@ -52,8 +52,8 @@ import triton.language as tl
 from .autotune import INTERPRET, tuned
 from .chunked import _col_count, _visible_counts
 from .spec import AttnResult, HeadEdits, StatsSpec, check_inputs
-from .triton_attn import (MAX_TOPK, _apply_output_edits, _dense_probs, _fix_topk, _load_key_tile, _pow2,
-                          _tile_logits, attend_triton)
+from .triton_attn import (MAX_TOPK, _apply_output_edits, _dense_probs, _fix_topk, _head_bases, _load_key_tile,
+                          _pow2, _tile_logits, attend_triton)
 
 _NO_BAND = 1 << 30
 _SPLIT_ALIGN = 256      # key splits are multiples of every BLOCK_N, so no tile straddles two
@@ -120,11 +120,8 @@ def _stats_from_lse(Q, K, KvOk, SegBounds, Lse, RowPart, TopV, TopI, ColPart,  #
     off_bh = tl.program_id(2)
     n_slabs = tl.num_programs(0)
     n_bh = tl.num_programs(2)
-    off_b = off_bh // H
-    off_h = off_bh % H
-    off_hk = off_h // GROUP
-    q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
-    k_base = K + off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh
+    off_b, off_h, off_hk, q_base, k_base = _head_bases(Q, K, off_bh, H, GROUP, stride_qb, stride_qh,
+                                                       stride_kb, stride_kh)
     kv_base = KvOk + off_b.to(tl.int64) * Tk
     col_base = ColPart + (slab * n_bh + off_bh).to(tl.int64) * Tk
     offs_d = tl.arange(0, HEAD_DIM)
