@@ -25,8 +25,8 @@ one extra QK^T pass gives every statistic with plain sums: no rescaling, no V, n
      skipped after one compare). Top-1 is a running max with its index. Splits' lists are merged
      in torch by a stable sort (ties: lowest key index, as the contract says).
    - Column mass is fused into the same pass, query-major: a program owns query blocks
-     ``slab, slab + n_slabs, ...`` (interleaved, so causal work is balanced) and accumulates its
-     column sums into its own slice ``ColPart[slab]`` (read-add-write by that program only), then
+     ``s, 2S-1-s, 2S+s, ...`` (snake order, so causal work is balanced) and accumulates its
+     column sums into its own slice ``ColPart[s]`` (read-add-write by that program only), then
      torch sums the slabs in a fixed order. **Deterministic** (no atomics: bitwise-repeatable
      results for tests and for comparing runs), at the price of n_slabs x Tk x heads fp32 of
      scratch (64 MB at 32k keys, 32 heads, 16 slabs). Column atomics would save that scratch
@@ -132,7 +132,11 @@ def _stats_from_lse(Q, K, KvOk, SegBounds, Lse, RowPart, TopV, TopI, ColPart,  #
     k_hi = tl.minimum(k_lo + split_len, Tk)
     P0 = Tk - Tq
 
-    for mb in range(slab, tl.cdiv(Tq, BLOCK_M), n_slabs):
+    n_mb = tl.cdiv(Tq, BLOCK_M)
+    for r in range(0, tl.cdiv(n_mb, n_slabs)):
+        # snake order (slab s takes blocks s, 2S-1-s, 2S+s, ...): under a causal mask every slab
+        # gets about the same number of key tiles; a block past the end leaves its row parts alone
+        mb = r * n_slabs + tl.where(r % 2 == 0, slab, n_slabs - 1 - slab)
         offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = offs_m < Tq
         t = P0 + offs_m
@@ -154,6 +158,8 @@ def _stats_from_lse(Q, K, KvOk, SegBounds, Lse, RowPart, TopV, TopI, ColPart,  #
         hi = k_hi
         if CAUSAL:
             hi = tl.minimum(hi, P0 + mb * BLOCK_M + BLOCK_M)
+        if mb >= n_mb:   # past the last block (the snake's last round): visit no keys
+            hi = lo
         # explicit stages: without a loop-carried dot accumulator Triton 3.9 does not pipeline the
         # K loads on its own (no async copies in the TTGIR; tests/triton_compile.py)
         for start_n in tl.range(lo, hi, BLOCK_N, num_stages=3):
@@ -210,7 +216,7 @@ def _grid_shape(B: int, H: int, Tq: int, Tk: int, device) -> tuple[int, int, int
     """(query slabs, key splits, split length): enough programs to fill the device.
 
     Prefill: one key split, slabs so that slabs x heads ~ 4 programs per multiprocessor (never
-    more slabs than 16-row query blocks). Decoding / small Tq: the keys are split instead.
+    more slabs than 64-row query blocks). Decoding / small Tq: the keys are split instead.
     """
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     want = 4 * sms
@@ -301,11 +307,11 @@ def stats_from_lse(q, k, lse, spec: StatsSpec, *, scale: float, causal: bool, wi
     return stats
 
 
-def flash_applies(q, softcap, kv_valid) -> bool:
+def flash_applies(q, v, softcap, kv_valid) -> bool:
     """torch's FlashAttention-2 can produce this call's output and LSE (CUDA, half precision,
-    head_dim a multiple of 8 up to 256, no soft-capping, no padding mask)."""
+    head_dim a multiple of 8 up to 256 and the same for v, no soft-capping, no padding mask)."""
     return (q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and softcap is None
-            and kv_valid is None and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256)
+            and kv_valid is None and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256 and v.shape[-1] == q.shape[-1])
 
 
 def _flash_out_lse(q, k, v, *, scale, causal, window):
@@ -342,7 +348,7 @@ def attend_triton_lse(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits |
             return attend_triton(q, k, v, spec, edits, output=output, **kw)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     kv_valid = kv_valid.to(q.device).bool() if kv_valid is not None else None
-    if flash_applies(q, softcap, kv_valid):   # also without output: the LSE is the point
+    if flash_applies(q, v, softcap, kv_valid):   # also without output: the LSE is the point
         out, lse = _flash_out_lse(q, k, v, scale=scale, causal=causal, window=window)
         out = out if output else None
     else:

@@ -95,14 +95,16 @@ def test_split_k_small_tq_window_and_band():
            msg="small Tq split")
 
 
-def test_interleaved_slabs_and_determinism():
-    """Three query blocks on two slabs (block 2 shares slab 0's column partials): exact and
-    bitwise repeatable."""
+@pytest.mark.parametrize("n_slabs", [2, 4])
+def test_slabs_and_determinism(n_slabs):
+    """Six 16-row query blocks (the interpreter's tile) in snake order: on 2 slabs blocks 0, 3, 4
+    and 1, 2, 5 share column partials; on 4 slabs two programs' second blocks are past the end.
+    Exact, and bitwise repeatable."""
     q, k, v, _ = make_case(1, 2, 1, 90, 90, 8, seed=340)
     spec = StatsSpec(col_mass=True, entropy=True, topk=2)
-    a = _check(q, k, v, spec, None, {}, split_len=256, n_slabs=2, msg="slabs")
+    a = _check(q, k, v, spec, None, {}, split_len=256, n_slabs=n_slabs, msg=f"{n_slabs} slabs")
     lse = attend_reference(q, k, v, StatsSpec(lse=True)).stats["lse"]
-    b = triton_stats.stats_from_lse(q, k, lse, spec, split_len=256, n_slabs=2, **_masks(q, {}))
+    b = triton_stats.stats_from_lse(q, k, lse, spec, split_len=256, n_slabs=n_slabs, **_masks(q, {}))
     assert torch.equal(a.stats["col_mass"], b["col_mass"])
 
 
