@@ -155,7 +155,12 @@ def correctness():
                          "out_err": out_err})
             log(f"{'ok  ' if ok else 'FAIL'} {name:28s} {backend:13s} worst {worst:13s} {errs[worst]:.1e}  "
                 f"out {out_err:.1e}")
-    RESULTS["correctness"] = {"seed": seed, "all_ok": ok_all, "rows": rows}
+    q, k, v = qkv(1, H, HKV, n, n, D, BF16, g)     # column sums without atomics: bitwise repeatable
+    runs = [attend(q, k, v, StatsSpec(col_mass=True, entropy=True), backend="triton").stats for _ in range(3)]
+    same = all(torch.equal(r[key], runs[0][key]) for r in runs[1:] for key in runs[0])
+    ok_all &= same
+    log(f"{'ok  ' if same else 'FAIL'} three identical calls give bitwise-identical col_mass and entropy")
+    RESULTS["correctness"] = {"seed": seed, "all_ok": ok_all, "rows": rows, "deterministic": same}
 
 
 def bench(fn) -> float:

@@ -96,16 +96,13 @@ def test_split_k_small_tq_window_and_band():
 
 
 @pytest.mark.parametrize("n_slabs", [2, 4])
-def test_slabs_and_determinism(n_slabs):
+def test_slabs_share_column_partials(n_slabs):
     """Six 16-row query blocks (the interpreter's tile) in snake order: on 2 slabs blocks 0, 3, 4
     and 1, 2, 5 share column partials; on 4 slabs two programs' second blocks are past the end.
-    Exact, and bitwise repeatable."""
+    (Bitwise determinism needs real concurrency: ``benchmarks/gpu.py`` checks it on the GPU.)"""
     q, k, v, _ = make_case(1, 2, 1, 90, 90, 8, seed=340)
-    spec = StatsSpec(col_mass=True, entropy=True, topk=2)
-    a = _check(q, k, v, spec, None, {}, split_len=256, n_slabs=n_slabs, msg=f"{n_slabs} slabs")
-    lse = attend_reference(q, k, v, StatsSpec(lse=True)).stats["lse"]
-    b = triton_stats.stats_from_lse(q, k, lse, spec, split_len=256, n_slabs=n_slabs, **_masks(q, {}))
-    assert torch.equal(a.stats["col_mass"], b["col_mass"])
+    _check(q, k, v, StatsSpec(col_mass=True, entropy=True, topk=2), None, {}, split_len=256, n_slabs=n_slabs,
+           msg=f"{n_slabs} slabs")
 
 
 def test_top1_and_ties():
