@@ -35,7 +35,8 @@ one extra QK^T pass gives every statistic with plain sums: no rescaling, no V, n
 
 Rows whose k-th probability is 0 and ``topk > MAX_TOPK`` are ranked densely on the device from
 the known LSE by ``triton_attn._fix_topk`` (exact tie rule); ``pattern`` rows likewise. Nothing
-here falls back to the chunked backend.
+here falls back to the chunked backend; the one remaining chunked fallback on CUDA is
+``attend_triton``'s own for ``topk > MAX_TOPK``, reached here only with probability edits.
 
 Numerics: the LSE from FlashAttention is computed from the same bf16/fp16 operands with fp32
 accumulation, so ``sum_s p`` is 1 to fp32 rounding (the rows are not renormalised). fp32 inputs
@@ -254,7 +255,8 @@ def stats_from_lse(q, k, lse, spec: StatsSpec, *, scale: float, causal: bool, wi
     top_v = torch.empty(n_split, B * H, Tq, k_in, device=dev, dtype=fp32) if k_in else lse
     top_i = torch.empty(n_split, B * H, Tq, k_in, device=dev, dtype=torch.int32) if k_in else lse
     col_part = torch.zeros(slabs, B * H, Tk, device=dev, dtype=fp32) if spec.col_mass else lse
-    seg_bounds = torch.tensor([x for ab in segs for x in ab] or [0, 0], device=dev, dtype=torch.int32)
+    # a host-to-device copy only when there are segments (decoding steps are launch-bound)
+    seg_bounds = torch.tensor([x for ab in segs for x in ab], device=dev, dtype=torch.int32) if segs else lse
     kv_ok = kv_valid.to(torch.int8).contiguous() if kv_valid is not None else lse
     band = spec.col_band
     band_hi = (band[1] if band[1] is not None else _NO_BAND) if band else _NO_BAND
