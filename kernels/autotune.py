@@ -72,15 +72,21 @@ def prune(configs, named_args, **kwargs):
     if elem == 4 and hd > 128:
         # fp32, head_dim 256: every 64-row tile of the fused forward needs > 232 KB or spills
         # kilobytes (ptxas sm_90, tests/triton_compile.py --dtype fp32 --head-dim 256)
-        small = [c for c in fit if c.kwargs["BLOCK_M"] == 16]
+        keep = [c for c in fit if c.kwargs["BLOCK_M"] == 16]
     else:   # 16-row tiles only for decoding / tiny Tq, where a 64-row one would be mostly empty
-        small = [c for c in fit if c.kwargs["BLOCK_M"] >= 64 or tq < 64]
-    return small or fit or [min(configs, key=lambda c: smem_estimate(c, hd, hdv, elem, with_v))]
+        keep = [c for c in fit if c.kwargs["BLOCK_M"] >= 64 or tq < 64]
+    return keep or fit or [min(configs, key=lambda c: smem_estimate(c, hd, hdv, elem, with_v))]
 
 
-def tuned(configs, key):
-    """``triton.autotune`` with pruning, and with on-disk results where this Triton supports it."""
+def tuned(configs, key, reset_to_zero=None):
+    """``triton.autotune`` with pruning, and with on-disk results where this Triton supports it.
+
+    ``reset_to_zero``: output buffers the kernel accumulates into (read-add-write); benchmarking
+    runs the kernel once per config on the real buffers, so without the reset the first call's
+    result would hold every trial's sum. Such a buffer must not alias any input.
+    """
     if INTERPRET:
         return triton.autotune(configs=configs[:1], key=key)
     extra = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
-    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune}, **extra)
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune},
+                           reset_to_zero=reset_to_zero, **extra)

@@ -102,7 +102,7 @@ def _topk_insert(tk_v, tk_i, x, start_n, n_rounds, TOPK: tl.constexpr, TOPKP: tl
     return tk_v, tk_i
 
 
-@tuned(_configs(), _TUNE_KEY)
+@tuned(_configs(), _TUNE_KEY, reset_to_zero=["ColPart"])
 @triton.jit
 def _stats_from_lse(Q, K, KvOk, SegBounds, Lse, RowPart, TopV, TopI, ColPart,  #
                     stride_qb, stride_qh, stride_qm, stride_qd,  #
@@ -254,7 +254,8 @@ def stats_from_lse(q, k, lse, spec: StatsSpec, *, scale: float, causal: bool, wi
     row_part = torch.empty(n_split, B * H, Tq, _pow2(n_rows), device=dev, dtype=fp32) if n_rows > 1 else lse
     top_v = torch.empty(n_split, B * H, Tq, k_in, device=dev, dtype=fp32) if k_in else lse
     top_i = torch.empty(n_split, B * H, Tq, k_in, device=dev, dtype=torch.int32) if k_in else lse
-    col_part = torch.zeros(slabs, B * H, Tk, device=dev, dtype=fp32) if spec.col_mass else lse
+    # zeroed again by the autotuner before each trial: never alias it with an input
+    col_part = torch.zeros(slabs, B * H, Tk, device=dev, dtype=fp32) if spec.col_mass else torch.empty(1, device=dev)
     # a host-to-device copy only when there are segments (decoding steps are launch-bound)
     seg_bounds = torch.tensor([x for ab in segs for x in ab], device=dev, dtype=torch.int32) if segs else lse
     kv_ok = kv_valid.to(torch.int8).contiguous() if kv_valid is not None else lse
