@@ -2,9 +2,10 @@
 
 Run as a script by ``test_kernels_triton_compile.py`` in a process without ``TRITON_INTERPRET``
 (under the interpreter ``@triton.jit`` functions cannot be compiled). Prints one JSON line per
-(kernel variant, config): registers and stack bytes per thread (cuobjdump), shared memory, or the
-compile error. The interpreter tests check semantics; this checks that the kernels lower to real
-GPU code and what they cost in registers, which the interpreter cannot see.
+(kernel variant, config): registers and stack bytes per thread (cuobjdump), shared memory, the
+number of asynchronous global-to-shared copies in the TTGIR (0: the key loads are not software
+pipelined), or the compile error. The interpreter tests check semantics; this checks that the
+kernels lower to real GPU code and what they cost in registers, which the interpreter cannot see.
 
     python tests/triton_compile.py --arch 90 [--all-configs | --pruned T] [--variant NAME ...]
         [--dtype fp32 --head-dim 256]
@@ -102,7 +103,8 @@ def main() -> None:
             try:
                 k = triton.compile(ASTSource(kernel.fn, signature(kernel.fn, args.dtype), consts), target=target,
                                    options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-                row.update(ok=True, shared=k.metadata.shared, **resources(k.asm["cubin"]))
+                row.update(ok=True, shared=k.metadata.shared, **resources(k.asm["cubin"]),
+                           async_copies=k.asm["ttgir"].count("async_copy_global_to_local"))
             except Exception as e:  # noqa: BLE001 - reported, the test fails on it
                 row.update(ok=False, error=f"{type(e).__name__}: {str(e)[-800:]}")
             print(json.dumps(row), flush=True)
