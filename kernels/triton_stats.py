@@ -303,7 +303,8 @@ def stats_from_lse(q, k, lse, spec: StatsSpec, *, scale: float, causal: bool, wi
         stats["topk_idx"], stats["topk_prob"] = _fix_topk(idx, prob, q, k, lse, dense)
     if spec.col_mass:
         stats["col_mass"] = col_part.sum(0).view(B, H, Tk)
-        stats["col_count"] = _col_count(B, Tq, Tk, causal, window, band, kv_valid, dev)
+        stats["col_count"] = _col_count(B, Tq, Tk, causal=causal, window=window, band=band, kv_valid=kv_valid,
+                                        device=dev)
     if spec.pattern_rows is not None:
         a, b = spec.pattern_rows[0], min(spec.pattern_rows[1], Tq)
         stats["pattern"] = _dense_probs(q, k, torch.arange(a, max(a, b), device=dev), lse, **dense)
@@ -362,6 +363,7 @@ def attend_triton_lse(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits |
     if spec.lse:
         stats["lse"] = lse
     if output and has_edits:
-        sees = _visible_counts(B, Tq, Tk, causal, window, kv_valid, q.device) > 0    # [B, Tq]
+        sees = _visible_counts(B, Tq, Tk, causal=causal, window=window, kv_valid=kv_valid,
+                               device=q.device) > 0                                # [B, Tq]
         out = _apply_output_edits(out.float(), edits, sees).to(v.dtype)
     return AttnResult(out=out, stats=stats)
