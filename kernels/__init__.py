@@ -1,7 +1,11 @@
 """Attention statistics and in-attention interventions without the [heads, q, k] matrix.
 
 ``attend`` is the one entry point. Backends:
-- ``triton``: fused CUDA kernels (also runs under ``TRITON_INTERPRET=1`` on CPU, for tests);
+- ``triton``: the CUDA default: output + LSE from torch's flash kernel, then one Triton pass for
+  every statistic from the known LSE (``triton_stats``; runs under ``TRITON_INTERPRET=1`` on
+  CPU, for tests);
+- ``triton-fused``: the one-pass Triton forward with running statistics (``triton_attn``), which
+  ``triton`` uses for probability edits and where flash does not apply;
 - ``chunked``: pure torch over query blocks, any device, the CPU default;
 - ``reference``: naive float64 full matrices, tests only.
 """

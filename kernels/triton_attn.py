@@ -57,6 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .autotune import tuned
 from .chunked import _col_count, _topk_lowest_index, _visible_counts, attend_chunked
 from .reference import visible_mask
 from .spec import AttnResult, HeadEdits, StatsSpec, check_inputs
@@ -137,6 +138,18 @@ def _topk_merge(tk_v, tk_i, x, start_n, TOPK: tl.constexpr, TOPKP: tl.constexpr,
         x = tl.where(take[:, None] & (offs_n[None, :] == ti[:, None]), float("-inf"), x)
         lp = lp + 1 - take.to(tl.int32)
     return new_v, new_i
+
+
+@triton.jit
+def _head_bases(Q, K, off_bh, H, GROUP, stride_qb, stride_qh, stride_kb, stride_kh):
+    """Batch, query head and KV head (GQA) of program row ``off_bh = b * H + h``, with the base
+    pointers of that head's queries and of its KV head's keys (int64 offsets: i32 overflows)."""
+    off_b = off_bh // H
+    off_h = off_bh % H
+    off_hk = off_h // GROUP
+    q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
+    k_base = K + off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh
+    return off_b, off_h, off_hk, q_base, k_base
 
 
 @triton.jit
@@ -236,7 +249,7 @@ def _attn_stats_fwd_inner(acc, l_i, m_i, l_r, m_r, ent, wd, md, seg, tk_v, tk_i,
     return acc, l_i, m_i, l_r, m_r, ent, wd, md, seg, tk_v, tk_i
 
 
-@triton.autotune(configs=_configs(), key=_TUNE_KEY + ["HAS_OUT"])
+@tuned(_configs(), _TUNE_KEY + ["HAS_OUT"])
 @triton.jit
 def _attn_stats_fwd(Q, K, V, Out, KvOk, Bias, Uni, SegBounds,  #
                     LseEff, LseRaw, Ent, WinD, MeanD, Seg, TopV, TopI,  #
@@ -257,11 +270,8 @@ def _attn_stats_fwd(Q, K, V, Out, KvOk, Bias, Uni, SegBounds,  #
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
-    off_b = off_bh // H
-    off_h = off_bh % H
-    off_hk = off_h // GROUP
-    q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
-    k_base = K + off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh
+    off_b, off_h, off_hk, q_base, k_base = _head_bases(Q, K, off_bh, H, GROUP, stride_qb, stride_qh,
+                                                       stride_kb, stride_kh)
     v_base = V + off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh
     o_base = Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
     kv_base = KvOk + off_b.to(tl.int64) * Tk
@@ -373,7 +383,7 @@ def _attn_col_mass_inner(col, kT, kv_ok, bias, is_uni, q_base, lse_base, cols,  
     return col
 
 
-@triton.autotune(configs=_configs(), key=_TUNE_KEY)
+@tuned(_configs(), _TUNE_KEY)
 @triton.jit
 def _attn_col_mass(Q, K, KvOk, Bias, Uni, LseEff, Col,  #
                    stride_qb, stride_qh, stride_qm, stride_qd,  #
@@ -387,11 +397,8 @@ def _attn_col_mass(Q, K, KvOk, Bias, Uni, LseEff, Col,  #
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
     off_bh = tl.program_id(1)
-    off_b = off_bh // H
-    off_h = off_bh % H
-    off_hk = off_h // GROUP
-    q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
-    k_base = K + off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh
+    off_b, off_h, off_hk, q_base, k_base = _head_bases(Q, K, off_bh, H, GROUP, stride_qb, stride_qh,
+                                                       stride_kb, stride_kh)
     offs_d = tl.arange(0, HEAD_DIM)
     cols = start_n + tl.arange(0, BLOCK_N)
     in_k = cols < Tk
