@@ -1,0 +1,276 @@
+"""The computational graph over heads, and exact patching of any set of its edges.
+
+Nodes (the names of EAP-IG and the MIB circuit track):
+
+- ``input``: the token embeddings;
+- ``a{L}.h{H}``: query head H of layer L; its output is the head's share of ``o_proj``
+  (``hook_result``: z_h @ W_O[:, h]), the o_proj bias excluded;
+- ``m{L}``: the MLP of layer L (output ``hook_mlp_out``);
+- ``logits``: the unembedding (reads the final norm of its input).
+
+Edges run from every upstream node to every downstream node's *input*. A head has three inputs,
+``a{L}.h{H}<q>``, ``<k>`` and ``<v>``: the residual streams its query, key and value projections
+read. ``m{L}`` reads the heads of its own layer and everything below; a head reads everything
+below its layer; ``logits`` reads everything.
+
+GQA: edges are per *query* head. Query head h of a layer with G query heads per KV head uses KV
+head h // G; its ``<k>`` / ``<v>`` inputs are its own copies of the stream, projected by that KV
+head's W_K / W_V. With every edge present all copies are equal, so this is the model. Patching
+the k-input of one query head leaves the keys the other heads of its group see unchanged.
+
+Patching (the reference, after Wang et al. 2022 path patching and EAP-IG's implementation): the
+input of a downstream node d is
+
+    in_d = sum over upstream u of  ( mask[u, d] * out_u(this run) + (1 - mask[u, d]) * out_u(corrupted run) )
+
+so an edge outside the circuit carries the corrupted activation and an edge inside it carries
+the activation of the patched run itself. The empty circuit reproduces the corrupted run exactly,
+the full one the clean run (``tests/test_circuit_graph.py`` checks both, and a hand-written
+forward with a path swapped).
+
+Which attention runs: this module is its own forward over the HF weights (``q/k/v/o_proj``, the
+norms, the rotary embedding and the MLP modules of the model), with plain torch attention in
+the model's dtype, float32 only (masked softmax over [B, H, T, T]). Autograd flows through it, so EAP / EAP-IG gradients
+come from the same code that patches. It does not switch the model's attention implementation and
+does not touch the probe's kernels, so ``Probe.capture`` / ``intervene`` keep working on the same
+model between calls. The price is the quadratic attention matrix: a batch costs
+~ (B * H * T^2 + n_nodes * B * T * d_model) floats, so long prompts need small batches.
+
+Families: Llama, Mistral, Qwen2 and Qwen3 (pre-norm, RoPE, separate q/k/v projections; Qwen3's
+q/k norms are applied per head). Other families (GPT-2's fused c_attn and learned positions,
+Gemma's sandwich norms / embedding scale / softcaps, sliding windows) raise ``HeadscopeError``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from headscope.errors import HeadscopeError
+
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+QKV = ("q", "k", "v")
+
+
+def _model_of(obj) -> nn.Module:
+    """A bare HF model from a model, a ``LoadedModel`` or a ``Probe``."""
+    return obj if isinstance(obj, nn.Module) else obj.model
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class CircuitGraph:
+    """Nodes, edges and the patched forward of one model.
+
+    ``upstream``: names of nodes with an output (``input``, heads, MLPs) in forward order.
+    ``targets``: names of node inputs (``a{L}.h{H}<q|k|v>``, ``m{L}``, ``logits``) in forward order.
+    ``valid``: [n_up, n_targets] bool, True where an edge exists. Edge masks and scores are
+    [n_up, n_targets] float tensors; entries outside ``valid`` are ignored (and kept 0).
+
+    Failure modes (``HeadscopeError``): a model family outside ``SUPPORTED``, sliding-window
+    layers, a model not in float32.
+    """
+
+    def __init__(self, model):
+        model = _model_of(model)
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        if cfg.model_type not in SUPPORTED:
+            raise HeadscopeError(f"circuit graphs support model types {', '.join(SUPPORTED)}; "
+                                 f"{cfg.model_type!r} is not one of them")
+        if any(t == "sliding_attention" for t in (getattr(cfg, "layer_types", None) or [])) and \
+                getattr(cfg, "use_sliding_window", True):
+            raise HeadscopeError(f"{cfg.model_type!r} with sliding-window layers is not supported by circuit graphs")
+        if next(model.parameters()).dtype != torch.float32:
+            raise HeadscopeError("circuit graphs need a float32 model (--dtype float32): attribution sums many "
+                                 "small products")
+        self.model = model
+        self.base = model.model
+        self.layers = list(self.base.layers)
+        self.n_layers = len(self.layers)
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.d_head = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.d_model = cfg.hidden_size
+        self.model_type = cfg.model_type
+        L, H = self.n_layers, self.n_heads
+        self.upstream = ["input"] + [n for l in range(L) for n in [f"a{l}.h{h}" for h in range(H)] + [f"m{l}"]]
+        self.targets = [n for l in range(L) for n in
+                        [f"a{l}.h{h}<{c}>" for c in QKV for h in range(H)] + [f"m{l}"]] + ["logits"]
+        self.up_index = {n: i for i, n in enumerate(self.upstream)}
+        self.target_index = {n: i for i, n in enumerate(self.targets)}
+        valid = torch.zeros(len(self.upstream), len(self.targets), dtype=torch.bool)
+        for l in range(L):
+            a0 = self.target_index[f"a{l}.h0<q>"]
+            valid[:self.up_index[f"a{l}.h0"], a0:a0 + 3 * H] = True       # heads read everything below
+            valid[:self.up_index[f"m{l}"], self.target_index[f"m{l}"]] = True  # MLP also reads its layer's heads
+        valid[:, -1] = True
+        self.valid = valid
+
+    # -- names ---------------------------------------------------------------------------------
+    @property
+    def n_edges(self) -> int:
+        return int(self.valid.sum())
+
+    def edge_name(self, u: int, d: int) -> str:
+        """EAP-IG's edge name: ``a0.h1->a1.h0<k>``, ``m0->logits``."""
+        tgt = self.targets[d]
+        if "<" in tgt:
+            node, qkv = tgt.split("<")
+            return f"{self.upstream[u]}->{node}<{qkv}"
+        return f"{self.upstream[u]}->{tgt}"
+
+    def edges(self) -> list[tuple[int, int]]:
+        """Every (upstream index, target index) pair of the graph, row-major."""
+        return [tuple(x) for x in self.valid.nonzero().tolist()]
+
+    def full_mask(self) -> torch.Tensor:
+        return self.valid.float()
+
+    def empty_mask(self) -> torch.Tensor:
+        return torch.zeros(self.valid.shape)
+
+    def mask_from_edges(self, edges) -> torch.Tensor:
+        """[n_up, n_targets] 0/1 mask from (u, d) pairs or edge names; unknown names raise."""
+        m = self.empty_mask()
+        for e in edges:
+            u, d = self.parse_edge(e) if isinstance(e, str) else e
+            if not self.valid[u, d]:
+                raise HeadscopeError(f"{self.edge_name(u, d)} is not an edge of this graph")
+            m[u, d] = 1.0
+        return m
+
+    def parse_edge(self, name: str) -> tuple[int, int]:
+        try:
+            up, down = name.split("->")
+            if "<" in down:
+                node, qkv = down.split("<")
+                down = f"{node}<{qkv}"
+            u, d = self.up_index[up], self.target_index[down]
+            if not self.valid[u, d]:
+                raise KeyError(name)
+            return u, d
+        except (ValueError, KeyError):
+            raise HeadscopeError(f"{name!r} is not an edge name of this {self.n_layers}-layer, "
+                                 f"{self.n_heads}-head graph (e.g. 'a0.h1->a1.h0<k>')") from None
+
+    # -- the forward ---------------------------------------------------------------------------
+    def forward(self, ids: torch.Tensor | None = None, *, embeds: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, corrupt: torch.Tensor | None = None,
+                on_input: Callable[[int, torch.Tensor], None] | None = None,
+                keep_outputs: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run the graph; returns (logits [B, T, V] fp32, node outputs [n_up, B, T, D] or None).
+
+        ``mask`` [n_up, n_targets] (None = every edge): edges with mask 1 carry this run's
+        activations, the rest ``corrupt``'s (node outputs [n_up, B, T, D] of the corrupted run,
+        required when ``mask`` is not None). Fractional masks interpolate. ``embeds`` replaces the
+        embedding of ``ids`` (EAP-IG interpolates it). ``on_input(first_target, leaf)`` gets, per
+        target group, a zero leaf [B, T, n, D] added to the group's inputs (when grad is enabled):
+        the metric's gradient with respect to it is the gradient with respect to those inputs.
+        """
+        if embeds is None:
+            embeds = self.base.embed_tokens(ids)
+        if mask is not None and corrupt is None:
+            raise HeadscopeError("a masked graph forward needs the corrupted run's node outputs")
+        B, T, D = embeds.shape
+        H, G = self.n_heads, self.n_heads // self.n_kv_heads
+        dev = embeds.device
+        outs = [embeds]  # node outputs in upstream order, each [B, T, D]
+        positions = torch.arange(T, device=dev)[None].expand(B, T)
+        cos, sin = self.base.rotary_emb(embeds, positions)
+        cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, dh]
+        causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+        valid = self.valid.to(dev).float()
+        if mask is not None:
+            mask = mask.to(dev) * valid
+        kv = torch.arange(H, device=dev) // G  # query head -> its KV head
+        bias = torch.zeros(D, device=dev)  # o_proj biases so far: constant, the same in every run
+
+        def inputs(d0: int, n: int) -> torch.Tensor:
+            """[B, T, n, D] inputs of targets d0..d0+n-1 from the outputs so far."""
+            up = torch.stack(outs)  # [n_up, B, T, D]
+            if mask is None:
+                x = up.sum(0)[:, :, None].expand(B, T, n, D)
+            else:
+                m = mask[:len(outs), d0:d0 + n]  # [n_up, n]
+                x = (torch.einsum("un,ubtd->btnd", m, up)
+                     + torch.einsum("un,ubtd->btnd", valid[:len(outs), d0:d0 + n] - m, corrupt[:len(outs)]))
+            x = x + bias
+            if on_input is not None and torch.is_grad_enabled():
+                probe = torch.zeros(x.shape, device=dev, requires_grad=True)  # d metric / d probe = d metric / d x
+                on_input(d0, probe)
+                x = x + probe
+            return x
+
+        for l, layer in enumerate(self.layers):
+            at = layer.self_attn
+            x = layer.input_layernorm(inputs(self.target_index[f"a{l}.h0<q>"], 3 * H))
+            q = self._project(at.q_proj, x[:, :, :H], torch.arange(H, device=dev))  # [B, H, T, dh]
+            k = self._project(at.k_proj, x[:, :, H:2 * H], kv)
+            v = self._project(at.v_proj, x[:, :, 2 * H:], kv)
+            if getattr(at, "q_norm", None) is not None:
+                q, k = at.q_norm(q), at.k_norm(k)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            scores = (q @ k.transpose(-1, -2)) * at.scaling  # [B, H, T, T]
+            z = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v  # [B, H, T, dh]
+            w_o = at.o_proj.weight.view(D, H, self.d_head)  # [D, H, dh]
+            outs += list(torch.einsum("bhte,dhe->hbtd", z, w_o))  # H x [B, T, D]
+            if at.o_proj.bias is not None:
+                bias = bias + at.o_proj.bias
+            xm = inputs(self.target_index[f"m{l}"], 1)[:, :, 0]  # [B, T, D]
+            outs.append(layer.mlp(layer.post_attention_layernorm(xm)))
+        xf = inputs(len(self.targets) - 1, 1)[:, :, 0]
+        logits = self.model.lm_head(self.base.norm(xf))
+        return logits, (torch.stack(outs) if keep_outputs else None)
+
+    def _project(self, proj: nn.Linear, x: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+        """Head-wise projection: x [B, T, H, D] through rows of ``heads`` -> [B, H, T, dh]."""
+        w = proj.weight.view(-1, self.d_head, self.d_model)[heads]  # [H, dh, D]
+        y = torch.einsum("bthd,hed->bhte", x, w)
+        if proj.bias is not None:
+            y = y + proj.bias.view(-1, self.d_head)[heads][None, :, None]
+        return y
+
+
+@dataclass
+class Batch:
+    """Clean/corrupted token pairs of equal length per row, right-padded, and the metric's tokens.
+
+    ``clean``, ``corrupt``: [B, T] LongTensor; ``last``: [B] index of each row's last real token
+    (the position whose next-token logits the metric reads); ``answer`` / ``wrong``: [B] token ids.
+    """
+
+    clean: torch.Tensor
+    corrupt: torch.Tensor
+    last: torch.Tensor
+    answer: torch.Tensor
+    wrong: torch.Tensor
+
+    def to(self, device) -> "Batch":
+        return Batch(*(t.to(device) for t in (self.clean, self.corrupt, self.last, self.answer, self.wrong)))
+
+
+def logit_diff_metric(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Mean over rows of logit[answer] - logit[wrong] at each row's last real token (a 0-d tensor)."""
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    last = logits[rows, batch.last]  # [B, V]
+    return (last[rows, batch.answer] - last[rows, batch.wrong]).mean()
+
+
+def patched_metric(graph: CircuitGraph, batch: Batch, mask: torch.Tensor | None,
+                   metric=logit_diff_metric, corrupt: torch.Tensor | None = None) -> float:
+    """The metric of the clean input with edges outside ``mask`` patched from the corrupted input.
+
+    ``corrupt`` (node outputs of the corrupted run) is computed when not given; pass it to reuse
+    it over many masks.
+    """
+    with torch.no_grad():
+        if corrupt is None and mask is not None:
+            corrupt = graph.forward(batch.corrupt)[1]
+        logits, _ = graph.forward(batch.clean, mask=mask, corrupt=corrupt, keep_outputs=False)
+        return float(metric(logits, batch))
