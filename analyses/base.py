@@ -226,7 +226,7 @@ class Analysis:
 
 _REGISTRY: dict[str, type[Analysis]] = {}
 # modules that register analyses when imported; grown by each analysis module
-ANALYSIS_MODULES = ["induction", "sinks", "fai", "retrieval", "safety", "vhd"]
+ANALYSIS_MODULES = ["induction", "sinks", "fai", "retrieval", "safety", "vhd", "circuit"]
 
 
 def register(cls: type[Analysis]) -> type[Analysis]:

@@ -28,7 +28,7 @@ import plotly.graph_objects as go
 
 from headscope.errors import HeadscopeError
 
-from . import svg
+from . import circuit_report, svg
 from .views import (descending_rank, head_label, heatmap_figure, parse_head, run_model, scalar_summary,
                     top_heads)
 
@@ -202,7 +202,18 @@ def build_report(runs: list) -> dict:
         "runs": [_run_entry(r) for r in runs],
         "interventions": [it for r in runs for it in _interventions(r)],
         "circuits": [build_circuit(rs, name) for name, rs in by_model.items()],
+        "edge_circuits": [_jsonable(circuit_report.edge_circuit(r, _roles_by_node(rs)))
+                          for name, rs in by_model.items() for r in rs
+                          if r.analysis == "circuit" and r.status == "complete"],
     }
+
+
+def _roles_by_node(runs: list) -> dict[str, list[str]]:
+    """``a{L}.h{H}`` -> role names the other runs of the model give the head (for circuit hovers)."""
+    out: dict[str, list[str]] = {}
+    for n in build_circuit([r for r in runs if r.analysis != "circuit"], "")["nodes"]:
+        out[f"a{n['layer']}.h{n['head_index']}"] = sorted({r["role"] for r in n["roles"]})
+    return out
 
 
 def validate_report(data: dict) -> None:
@@ -328,6 +339,13 @@ def render_html(data: dict) -> str:
         parts.append(f"<h2>Circuit view: {_esc(c['model'])}</h2>")
         parts.append(fig_html(circuit_figure(c)) if c["nodes"] else "<p><i>no heads stand out</i></p>")
         parts.append(_html_table(_node_rows(c)))
+    for c in data["edge_circuits"]:
+        parts.append(f"<h2>Circuit: {_esc(c['task'])} on {_esc(c['model'])} (run {_esc(c['run'])})</h2>")
+        parts.append(f'<div class="figure">{circuit_report.graph_svg(c)}</div>')
+        parts.append(f'<h3>Faithfulness vs circuit size</h3><div class="figure">{circuit_report.curve_svg(c)}</div>')
+        parts.append(_html_table(circuit_report.facts(c)))
+        parts.append("<h3>Strongest circuit edges</h3>" + _html_table(circuit_report.edge_rows(c)))
+        parts.append("<h3>Example prompts</h3>" + _html_table(circuit_report.pair_rows(c)))
     if data["interventions"]:
         parts.append("<h2>Interventions</h2>" + _html_table(_intervention_rows(data)))
     for e in data["runs"]:
@@ -367,6 +385,17 @@ def render_markdown(data: dict, files_dir: str) -> tuple[str, dict[str, str]]:
                                          role_of=node_role)
             md.append(f"![circuit view of {c['model']}]({rel})\n")
         md.append(_md_table(_node_rows(c)))
+    for c in data["edge_circuits"]:
+        md.append(f"## Circuit: {c['task']} on {c['model']} (run {c['run']})\n")
+        for kind, fig in (("graph", circuit_report.graph_svg(c)), ("faithfulness", circuit_report.curve_svg(c))):
+            rel = f"{files_dir}/{_slug(c['run'])}-circuit-{kind}.svg"
+            files[rel] = fig
+            md.append(f"![circuit {kind}]({rel})\n")
+        md.append(_md_table(circuit_report.facts(c)))
+        md.append("### Strongest circuit edges\n")
+        md.append(_md_table(circuit_report.edge_rows(c)))
+        md.append("### Example prompts\n")
+        md.append(_md_table(circuit_report.pair_rows(c)))
     if data["interventions"]:
         md.append("## Interventions\n")
         md.append(_md_table(_intervention_rows(data)))

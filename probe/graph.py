@@ -64,40 +64,19 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-class CircuitGraph:
-    """Nodes, edges and the patched forward of one model.
+class GraphLayout:
+    """Node and edge names of the graph of an ``n_layers`` x ``n_heads`` model, without the model.
 
     ``upstream``: names of nodes with an output (``input``, heads, MLPs) in forward order.
     ``targets``: names of node inputs (``a{L}.h{H}<q|k|v>``, ``m{L}``, ``logits``) in forward order.
     ``valid``: [n_up, n_targets] bool, True where an edge exists. Edge masks and scores are
-    [n_up, n_targets] float tensors; entries outside ``valid`` are ignored (and kept 0).
-
-    Failure modes (``HeadscopeError``): a model family outside ``SUPPORTED``, sliding-window
-    layers, a model not in float32.
+    [n_up, n_targets] tensors; entries outside ``valid`` are ignored (and kept 0). The index layout
+    is EAP-IG's (forward / backward indices), so matrices carry over unchanged.
     """
 
-    def __init__(self, model):
-        model = _model_of(model)
-        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        if cfg.model_type not in SUPPORTED:
-            raise HeadscopeError(f"circuit graphs support model types {', '.join(SUPPORTED)}; "
-                                 f"{cfg.model_type!r} is not one of them")
-        if any(t == "sliding_attention" for t in (getattr(cfg, "layer_types", None) or [])) and \
-                getattr(cfg, "use_sliding_window", True):
-            raise HeadscopeError(f"{cfg.model_type!r} with sliding-window layers is not supported by circuit graphs")
-        if next(model.parameters()).dtype != torch.float32:
-            raise HeadscopeError("circuit graphs need a float32 model (--dtype float32): attribution sums many "
-                                 "small products")
-        self.model = model
-        self.base = model.model
-        self.layers = list(self.base.layers)
-        self.n_layers = len(self.layers)
-        self.n_heads = cfg.num_attention_heads
-        self.n_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.n_heads
-        self.d_head = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
-        self.d_model = cfg.hidden_size
-        self.model_type = cfg.model_type
-        L, H = self.n_layers, self.n_heads
+    def __init__(self, n_layers: int, n_heads: int, n_kv_heads: int | None = None):
+        self.n_layers, self.n_heads, self.n_kv_heads = n_layers, n_heads, n_kv_heads or n_heads
+        L, H = n_layers, n_heads
         self.upstream = ["input"] + [n for l in range(L) for n in [f"a{l}.h{h}" for h in range(H)] + [f"m{l}"]]
         self.targets = [n for l in range(L) for n in
                         [f"a{l}.h{h}<{c}>" for c in QKV for h in range(H)] + [f"m{l}"]] + ["logits"]
@@ -158,6 +137,33 @@ class CircuitGraph:
             raise HeadscopeError(f"{name!r} is not an edge name of this {self.n_layers}-layer, "
                                  f"{self.n_heads}-head graph (e.g. 'a0.h1->a1.h0<k>')") from None
 
+class CircuitGraph(GraphLayout):
+    """The graph of one HF model, with the patched forward (see the module docstring).
+
+    Failure modes (``HeadscopeError``): a model family outside ``SUPPORTED``, sliding-window
+    layers, a model not in float32.
+    """
+
+    def __init__(self, model):
+        model = _model_of(model)
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        if cfg.model_type not in SUPPORTED:
+            raise HeadscopeError(f"circuit graphs support model types {', '.join(SUPPORTED)}; "
+                                 f"{cfg.model_type!r} is not one of them")
+        if any(t == "sliding_attention" for t in (getattr(cfg, "layer_types", None) or [])) and \
+                getattr(cfg, "use_sliding_window", True):
+            raise HeadscopeError(f"{cfg.model_type!r} with sliding-window layers is not supported by circuit graphs")
+        if next(model.parameters()).dtype != torch.float32:
+            raise HeadscopeError("circuit graphs need a float32 model (--dtype float32): attribution sums many "
+                                 "small products")
+        self.model = model
+        self.base = model.model
+        self.layers = list(self.base.layers)
+        super().__init__(len(self.layers), cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None))
+        self.d_head = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.d_model = cfg.hidden_size
+        self.model_type = cfg.model_type
+
     # -- the forward ---------------------------------------------------------------------------
     def forward(self, ids: torch.Tensor | None = None, *, embeds: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, corrupt: torch.Tensor | None = None,
@@ -180,25 +186,37 @@ class CircuitGraph:
         H, G = self.n_heads, self.n_heads // self.n_kv_heads
         dev = embeds.device
         outs = [embeds]  # node outputs in upstream order, each [B, T, D]
+        resid = embeds  # sum of outs: every target's input when no edge is patched
         positions = torch.arange(T, device=dev)[None].expand(B, T)
         cos, sin = self.base.rotary_emb(embeds, positions)
         cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, dh]
         causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
-        valid = self.valid.to(dev).float()
         if mask is not None:
+            valid = self.valid.to(dev).float()
             mask = mask.to(dev) * valid
+            corrupt_resid = corrupt.cumsum(0)  # [n_up, B, T, D]: corrupted input seen through the first n nodes
         kv = torch.arange(H, device=dev) // G  # query head -> its KV head
         bias = torch.zeros(D, device=dev)  # o_proj biases so far: constant, the same in every run
 
         def inputs(d0: int, n: int) -> torch.Tensor:
-            """[B, T, n, D] inputs of targets d0..d0+n-1 from the outputs so far."""
-            up = torch.stack(outs)  # [n_up, B, T, D]
+            """[B, T, n, D] inputs of targets d0..d0+n-1 from the outputs so far.
+
+            Patched: corrupted residual + the clean-minus-corrupted outputs of the kept edges, or the
+            clean residual minus those of the cut edges, whichever touches fewer upstream nodes.
+            """
+            n_up = len(outs)
             if mask is None:
-                x = up.sum(0)[:, :, None].expand(B, T, n, D)
+                x = resid[:, :, None].expand(B, T, n, D)
             else:
-                m = mask[:len(outs), d0:d0 + n]  # [n_up, n]
-                x = (torch.einsum("un,ubtd->btnd", m, up)
-                     + torch.einsum("un,ubtd->btnd", valid[:len(outs), d0:d0 + n] - m, corrupt[:len(outs)]))
+                keep = mask[:n_up, d0:d0 + n]  # [n_up, n]
+                cut = valid[:n_up, d0:d0 + n] - keep
+                rows_k, rows_c = keep.any(1).nonzero()[:, 0], cut.any(1).nonzero()[:, 0]
+                w, rows, base, sign = ((keep, rows_k, corrupt_resid[n_up - 1], 1.0) if len(rows_k) <= len(rows_c)
+                                       else (cut, rows_c, resid, -1.0))
+                x = base[:, :, None].expand(B, T, n, D)
+                if len(rows):
+                    diff = torch.stack([outs[i] for i in rows.tolist()]) - corrupt[rows]  # [r, B, T, D]
+                    x = x + sign * torch.einsum("rn,rbtd->btnd", w[rows], diff)
             x = x + bias
             if on_input is not None and torch.is_grad_enabled():
                 probe = torch.zeros(x.shape, device=dev, requires_grad=True)  # d metric / d probe = d metric / d x
@@ -219,11 +237,14 @@ class CircuitGraph:
             scores = (q @ k.transpose(-1, -2)) * at.scaling  # [B, H, T, T]
             z = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v  # [B, H, T, dh]
             w_o = at.o_proj.weight.view(D, H, self.d_head)  # [D, H, dh]
-            outs += list(torch.einsum("bhte,dhe->hbtd", z, w_o))  # H x [B, T, D]
+            result = torch.einsum("bhte,dhe->hbtd", z, w_o)  # [H, B, T, D]
+            outs += list(result)
+            resid = resid + result.sum(0)
             if at.o_proj.bias is not None:
                 bias = bias + at.o_proj.bias
             xm = inputs(self.target_index[f"m{l}"], 1)[:, :, 0]  # [B, T, D]
             outs.append(layer.mlp(layer.post_attention_layernorm(xm)))
+            resid = resid + outs[-1]
         xf = inputs(len(self.targets) - 1, 1)[:, :, 0]
         logits = self.model.lm_head(self.base.norm(xf))
         return logits, (torch.stack(outs) if keep_outputs else None)
