@@ -75,6 +75,10 @@ class CircuitAnalysis(Analysis):
         for i in range(0, len(pairs), bs):
             yield Example(id=f"batch{i // bs:04d}", data=(i, min(i + bs, len(pairs))))
 
+    def example_input(self, ctx, ex) -> list[int]:
+        """The batch's first clean prompt (the dashboard shows attention patterns on it)."""
+        return task_pairs(ctx)[ex.data[0]].clean
+
     def process(self, ctx, ex):
         lo, hi = ex.data
         pairs = task_pairs(ctx)[lo:hi]

@@ -12,19 +12,28 @@ import html
 import math
 
 import numpy as np
+import torch
 
+from headscope.analyses.circuit_core import prune_dangling, top_edges_mask
 from headscope.probe.graph import GraphLayout
 
 EDGE_COLOURS = {"q": "#1f77b4", "k": "#2ca02c", "v": "#d62728", "": "#777777"}
 MAX_EDGES_DRAWN = 150
 
 
-def edge_circuit(run, roles: dict[str, list[str]]) -> dict:
-    """The circuit section of ``run``; ``roles`` maps ``a{L}.h{H}`` to role names from other runs."""
+def edge_circuit(run, roles: dict[str, list[str]], n_edges: int | None = None) -> dict:
+    """The circuit section of ``run``; ``roles`` maps ``a{L}.h{H}`` to role names from other runs.
+
+    ``n_edges``: show the top-n edges by |score| (dangling ones pruned) instead of the run's
+    minimal circuit (the dashboard's size slider).
+    """
     info = run.meta.get("model", {})
     layout = GraphLayout(int(info["n_layers"]), int(info["n_heads"]), info.get("n_kv_heads"))
     arrays = run.arrays()
     scores, chosen = arrays["edge_scores"], arrays["circuit"] > 0
+    if n_edges is not None:
+        mask = top_edges_mask(layout, torch.from_numpy(scores), n_edges)
+        chosen = prune_dangling(layout, mask).numpy() > 0
     edges = []
     for u, d in zip(*np.nonzero(chosen)):
         tgt = layout.targets[d]

@@ -747,11 +747,17 @@ def _link_heads(container, run_id: str) -> None:
                             query_params={"run": run_id})
 
 
+def _circuit_page() -> None:
+    from .circuit_ui import circuit_page  # circuit_ui imports this module
+    circuit_page()
+
+
 def navigation():
     """The app's pages for ``st.navigation``; remembered so pages can link to each other."""
     # no icons: streamlit fetches material-icon SVGs from a CDN, and the app must work offline
     spec = [("runs", "Runs", runs_page), ("heads", "Heads", heads_page), ("inspect", "Inspect", inspect_page),
-            ("intervene", "Intervene", intervene_page), ("new", "New run", new_run_page)]
+            ("intervene", "Intervene", intervene_page), ("circuit", "Circuit", _circuit_page),
+            ("new", "New run", new_run_page)]
     for key, title, fn in spec:
         _PAGES[key] = st.Page(fn, title=title, url_path=key, default=key == "runs")
     return st.navigation(list(_PAGES.values()))

@@ -12,7 +12,7 @@ from headscope.errors import HeadscopeError
 from headscope.probe import Probe, load_model
 from headscope.probe.graph import GraphLayout
 
-from .test_app import make_tiny_model_dir
+from .test_app import app_env, make_tiny_model_dir, model_env, tiny_model_dir  # noqa: F401 - fixtures
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +97,30 @@ def test_user_jsonl_pairs(tiny, tmp_path):
     bad.write_text(json.dumps({"clean": "abc", "corrupted": "abcd", "answer": "c", "wrong": "z"}) + "\n")
     with pytest.raises(HeadscopeError, match="record 1"):
         run_analysis("circuit", lm=tiny, probe=Probe(tiny), data=bad, out=tmp_path / "run2", progress=False)
+
+
+def test_dashboard_circuit_page_sizes_and_patterns(model_env, tiny_model_dir):
+    from streamlit.testing.v1 import AppTest
+
+    from headscope.app import ui
+
+    from .test_app import TIMEOUT, charts, no_errors, run_ready
+    root, _ = model_env
+    loaded = ui.model_pool().get(str(tiny_model_dir), timeout=TIMEOUT)
+    run_analysis("circuit", lm=loaded.lm, probe=loaded.probe, out=root / "circ", progress=False,
+                 options={"task": "induction", "n_examples": 2, "batch_size": 2, "method": "eap", "curve_points": 4,
+                          "seq_len": 5})
+    at = AppTest.from_string("from headscope.app import circuit_ui\ncircuit_ui.circuit_page()", default_timeout=TIMEOUT)
+    at = run_ready(at)
+    no_errors(at)
+    at.slider(key="circ_n").set_value(6).run()
+    no_errors(at)
+    table = at.dataframe[0].value
+    assert 0 < len(table) <= 6
+    heads = at.selectbox(key="circ_head").options
+    assert heads and all(h.startswith("a") for h in heads)
+    at.selectbox(key="circ_head").select(heads[0]).run()
+    at.button(key="pat_go").click().run()
+    no_errors(at)
+    layer, head = heads[0][1:].split(".h")
+    assert any(c["layout"]["title"]["text"].startswith(f"L{layer}H{head} on ") for c in charts(at))

@@ -1,0 +1,61 @@
+"""Wall time of ``circuit`` runs (IOI, induction) on the default model, and the heads they find.
+
+Compares the induction circuit's heads with the ``induction`` analysis' top heads on the same model.
+Run with one thread: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_circuit.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--n-examples", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--ig-steps", type=int, default=5)
+    ap.add_argument("--out", default=None, help="keep the runs here (default: a temporary folder)")
+    args = ap.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    from headscope.analyses.base import run_analysis
+    from headscope.probe import Probe, load_model
+    lm = load_model(args.model)
+    probe = Probe(lm)
+    root = Path(args.out or tempfile.mkdtemp(prefix="bench-circuit-"))
+    print(f"model {args.model}, torch threads {torch.get_num_threads()}, runs in {root}")
+    found = {}
+    for task in ("ioi", "induction"):
+        t0 = time.time()
+        run = run_analysis("circuit", lm=lm, probe=probe, out=root / f"circuit-{task}", progress=False,
+                           options={"task": task, "n_examples": args.n_examples, "batch_size": args.batch_size,
+                                    "ig_steps": args.ig_steps, "curve_points": 8, "n_random": 2})
+        s = run.meta["summary"]
+        cv = s["curve"]
+        found[task] = s["circuit_heads"]
+        print(f"\n== {task}: {time.time() - t0:.0f} s wall ({args.n_examples} pairs, eap-ig {args.ig_steps} steps)")
+        print(f"clean {s['clean_metric']:.3f}, corrupted {s['corrupted_metric']:.3f}, "
+              f"minimal circuit for {s['target_faithfulness']}: {s['minimal_circuit_edges']} of {s['n_edges_total']} edges")
+        print("size        " + " ".join(f"{n:>7d}" for n in cv["sizes"]))
+        print("top-n       " + " ".join(f"{v:7.3f}" for v in cv["faithfulness"]))
+        print("random mean " + " ".join(f"{v:7.3f}" for v in cv["random_mean"]))
+        print(f"heads ({len(s['circuit_heads'])}): {', '.join(s['circuit_heads'][:30])}")
+        print("top edges: " + ", ".join(f"{e['edge']} {e['score']:.3f}" for e in s["top_circuit_edges"][:12]))
+    t0 = time.time()
+    ind = run_analysis("induction", lm=lm, probe=probe, out=root / "induction", progress=False,
+                       options={"n_examples": 10})
+    m = np.array(ind.meta["scores"]["induction"])
+    top = [f"a{i // m.shape[1]}.h{i % m.shape[1]}" for i in np.argsort(m, axis=None)[::-1][:10]]
+    print(f"\n== induction analysis ({time.time() - t0:.0f} s): top-10 induction heads {', '.join(top)}")
+    print(f"in the induction circuit: {', '.join(h for h in top if h in found['induction']) or 'none'}")
+    print(f"in the IOI circuit: {', '.join(h for h in top if h in found['ioi']) or 'none'}")
+
+
+if __name__ == "__main__":
+    main()
