@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from headscope.errors import HeadscopeError
-from headscope.probe.graph import Batch, CircuitGraph, logit_diff_metric
+from headscope.probe.graph import Batch, CircuitGraph, GraphLayout, logit_diff_metric
 
 
 def attribute(graph: CircuitGraph, batches: Sequence[Batch], *, steps: int = 0, metric=logit_diff_metric) -> torch.Tensor:
@@ -86,7 +86,7 @@ def circuit_metric(graph: CircuitGraph, batches: Sequence[Batch], masks: Iterabl
     return totals.tolist()
 
 
-def top_edges_mask(graph: CircuitGraph, scores: torch.Tensor, n: int) -> torch.Tensor:
+def top_edges_mask(graph: GraphLayout, scores: torch.Tensor, n: int) -> torch.Tensor:
     """The n edges of largest |score| as a 0/1 mask (ties broken by edge order)."""
     flat = torch.where(graph.valid, scores.abs(), torch.tensor(-1.0, dtype=scores.dtype)).flatten()
     keep = torch.argsort(flat, descending=True, stable=True)[:n]
@@ -95,17 +95,13 @@ def top_edges_mask(graph: CircuitGraph, scores: torch.Tensor, n: int) -> torch.T
     return mask.view(graph.valid.shape)
 
 
-def threshold_mask(graph: CircuitGraph, scores: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Edges with |score| >= threshold."""
-    return ((scores.abs() >= threshold) & graph.valid).float()
-
-
-def prune_dangling(graph: CircuitGraph, mask: torch.Tensor) -> torch.Tensor:
+def prune_dangling(graph: GraphLayout, mask: torch.Tensor) -> torch.Tensor:
     """Drop edges that cannot reach ``logits`` or do not start from ``input``-reachable nodes.
 
-    Greedy-by-node circuits and reports use this to show connected circuits only; metrics of a
-    pruned mask may differ slightly from the unpruned one (a dangling edge still carries its
-    clean activation into a node whose output is then discarded, so usually they agree).
+    The stored circuit and the dashboard's sized circuits use this so they show connected
+    circuits only. A pruned mask's metric can differ from the unpruned one's: a dropped edge
+    that started at a node not fed from ``input`` still carried that node's (partly corrupted)
+    activation.
     """
     m = (mask > 0) & graph.valid
     n_up = len(graph.upstream)

@@ -15,6 +15,21 @@ import numpy as np
 import torch
 
 
+def top_heads(run, score: str, k: int = 10) -> list[str]:
+    m = np.array(run.meta["scores"][score])
+    return [f"a{i // m.shape[1]}.h{i % m.shape[1]}" for i in np.argsort(m, axis=None)[::-1][:k]]
+
+
+def compare(circuits: dict, ind) -> None:
+    """The circuits' top heads by edge mass next to the induction analysis' top induction heads."""
+    top = top_heads(ind, "induction")
+    print(f"induction analysis, top-10 induction heads: {', '.join(top)}")
+    for task, run in circuits.items():
+        mine = top_heads(run, "edge_mass")
+        print(f"{task} circuit, top-10 heads by edge mass: {', '.join(mine)}; "
+              f"shared with the induction top-10: {', '.join(h for h in mine if h in top) or 'none'}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
@@ -22,7 +37,13 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--ig-steps", type=int, default=5)
     ap.add_argument("--out", default=None, help="keep the runs here (default: a temporary folder)")
+    ap.add_argument("--summarize", default=None, help="only print the head comparison of the runs in this folder")
     args = ap.parse_args()
+    if args.summarize:
+        from headscope.analyses.store import load_run
+        root = Path(args.summarize)
+        compare({t: load_run(root / f"circuit-{t}") for t in ("ioi", "induction")}, load_run(root / "induction"))
+        return
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     from headscope.analyses.base import run_analysis
     from headscope.probe import Probe, load_model
@@ -30,7 +51,7 @@ def main() -> None:
     probe = Probe(lm)
     root = Path(args.out or tempfile.mkdtemp(prefix="bench-circuit-"))
     print(f"model {args.model}, torch threads {torch.get_num_threads()}, runs in {root}")
-    found = {}
+    circuits = {}
     for task in ("ioi", "induction"):
         t0 = time.time()
         run = run_analysis("circuit", lm=lm, probe=probe, out=root / f"circuit-{task}", progress=False,
@@ -38,23 +59,20 @@ def main() -> None:
                                     "ig_steps": args.ig_steps, "curve_points": 8, "n_random": 2})
         s = run.meta["summary"]
         cv = s["curve"]
-        found[task] = s["circuit_heads"]
+        circuits[task] = run
         print(f"\n== {task}: {time.time() - t0:.0f} s wall ({args.n_examples} pairs, eap-ig {args.ig_steps} steps)")
         print(f"clean {s['clean_metric']:.3f}, corrupted {s['corrupted_metric']:.3f}, "
               f"minimal circuit for {s['target_faithfulness']}: {s['minimal_circuit_edges']} of {s['n_edges_total']} edges")
         print("size        " + " ".join(f"{n:>7d}" for n in cv["sizes"]))
         print("top-n       " + " ".join(f"{v:7.3f}" for v in cv["faithfulness"]))
         print("random mean " + " ".join(f"{v:7.3f}" for v in cv["random_mean"]))
-        print(f"heads ({len(s['circuit_heads'])}): {', '.join(s['circuit_heads'][:30])}")
+        print(f"heads in the minimal circuit: {len(s['circuit_heads'])}")
         print("top edges: " + ", ".join(f"{e['edge']} {e['score']:.3f}" for e in s["top_circuit_edges"][:12]))
     t0 = time.time()
     ind = run_analysis("induction", lm=lm, probe=probe, out=root / "induction", progress=False,
                        options={"n_examples": 10})
-    m = np.array(ind.meta["scores"]["induction"])
-    top = [f"a{i // m.shape[1]}.h{i % m.shape[1]}" for i in np.argsort(m, axis=None)[::-1][:10]]
-    print(f"\n== induction analysis ({time.time() - t0:.0f} s): top-10 induction heads {', '.join(top)}")
-    print(f"in the induction circuit: {', '.join(h for h in top if h in found['induction']) or 'none'}")
-    print(f"in the IOI circuit: {', '.join(h for h in top if h in found['ioi']) or 'none'}")
+    print(f"\n== induction analysis: {time.time() - t0:.0f} s")
+    compare(circuits, ind)
 
 
 if __name__ == "__main__":

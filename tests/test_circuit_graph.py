@@ -118,18 +118,24 @@ def test_full_and_empty_circuits_are_the_clean_and_corrupted_models():
     assert (hf_clean - hf_corrupt)[:, -1].abs().max() > 0.1  # the corruption matters: the checks tell them apart
 
 
+def patch_setup(seed):
+    """The tiny model, its graph, a pair, the corrupted node outputs and a full mask to edit."""
+    model = tiny_llama()
+    g = CircuitGraph(model)
+    b = pair(seed=seed)
+    with torch.no_grad():
+        _, corrupt = g.forward(b.corrupt)
+    return model, g, b, corrupt, g.full_mask()
+
+
 @pytest.mark.parametrize("removed", [
     {("a0.h1", "a1.h2<k>")},                                         # one k edge (kv head shared with h3)
     {("input", "a1.h0<v>"), ("m0", "logits"), ("a0.h3", "a1.h1<q>")},
     {("input", "a0.h0<q>"), ("input", "a0.h0<k>"), ("a1.h2", "m1"), ("a0.h2", "m0")},
 ])
 def test_patching_an_edge_set_equals_a_hand_written_forward(removed):
-    model = tiny_llama()
-    g = CircuitGraph(model)
-    b = pair(seed=5)
+    model, g, b, corrupt, mask = patch_setup(seed=5)
     with torch.no_grad():
-        _, corrupt = g.forward(b.corrupt)
-        mask = g.full_mask()
         for u, d in removed:
             mask[g.up_index[u], g.target_index[d]] = 0.0
         logits, _ = g.forward(b.clean, mask=mask, corrupt=corrupt)
@@ -141,12 +147,8 @@ def test_patching_an_edge_set_equals_a_hand_written_forward(removed):
 
 
 def test_gqa_k_edge_of_one_query_head_leaves_its_group_mate_alone():
-    model = tiny_llama()
-    g = CircuitGraph(model)
-    b = pair(seed=7)
+    _, g, b, corrupt, mask = patch_setup(seed=7)
     with torch.no_grad():
-        _, corrupt = g.forward(b.corrupt)
-        mask = g.full_mask()
         mask[:, g.target_index["a1.h2<k>"]] = 0.0
         _, outs = g.forward(b.clean, mask=mask, corrupt=corrupt)
         _, clean = g.forward(b.clean)
@@ -238,3 +240,28 @@ def test_eap_and_eap_ig_rank_edges_like_exact_single_edge_patching():
     assert s_eap >= 0.9, s_eap
     assert s_ig >= s_eap, (s_ig, s_eap)
     assert float(eap[~g.valid].abs().max()) == 0.0
+
+
+@pytest.mark.slow
+def test_smollm2_graph_is_the_model_and_patching_one_k_edge_is_local(smollm2):
+    """The real model (GQA 9/3): the graph's full forward equals HF's logits; the empty circuit the
+    corrupted ones; cutting every k input of one query head leaves its KV-group mates' outputs alone."""
+    g = CircuitGraph(smollm2.model)
+    tok = smollm2.tokenizer
+    clean = torch.tensor([tok("When Mary and John went to the store, John gave a drink to")["input_ids"]])
+    corrupt = torch.tensor([tok("When Alice and Bob went to the store, John gave a drink to")["input_ids"]])
+    with torch.no_grad():
+        hf_clean, hf_corrupt = smollm2.model(clean).logits, smollm2.model(corrupt).logits
+        logits, _ = g.forward(clean)
+        _, c_out = g.forward(corrupt)
+        empty, _ = g.forward(clean, mask=g.empty_mask(), corrupt=c_out)
+        mask = g.full_mask()
+        mask[:, g.target_index["a10.h0<k>"]] = 0.0
+        _, outs = g.forward(clean, mask=mask, corrupt=c_out)
+        _, clean_out = g.forward(clean)
+    torch.testing.assert_close(logits, hf_clean, atol=2e-4, rtol=0)
+    torch.testing.assert_close(empty, hf_corrupt, atol=2e-4, rtol=0)
+    h0, h1, h3 = (g.up_index[f"a10.h{h}"] for h in (0, 1, 3))
+    assert (outs[h0] - clean_out[h0]).abs().max() > 1e-3
+    torch.testing.assert_close(outs[h1], clean_out[h1], atol=1e-5, rtol=0)  # shares h0's KV head (3 per group)
+    torch.testing.assert_close(outs[h3], clean_out[h3], atol=1e-5, rtol=0)

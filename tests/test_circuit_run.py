@@ -124,3 +124,13 @@ def test_dashboard_circuit_page_sizes_and_patterns(model_env, tiny_model_dir):
     no_errors(at)
     layer, head = heads[0][1:].split(".h")
     assert any(c["layout"]["title"]["text"].startswith(f"L{layer}H{head} on ") for c in charts(at))
+
+
+def test_prune_dangling_keeps_only_paths_from_input_to_logits():
+    layout = GraphLayout(2, 1)
+    path = ["input->a0.h0<v>", "a0.h0->a1.h0<k>", "a1.h0->logits"]
+    dangling = ["a0.h0->m0",          # m0 reaches nothing
+                "m1->logits"]         # m1 is fed by nothing
+    from headscope.analyses.circuit_core import prune_dangling
+    kept = prune_dangling(layout, layout.mask_from_edges(path + dangling))
+    assert torch.equal(kept, layout.mask_from_edges(path))
