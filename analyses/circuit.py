@@ -121,7 +121,8 @@ class CircuitAnalysis(Analysis):
         summary = {
             "task": "data file" if ctx.data_path else o["task"], "method": o["method"],
             "ig_steps": o["ig_steps"] if o["method"] == "eap-ig" else None,
-            "n_pairs": len(pairs), "n_edges_total": g.n_edges, "metric": "logit difference (answer - wrong), last token",
+            "n_pairs": len(pairs), "n_edges_total": g.n_edges,
+            "metric": "logit difference (answer - wrong), last token",
             "clean_metric": curve["clean"], "corrupted_metric": curve["corrupted"],
             "curve": curve, "target_faithfulness": o["target"], "minimal_circuit_edges": n_min,
             "circuit_edges": int(in_graph.sum()), "circuit_heads": heads, "top_circuit_edges": edges,

@@ -30,7 +30,8 @@ from headscope.errors import HeadscopeError
 from headscope.probe.graph import Batch, CircuitGraph, GraphLayout, logit_diff_metric
 
 
-def attribute(graph: CircuitGraph, batches: Sequence[Batch], *, steps: int = 0, metric=logit_diff_metric) -> torch.Tensor:
+def attribute(graph: CircuitGraph, batches: Sequence[Batch], *, steps: int = 0,
+              metric=logit_diff_metric) -> torch.Tensor:
     """[n_up, n_targets] float64 edge scores (0 off the graph), averaged over the rows of ``batches``.
 
     ``steps=0``: EAP (gradient at the clean input). ``steps=k >= 1``: EAP-IG with k

@@ -47,7 +47,8 @@ def from_eapig(d: dict) -> tuple[GraphLayout, torch.Tensor, torch.Tensor, dict]:
         layout = GraphLayout(int(cfg["n_layers"]), int(cfg["n_heads"]), cfg.get("n_key_value_heads"))
         edges = d["edges"]
     except (KeyError, TypeError, ValueError) as e:
-        raise HeadscopeError(f"not an EAP-IG circuit JSON (cfg with n_layers / n_heads, and edges needed): {e}") from None
+        raise HeadscopeError(f"not an EAP-IG circuit JSON (needs cfg with n_layers / n_heads, and edges): {e}"
+                             ) from None
     if cfg.get("parallel_attn_mlp"):
         raise HeadscopeError("parallel attention/MLP graphs are not supported")
     scores = torch.zeros(layout.valid.shape, dtype=torch.float64)

@@ -97,7 +97,8 @@ def graph_svg(c: dict) -> str:
         tip = html.escape(f"{n}" + (f" - roles: {', '.join(roles.get(n, []))}" if roles.get(n) else ""))
         fill = "#fde9c9" if roles.get(n) else "#eef2f7"
         out.append(f'<g><title>{tip}</title><rect x="{x}" y="{y}" width="{w}" height="{h}" rx="5" fill="{fill}" '
-                   f'stroke="#333"/><text x="{x + w / 2}" y="{y + 15}" text-anchor="middle">{html.escape(n)}</text></g>')
+                   f'stroke="#333"/><text x="{x + w / 2}" y="{y + 15}" text-anchor="middle">{html.escape(n)}</text>'
+                   '</g>')
     legend = " ".join(f'<tspan fill="{v}">{k or "other"}</tspan>' for k, v in EDGE_COLOURS.items())
     out.append(f'<text x="10" y="{height - 8}">edge colour: {legend}; width ~ |score|; dashed = negative; '
                f'shaded node = has a role in another run</text></svg>')

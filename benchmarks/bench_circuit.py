@@ -61,8 +61,8 @@ def main() -> None:
         cv = s["curve"]
         circuits[task] = run
         print(f"\n== {task}: {time.time() - t0:.0f} s wall ({args.n_examples} pairs, eap-ig {args.ig_steps} steps)")
-        print(f"clean {s['clean_metric']:.3f}, corrupted {s['corrupted_metric']:.3f}, "
-              f"minimal circuit for {s['target_faithfulness']}: {s['minimal_circuit_edges']} of {s['n_edges_total']} edges")
+        print(f"clean {s['clean_metric']:.3f}, corrupted {s['corrupted_metric']:.3f}, minimal circuit for "
+              f"{s['target_faithfulness']}: {s['minimal_circuit_edges']} of {s['n_edges_total']} edges")
         print("size        " + " ".join(f"{n:>7d}" for n in cv["sizes"]))
         print("top-n       " + " ".join(f"{v:7.3f}" for v in cv["faithfulness"]))
         print("random mean " + " ".join(f"{v:7.3f}" for v in cv["random_mean"]))

@@ -79,8 +79,8 @@ def induction_pairs(n_pairs: int, vocab_size: int, seed: int, *, seq_len: int = 
     for _ in range(n_pairs):
         r, r2 = (allowed[torch.randint(len(allowed), (seq_len,), generator=g)].tolist() for _ in range(2))
         clean, corrupt = head + r + r[:-1], head + r2 + r[:-1]
-        text = {"clean": tok.decode(clean) if tok else str(clean), "corrupted": tok.decode(corrupt) if tok else str(corrupt),
-                "answer": tok.decode([r[-1]]) if tok else str(r[-1]), "wrong": tok.decode([r2[-1]]) if tok else str(r2[-1])}
+        show = (lambda ids: tok.decode(ids)) if tok else str  # noqa: E731
+        text = {"clean": show(clean), "corrupted": show(corrupt), "answer": show(r[-1:]), "wrong": show(r2[-1:])}
         out.append(Pair(clean, corrupt, r[-1], r2[-1], text))
     return out
 

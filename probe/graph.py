@@ -30,7 +30,7 @@ forward with a path swapped).
 
 Which attention runs: this module is its own forward over the HF weights (``q/k/v/o_proj``, the
 norms, the rotary embedding and the MLP modules of the model), with plain torch attention in
-the model's dtype, float32 only (masked softmax over [B, H, T, T]). Autograd flows through it, so EAP / EAP-IG gradients
+float32 (masked softmax over [B, H, T, T]). Autograd flows through it, so EAP / EAP-IG gradients
 come from the same code that patches. It does not switch the model's attention implementation and
 does not touch the probe's kernels, so ``Probe.capture`` / ``intervene`` keep working on the same
 model between calls. The price is the quadratic attention matrix: a batch costs
@@ -38,7 +38,8 @@ model between calls. The price is the quadratic attention matrix: a batch costs
 
 Families: Llama, Mistral, Qwen2 and Qwen3 (pre-norm, RoPE, separate q/k/v projections; Qwen3's
 q/k norms are applied per head). Other families (GPT-2's fused c_attn and learned positions,
-Gemma's sandwich norms / embedding scale / softcaps, sliding windows) raise ``HeadscopeError``.
+Gemma's sandwich norms / embedding scale / softcaps, sliding-window layers) raise ``HeadscopeError``;
+so do prompts longer than a Mistral / Qwen2 sliding window, which this full-causal forward ignores.
 """
 from __future__ import annotations
 
@@ -156,6 +157,8 @@ class CircuitGraph(GraphLayout):
         if next(model.parameters()).dtype != torch.float32:
             raise HeadscopeError("circuit graphs need a float32 model (--dtype float32): attribution sums many "
                                  "small products")
+        uses_window = cfg.model_type == "mistral" or getattr(cfg, "use_sliding_window", False)
+        self.window = getattr(cfg, "sliding_window", None) if uses_window else None
         self.model = model
         self.base = model.model
         self.layers = list(self.base.layers)
@@ -183,6 +186,9 @@ class CircuitGraph(GraphLayout):
         if mask is not None and corrupt is None:
             raise HeadscopeError("a masked graph forward needs the corrupted run's node outputs")
         B, T, D = embeds.shape
+        if self.window is not None and T > self.window:
+            raise HeadscopeError(f"{T} tokens exceed the {self.window}-token sliding window of this "
+                                 f"{self.model_type!r} model; circuit graphs attend over the full prefix")
         H, G = self.n_heads, self.n_heads // self.n_kv_heads
         dev = embeds.device
         outs = [embeds]  # node outputs in upstream order, each [B, T, D]
@@ -282,16 +288,3 @@ def logit_diff_metric(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     last = logits[rows, batch.last]  # [B, V]
     return (last[rows, batch.answer] - last[rows, batch.wrong]).mean()
 
-
-def patched_metric(graph: CircuitGraph, batch: Batch, mask: torch.Tensor | None,
-                   metric=logit_diff_metric, corrupt: torch.Tensor | None = None) -> float:
-    """The metric of the clean input with edges outside ``mask`` patched from the corrupted input.
-
-    ``corrupt`` (node outputs of the corrupted run) is computed when not given; pass it to reuse
-    it over many masks.
-    """
-    with torch.no_grad():
-        if corrupt is None and mask is not None:
-            corrupt = graph.forward(batch.corrupt)[1]
-        logits, _ = graph.forward(batch.clean, mask=mask, corrupt=corrupt, keep_outputs=False)
-        return float(metric(logits, batch))
