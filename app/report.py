@@ -8,8 +8,8 @@ One data model (``build_report``) is rendered three ways:
 - **md**: Markdown plus a ``<name>_files/`` folder of SVG figures drawn by ``headscope.app.svg``
   (no kaleido/Chrome needed).
 
-Several runs of one model combine into a head-level *circuit view*: every head that stands out in
-some score becomes a node carrying its roles (induction, retrieval, safety, sink, global/local, ...),
+Several runs of one model combine into a head-level *role map* (the report's "Head roles"): every
+head that stands out in some score becomes a node carrying its roles (induction, retrieval, safety, sink, global/local, ...),
 and ablation/patching effects (effect-type scores, interventions saved from the dashboard) are
 attached to the heads as annotations. Runs of different models give one circuit per model.
 """
@@ -147,7 +147,8 @@ def _interventions(run) -> list[dict]:
 
 
 def build_circuit(runs: list, model: str) -> dict:
-    """The head-level circuit view of ``runs`` (all of ``model``): nodes with roles and effects."""
+    """The head-role map of ``runs`` (all of ``model``): nodes with roles and effects. The edge-level
+    circuit of a ``circuit`` run is ``circuit_report.edge_circuit``."""
     info = {}
     nodes: dict[tuple[int, int], dict] = {}
 
@@ -234,7 +235,7 @@ def node_role(n: dict) -> str:
 
 
 def circuit_figure(circuit: dict) -> go.Figure:
-    """Plotly version of the circuit view: heads on a layer x head grid, one trace per role."""
+    """Plotly version of the head-role map: heads on a layer x head grid, one trace per role."""
     fig = go.Figure()
     by_role: dict[str, list] = {}
     for n in circuit["nodes"]:
@@ -244,11 +245,11 @@ def circuit_figure(circuit: dict) -> go.Figure:
                                                        for r in n["roles"]] +
                             [f"{e['kind']}: {e['metric']}={e['value']:.3g}" for e in n["effects"]]) for n in ns]
         fig.add_trace(go.Scatter(
-            x=[n["layer"] for n in ns], y=[n["head_index"] for n in ns], mode="markers+text", name=role,
-            text=[n["head"] for n in ns], textposition="top center", hovertext=text, hoverinfo="text",
+            x=[n["layer"] for n in ns], y=[n["head_index"] for n in ns], mode="markers", name=role,
+            hovertext=text, hoverinfo="text",  # names on hover only: grid labels overlap
             marker={"size": 16, "color": svg.role_color(role),
                     "line": {"width": [3 if n["effects"] else 0 for n in ns], "color": "black"}}))
-    fig.update_layout(title={"text": f"circuit view: {circuit['model']} (ringed heads have ablation/patching effects)"},
+    fig.update_layout(title={"text": f"head roles: {circuit['model']} (ringed heads have ablation/patching effects)"},
                       xaxis={"title": {"text": "layer"}, "range": [-1, circuit["n_layers"]],
                              "dtick": 1 if circuit["n_layers"] <= 40 else None},
                       yaxis={"title": {"text": "head"}, "range": [circuit["n_heads"], -1],
@@ -336,7 +337,8 @@ def render_html(data: dict) -> str:
                  f"created {_esc(data['created'])} · headscope {_esc(data['versions']['headscope'])}</p>")
     parts.append("<h2>Runs</h2>" + _html_table([_run_overview(e) for e in data["runs"]]))
     for c in data["circuits"]:
-        parts.append(f"<h2>Circuit view: {_esc(c['model'])}</h2>")
+        parts.append(f"<h2>Head roles: {_esc(c['model'])}</h2><p>each head's roles from the runs' scores; "
+                     "a <code>circuit</code> run's edge-level circuit follows in its own section</p>")
         parts.append(fig_html(circuit_figure(c)) if c["nodes"] else "<p><i>no heads stand out</i></p>")
         parts.append(_html_table(_node_rows(c)))
     for c in data["edge_circuits"]:
@@ -378,12 +380,12 @@ def render_markdown(data: dict, files_dir: str) -> tuple[str, dict[str, str]]:
           f"created {data['created']} · headscope {data['versions']['headscope']}\n",
           "## Runs\n", _md_table([_run_overview(e) for e in data["runs"]])]
     for c in data["circuits"]:
-        md.append(f"## Circuit view: {c['model']}\n")
+        md.append(f"## Head roles: {c['model']}\n")
         if c["nodes"]:
             rel = f"{files_dir}/circuit-{_slug(c['model'])}.svg"
             files[rel] = svg.circuit_svg(c["nodes"], c["n_layers"], c["n_heads"], f"circuit: {c['model']}",
                                          role_of=node_role)
-            md.append(f"![circuit view of {c['model']}]({rel})\n")
+            md.append(f"![head roles of {c['model']}]({rel})\n")
         md.append(_md_table(_node_rows(c)))
     for c in data["edge_circuits"]:
         md.append(f"## Circuit: {c['task']} on {c['model']} (run {c['run']})\n")
