@@ -9,8 +9,8 @@ One data model (``build_report``) is rendered three ways:
   (no kaleido/Chrome needed).
 
 Several runs of one model combine into a head-level *role map* (the report's "Head roles"): every
-head that stands out in some score becomes a node carrying its roles (induction, retrieval, safety, sink, global/local, ...),
-and ablation/patching effects (effect-type scores, interventions saved from the dashboard) are
+head that stands out in some score becomes a node carrying its roles (induction, retrieval, safety,
+sink, global/local, ...), and ablation/patching effects (effect-type scores, interventions saved from the dashboard) are
 attached to the heads as annotations. Runs of different models give one circuit per model.
 """
 from __future__ import annotations
