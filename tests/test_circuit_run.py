@@ -134,3 +134,28 @@ def test_prune_dangling_keeps_only_paths_from_input_to_logits():
     from headscope.analyses.circuit_core import prune_dangling
     kept = prune_dangling(layout, layout.mask_from_edges(path + dangling))
     assert torch.equal(kept, layout.mask_from_edges(path))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["ioi", "greater_than", "retrieval", "induction"])
+def test_shipped_tasks_on_smollm2_are_behaviours(smollm2, task):
+    """Each task's pairs are equal-length with one-token answers, and the real model prefers the answer
+    on clean prompts more than on corrupted ones (HF forward, not the circuit code)."""
+    from headscope.data.circuit_tasks import induction_pairs, text_task_pairs
+    tok = smollm2.tokenizer
+    if task == "induction":
+        pairs = induction_pairs(6, smollm2.info.vocab_size, 0, bos=smollm2.info.bos_token_id,
+                                exclude=set(tok.all_special_ids), tok=tok)
+    else:
+        pairs = text_task_pairs(task, tok, 6, 0, None)
+        for p in pairs:
+            assert tok.decode([p.answer]).strip() == p.text["answer"].strip()
+            assert tok.decode([p.wrong]).strip() == p.text["wrong"].strip()
+    diffs = {"clean": [], "corrupt": []}
+    with torch.no_grad():
+        for p in pairs:
+            assert len(p.clean) == len(p.corrupt)
+            for which in diffs:
+                lg = smollm2.model(torch.tensor([getattr(p, which)])).logits[0, -1]
+                diffs[which].append(float(lg[p.answer] - lg[p.wrong]))
+    assert np.mean(diffs["clean"]) > np.mean(diffs["corrupt"]) + 0.5, diffs
