@@ -10,8 +10,9 @@ One data model (``build_report``) is rendered three ways:
 
 Several runs of one model combine into a head-level *role map* (the report's "Head roles"): every
 head that stands out in some score becomes a node carrying its roles (induction, retrieval, safety,
-sink, global/local, ...), and ablation/patching effects (effect-type scores, interventions saved from the dashboard) are
-attached to the heads as annotations. Runs of different models give one circuit per model.
+sink, global/local, ...), and ablation/patching effects (effect-type scores, interventions saved
+from the dashboard) are attached to the heads as annotations. Runs of different models give one
+map per model. A ``circuit`` run adds its edge-level circuit (``circuit_report``).
 """
 from __future__ import annotations
 
@@ -383,7 +384,7 @@ def render_markdown(data: dict, files_dir: str) -> tuple[str, dict[str, str]]:
         md.append(f"## Head roles: {c['model']}\n")
         if c["nodes"]:
             rel = f"{files_dir}/circuit-{_slug(c['model'])}.svg"
-            files[rel] = svg.circuit_svg(c["nodes"], c["n_layers"], c["n_heads"], f"circuit: {c['model']}",
+            files[rel] = svg.circuit_svg(c["nodes"], c["n_layers"], c["n_heads"], f"head roles: {c['model']}",
                                          role_of=node_role)
             md.append(f"![head roles of {c['model']}]({rel})\n")
         md.append(_md_table(_node_rows(c)))
