@@ -21,7 +21,7 @@ measured from the corrupted baseline. Near 0 when |M(full) - M(empty)| is tiny: 
 from __future__ import annotations
 
 import functools
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -53,15 +53,19 @@ def attribute(graph: CircuitGraph, batches: Sequence[Batch], *, steps: int = 0,
         weight = batch.clean.shape[0] / n_rows / len(alphas)
         for a in alphas:
             emb = corrupt[0] + a * diff[0]  # [B, T, D] input embeddings
-            leaves: list[tuple[int, torch.Tensor]] = []
+            groups: list[tuple[int, list, Callable]] = []
             with torch.enable_grad():
-                logits, _ = graph.forward(embeds=emb, on_input=lambda d0, x: leaves.append((d0, x)),
+                logits, _ = graph.forward(embeds=emb, on_input=lambda d0, ls, f: groups.append((d0, ls, f)),
                                           keep_outputs=False)
-                grads = torch.autograd.grad(metric(logits, batch), [x for _, x in leaves])
-            for (d0, _), g in zip(leaves, grads):  # g: [B, T, n, D]
-                nu = int(n_in[d0])
-                s = torch.einsum("ubtd,btnd->un", diff[:nu], g)  # [n_up, n]
-                scores[:nu, d0:d0 + g.shape[2]] += weight * s.double()
+                grads = torch.autograd.grad(metric(logits, batch), [x for _, ls, _ in groups for x in ls])
+            i = 0
+            with torch.no_grad():
+                for d0, ls, to_input in groups:
+                    g = to_input(grads[i:i + len(ls)])  # [B, T, n, D]
+                    i += len(ls)
+                    nu = int(n_in[d0])
+                    s = torch.einsum("ubtd,btnd->un", diff[:nu], g)  # [n_up, n]
+                    scores[:nu, d0:d0 + g.shape[2]] += weight * s.double()
     return scores
 
 

@@ -30,6 +30,25 @@ def compare(circuits: dict, ind) -> None:
               f"shared with the induction top-10: {', '.join(h for h in mine if h in top) or 'none'}")
 
 
+def attribution_memory(model: str, B: int, T: int) -> None:
+    """Wall time and peak RSS of one EAP-IG step (1 interpolation point) on random prompts [B, T]."""
+    import resource
+
+    from headscope.analyses.circuit_core import attribute
+    from headscope.probe import load_model
+    from headscope.probe.graph import Batch, CircuitGraph
+    g = CircuitGraph(load_model(model).model)
+    gen = torch.Generator().manual_seed(0)
+    clean = torch.randint(1000, 20000, (B, T), generator=gen)
+    corrupt = clean.clone()
+    corrupt[:, :T // 2] = torch.randint(1000, 20000, (B, T // 2), generator=gen)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    t0 = time.time()
+    attribute(g, [Batch(clean, corrupt, torch.full((B,), T - 1), clean[:, 0], clean[:, 1])], steps=1)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    print(f"B={B} T={T}: {time.time() - t0:.1f} s, peak RSS {peak:.2f} GB (model loaded: {before:.2f} GB)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
@@ -38,7 +57,11 @@ def main() -> None:
     ap.add_argument("--ig-steps", type=int, default=5)
     ap.add_argument("--out", default=None, help="keep the runs here (default: a temporary folder)")
     ap.add_argument("--summarize", default=None, help="only print the head comparison of the runs in this folder")
+    ap.add_argument("--memory", default=None, metavar="B,T", help="only measure one attribution step at [B, T]")
     args = ap.parse_args()
+    if args.memory:
+        attribution_memory(args.model, *map(int, args.memory.split(",")))
+        return
     if args.summarize:
         from headscope.analyses.store import load_run
         root = Path(args.summarize)

@@ -43,6 +43,7 @@ so do prompts longer than a Mistral / Qwen2 sliding window, which this full-caus
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -170,21 +171,26 @@ class CircuitGraph(GraphLayout):
     # -- the forward ---------------------------------------------------------------------------
     def forward(self, ids: torch.Tensor | None = None, *, embeds: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, corrupt: torch.Tensor | None = None,
-                on_input: Callable[[int, torch.Tensor], None] | None = None,
+                on_input: Callable[[int, list, Callable], None] | None = None,
                 keep_outputs: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run the graph; returns (logits [B, T, V] fp32, node outputs [n_up, B, T, D] or None).
 
         ``mask`` [n_up, n_targets] (None = every edge): edges with mask 1 carry this run's
         activations, the rest ``corrupt``'s (node outputs [n_up, B, T, D] of the corrupted run,
         required when ``mask`` is not None). Fractional masks interpolate. ``embeds`` replaces the
-        embedding of ``ids`` (EAP-IG interpolates it). ``on_input(first_target, leaf)`` gets, per
-        target group, a zero leaf [B, T, n, D] added to the group's inputs (when grad is enabled):
-        the metric's gradient with respect to it is the gradient with respect to those inputs.
+        embedding of ``ids`` (EAP-IG interpolates it). ``on_input(first_target, leaves, to_input)`` gets, per
+        target group (when grad is enabled and ``mask`` is None), zero leaves added inside the forward
+        and a function mapping their gradients to the gradients with respect to the group's inputs,
+        [B, T, n, D]. A head's q/k/v leaves sit after the projections ([B, H, T, d_head]), so the
+        autograd graph stays the size of a plain forward (memory ~ B x T, not B x T x 3H); the map
+        back goes through W^T and the RMSNorm's Jacobian, written out.
         """
         if embeds is None:
             embeds = self.base.embed_tokens(ids)
         if mask is not None and corrupt is None:
             raise HeadscopeError("a masked graph forward needs the corrupted run's node outputs")
+        if mask is not None and on_input is not None:
+            raise HeadscopeError("attribution hooks (on_input) need the unpatched forward (mask=None)")
         B, T, D = embeds.shape
         if self.window is not None and T > self.window:
             raise HeadscopeError(f"{T} tokens exceed the {self.window}-token sliding window of this "
@@ -224,18 +230,30 @@ class CircuitGraph(GraphLayout):
                     diff = torch.stack([outs[i] for i in rows.tolist()]) - corrupt[rows]  # [r, B, T, D]
                     x = x + sign * torch.einsum("rn,rbtd->btnd", w[rows], diff)
             x = x + bias
-            if on_input is not None and torch.is_grad_enabled():
+            if on_input is not None and torch.is_grad_enabled() and n == 1:
                 probe = torch.zeros(x.shape, device=dev, requires_grad=True)  # d metric / d probe = d metric / d x
-                on_input(d0, probe)
+                on_input(d0, [probe], lambda grads: grads[0])
                 x = x + probe
             return x
 
+        lean = on_input is not None and mask is None and torch.is_grad_enabled()
         for l, layer in enumerate(self.layers):
             at = layer.self_attn
-            x = layer.input_layernorm(inputs(self.target_index[f"a{l}.h0<q>"], 3 * H))
-            q = self._project(at.q_proj, x[:, :, :H], torch.arange(H, device=dev))  # [B, H, T, dh]
-            k = self._project(at.k_proj, x[:, :, H:2 * H], kv)
-            v = self._project(at.v_proj, x[:, :, 2 * H:], kv)
+            heads = (torch.arange(H, device=dev), kv, kv)
+            projs = (at.q_proj, at.k_proj, at.v_proj)
+            d0 = self.target_index[f"a{l}.h0<q>"]
+            if lean:  # every target reads resid: one norm, zero leaves after the projections
+                x_in = resid + bias  # [B, T, D]
+                xn = layer.input_layernorm(x_in)  # [B, T, D], shared by every head
+                qkv = [self._project(p, xn, hs) for p, hs in zip(projs, heads)]  # 3 x [B, H, T, dh]
+                leaves = [torch.zeros(t.shape, device=dev, requires_grad=True) for t in qkv]
+                on_input(d0, leaves, functools.partial(self._input_grads, layer.input_layernorm, x_in.detach(),
+                                                       projs, heads))
+                q, k, v = (t + p for t, p in zip(qkv, leaves))
+            else:
+                x = layer.input_layernorm(inputs(d0, 3 * H))
+                q, k, v = (self._project(p, x[:, :, i * H:(i + 1) * H], hs)  # [B, H, T, dh] each
+                           for i, (p, hs) in enumerate(zip(projs, heads)))
             if getattr(at, "q_norm", None) is not None:
                 q, k = at.q_norm(q), at.k_norm(k)
             q = q * cos + _rotate_half(q) * sin
@@ -255,10 +273,22 @@ class CircuitGraph(GraphLayout):
         logits = self.model.lm_head(self.base.norm(xf))
         return logits, (torch.stack(outs) if keep_outputs else None)
 
+    def _input_grads(self, norm: nn.Module, x: torch.Tensor, projs, heads, grads) -> torch.Tensor:
+        """d metric / d (each head's q, k, v input) [B, T, 3H, D] from the leaves' grads [B, H, T, dh].
+
+        Through W^T, then the RMSNorm y = w x r, r = (mean(x^2) + eps)^(-1/2), whose Jacobian
+        transposed is dx = r (w g) - r^3 / D x sum(x w g).
+        """
+        gy = torch.cat([torch.einsum("bhte,hed->bthd", g, p.weight.view(-1, self.d_head, self.d_model)[hs])
+                        for g, p, hs in zip(grads, projs, heads)], 2) * norm.weight  # [B, T, 3H, D]
+        x = x[:, :, None]  # [B, T, 1, D]
+        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+        return r * gy - r.pow(3) / self.d_model * x * (x * gy).sum(-1, keepdim=True)
+
     def _project(self, proj: nn.Linear, x: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
-        """Head-wise projection: x [B, T, H, D] through rows of ``heads`` -> [B, H, T, dh]."""
+        """Head-wise projection: x [B, T, H, D] (or [B, T, D] shared) through rows of ``heads`` -> [B, H, T, dh]."""
         w = proj.weight.view(-1, self.d_head, self.d_model)[heads]  # [H, dh, D]
-        y = torch.einsum("bthd,hed->bhte", x, w)
+        y = torch.einsum("bthd,hed->bhte" if x.dim() == 4 else "btd,hed->bhte", x, w)
         if proj.bias is not None:
             y = y + proj.bias.view(-1, self.d_head)[heads][None, :, None]
         return y
