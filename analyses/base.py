@@ -357,7 +357,7 @@ def check_memory(n_bytes: int, flag: str) -> None:
 
 _REGISTRY: dict[str, type[Analysis]] = {}
 # modules that register analyses when imported; grown by each analysis module
-ANALYSIS_MODULES = ["induction", "sinks", "fai", "retrieval", "safety", "vhd"]
+ANALYSIS_MODULES = ["induction", "sinks", "fai", "retrieval", "safety", "vhd", "circuit"]
 
 
 def register(cls: type[Analysis]) -> type[Analysis]:

@@ -8,10 +8,11 @@ One data model (``build_report``) is rendered three ways:
 - **md**: Markdown plus a ``<name>_files/`` folder of SVG figures drawn by ``headscope.app.svg``
   (no kaleido/Chrome needed).
 
-Several runs of one model combine into a head-level *circuit view*: every head that stands out in
-some score becomes a node carrying its roles (induction, retrieval, safety, sink, global/local, ...),
-and ablation/patching effects (effect-type scores, interventions saved from the dashboard) are
-attached to the heads as annotations. Runs of different models give one circuit per model.
+Several runs of one model combine into a head-level *role map* (the report's "Head roles"): every
+head that stands out in some score becomes a node carrying its roles (induction, retrieval, safety,
+sink, global/local, ...), and ablation/patching effects (effect-type scores, interventions saved
+from the dashboard) are attached to the heads as annotations. Runs of different models give one
+map per model. A ``circuit`` run adds its edge-level circuit (``circuit_report``).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import plotly.graph_objects as go
 from headscope.errors import HeadscopeError
 from headscope.heads import ranked_heads
 
-from . import svg
+from . import circuit_report, svg
 from .views import (descending_rank, head_label, heatmap_figure, parse_head, run_model, scalar_summary,
                     top_heads)
 
@@ -140,7 +141,8 @@ def _interventions(run) -> list[dict]:
 
 
 def build_circuit(runs: list, model: str) -> dict:
-    """The head-level circuit view of ``runs`` (all of ``model``): nodes with roles and effects."""
+    """The head-role map of ``runs`` (all of ``model``): nodes with roles and effects. The edge-level
+    circuit of a ``circuit`` run is ``circuit_report.edge_circuit``."""
     info = {}
     nodes: dict[tuple[int, int], dict] = {}
 
@@ -194,7 +196,18 @@ def build_report(runs: list) -> dict:
         "runs": [_run_entry(r) for r in runs],
         "interventions": [it for r in runs for it in _interventions(r)],
         "circuits": [build_circuit(rs, name) for name, rs in by_model.items()],
+        "edge_circuits": [_jsonable(circuit_report.edge_circuit(r, _roles_by_node(rs)))
+                          for name, rs in by_model.items() for r in rs
+                          if r.analysis == "circuit" and r.status == "complete"],
     }
+
+
+def _roles_by_node(runs: list) -> dict[str, list[str]]:
+    """``a{L}.h{H}`` -> role names the other runs of the model give the head (for circuit hovers)."""
+    out: dict[str, list[str]] = {}
+    for n in build_circuit([r for r in runs if r.analysis != "circuit"], "")["nodes"]:
+        out[f"a{n['layer']}.h{n['head_index']}"] = sorted({r["role"] for r in n["roles"]})
+    return out
 
 
 def validate_report(data: dict) -> None:
@@ -215,7 +228,7 @@ def node_role(n: dict) -> str:
 
 
 def circuit_figure(circuit: dict) -> go.Figure:
-    """Plotly version of the circuit view: heads on a layer x head grid, one trace per role."""
+    """Plotly version of the head-role map: heads on a layer x head grid, one trace per role."""
     fig = go.Figure()
     by_role: dict[str, list] = {}
     for n in circuit["nodes"]:
@@ -225,11 +238,11 @@ def circuit_figure(circuit: dict) -> go.Figure:
                                                        for r in n["roles"]] +
                             [f"{e['kind']}: {e['metric']}={e['value']:.3g}" for e in n["effects"]]) for n in ns]
         fig.add_trace(go.Scatter(
-            x=[n["layer"] for n in ns], y=[n["head_index"] for n in ns], mode="markers+text", name=role,
-            text=[n["head"] for n in ns], textposition="top center", hovertext=text, hoverinfo="text",
+            x=[n["layer"] for n in ns], y=[n["head_index"] for n in ns], mode="markers", name=role,
+            hovertext=text, hoverinfo="text",  # names on hover only: grid labels overlap
             marker={"size": 16, "color": svg.role_color(role),
                     "line": {"width": [3 if n["effects"] else 0 for n in ns], "color": "black"}}))
-    fig.update_layout(title={"text": f"circuit view: {circuit['model']} (ringed heads have ablation/patching effects)"},
+    fig.update_layout(title={"text": f"head roles: {circuit['model']} (ringed heads have ablation/patching effects)"},
                       xaxis={"title": {"text": "layer"}, "range": [-1, circuit["n_layers"]],
                              "dtick": 1 if circuit["n_layers"] <= 40 else None},
                       yaxis={"title": {"text": "head"}, "range": [circuit["n_heads"], -1],
@@ -317,9 +330,17 @@ def render_html(data: dict) -> str:
                  f"created {_esc(data['created'])} · headscope {_esc(data['versions']['headscope'])}</p>")
     parts.append("<h2>Runs</h2>" + _html_table([_run_overview(e) for e in data["runs"]]))
     for c in data["circuits"]:
-        parts.append(f"<h2>Circuit view: {_esc(c['model'])}</h2>")
+        parts.append(f"<h2>Head roles: {_esc(c['model'])}</h2><p>each head's roles from the runs' scores; "
+                     "a <code>circuit</code> run's edge-level circuit follows in its own section</p>")
         parts.append(fig_html(circuit_figure(c)) if c["nodes"] else "<p><i>no heads stand out</i></p>")
         parts.append(_html_table(_node_rows(c)))
+    for c in data["edge_circuits"]:
+        parts.append(f"<h2>Circuit: {_esc(c['task'])} on {_esc(c['model'])} (run {_esc(c['run'])})</h2>")
+        parts.append(f'<div class="figure">{circuit_report.graph_svg(c)}</div>')
+        parts.append(f'<h3>Faithfulness vs circuit size</h3><div class="figure">{circuit_report.curve_svg(c)}</div>')
+        parts.append(_html_table(circuit_report.facts(c)))
+        parts.append("<h3>Strongest circuit edges</h3>" + _html_table(circuit_report.edge_rows(c)))
+        parts.append("<h3>Example prompts</h3>" + _html_table(circuit_report.pair_rows(c)))
     if data["interventions"]:
         parts.append("<h2>Interventions</h2>" + _html_table(_intervention_rows(data)))
     for e in data["runs"]:
@@ -352,13 +373,24 @@ def render_markdown(data: dict, files_dir: str) -> tuple[str, dict[str, str]]:
           f"created {data['created']} · headscope {data['versions']['headscope']}\n",
           "## Runs\n", _md_table([_run_overview(e) for e in data["runs"]])]
     for c in data["circuits"]:
-        md.append(f"## Circuit view: {c['model']}\n")
+        md.append(f"## Head roles: {c['model']}\n")
         if c["nodes"]:
             rel = f"{files_dir}/circuit-{_slug(c['model'])}.svg"
-            files[rel] = svg.circuit_svg(c["nodes"], c["n_layers"], c["n_heads"], f"circuit: {c['model']}",
+            files[rel] = svg.circuit_svg(c["nodes"], c["n_layers"], c["n_heads"], f"head roles: {c['model']}",
                                          role_of=node_role)
-            md.append(f"![circuit view of {c['model']}]({rel})\n")
+            md.append(f"![head roles of {c['model']}]({rel})\n")
         md.append(_md_table(_node_rows(c)))
+    for c in data["edge_circuits"]:
+        md.append(f"## Circuit: {c['task']} on {c['model']} (run {c['run']})\n")
+        for kind, fig in (("graph", circuit_report.graph_svg(c)), ("faithfulness", circuit_report.curve_svg(c))):
+            rel = f"{files_dir}/{_slug(c['run'])}-circuit-{kind}.svg"
+            files[rel] = fig
+            md.append(f"![circuit {kind}]({rel})\n")
+        md.append(_md_table(circuit_report.facts(c)))
+        md.append("### Strongest circuit edges\n")
+        md.append(_md_table(circuit_report.edge_rows(c)))
+        md.append("### Example prompts\n")
+        md.append(_md_table(circuit_report.pair_rows(c)))
     if data["interventions"]:
         md.append("## Interventions\n")
         md.append(_md_table(_intervention_rows(data)))

@@ -863,8 +863,6 @@ def _resume(jm: JobManager, job) -> None:
 
 # --------------------------------------------------------------------------- navigation
 _PAGES: dict[str, object] = {}
-PAGE_SPEC = {"runs": ("Runs", runs_page), "heads": ("Heads", heads_page), "inspect": ("Inspect", inspect_page),
-             "intervene": ("Intervene", intervene_page), "new": ("New run", new_run_page)}
 
 
 def _link_heads(container, run_id: str) -> None:
@@ -873,6 +871,16 @@ def _link_heads(container, run_id: str) -> None:
     if "heads" in _PAGES:
         container.page_link(_PAGES["heads"], label="open in Heads",
                             query_params={"run": run_id})
+
+
+def _circuit_page() -> None:
+    from .circuit_ui import circuit_page  # circuit_ui imports this module
+    circuit_page()
+
+
+PAGE_SPEC = {"runs": ("Runs", runs_page), "heads": ("Heads", heads_page), "inspect": ("Inspect", inspect_page),
+             "intervene": ("Intervene", intervene_page), "circuit": ("Circuit", _circuit_page),
+             "new": ("New run", new_run_page)}
 
 
 def navigation():

@@ -1,0 +1,320 @@
+"""The computational graph over heads, and exact patching of any set of its edges.
+
+Nodes (the names of EAP-IG and the MIB circuit track):
+
+- ``input``: the token embeddings;
+- ``a{L}.h{H}``: query head H of layer L; its output is the head's share of ``o_proj``
+  (``hook_result``: z_h @ W_O[:, h]), the o_proj bias excluded;
+- ``m{L}``: the MLP of layer L (output ``hook_mlp_out``);
+- ``logits``: the unembedding (reads the final norm of its input).
+
+Edges run from every upstream node to every downstream node's *input*. A head has three inputs,
+``a{L}.h{H}<q>``, ``<k>`` and ``<v>``: the residual streams its query, key and value projections
+read. ``m{L}`` reads the heads of its own layer and everything below; a head reads everything
+below its layer; ``logits`` reads everything.
+
+GQA: edges are per *query* head. Query head h of a layer with G query heads per KV head uses KV
+head h // G; its ``<k>`` / ``<v>`` inputs are its own copies of the stream, projected by that KV
+head's W_K / W_V. With every edge present all copies are equal, so this is the model. Patching
+the k-input of one query head leaves the keys the other heads of its group see unchanged.
+
+Patching (the reference, after Wang et al. 2022 path patching and EAP-IG's implementation): the
+input of a downstream node d is
+
+    in_d = sum over upstream u of  ( mask[u, d] * out_u(this run) + (1 - mask[u, d]) * out_u(corrupted run) )
+
+so an edge outside the circuit carries the corrupted activation and an edge inside it carries
+the activation of the patched run itself. The empty circuit reproduces the corrupted run exactly,
+the full one the clean run (``tests/test_circuit_graph.py`` checks both, and a hand-written
+forward with a path swapped).
+
+Which attention runs: this module is its own forward over the HF weights (``q/k/v/o_proj``, the
+norms, the rotary embedding and the MLP modules of the model), with plain torch attention in
+float32 (masked softmax over [B, H, T, T]). Autograd flows through it, so EAP / EAP-IG gradients
+come from the same code that patches. It does not switch the model's attention implementation and
+does not touch the probe's kernels, so ``Probe.capture`` / ``intervene`` keep working on the same
+model between calls. The price is the quadratic attention matrix: a batch costs
+~ (B * H * T^2 + n_nodes * B * T * d_model) floats, so long prompts need small batches.
+
+Families: Llama, Mistral, Qwen2 and Qwen3 (pre-norm, RoPE, separate q/k/v projections; Qwen3's
+q/k norms are applied per head). Other families (GPT-2's fused c_attn and learned positions,
+Gemma's sandwich norms / embedding scale / softcaps, sliding-window layers) raise ``HeadscopeError``;
+so do prompts longer than a Mistral / Qwen2 sliding window, which this full-causal forward ignores.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from headscope.errors import HeadscopeError
+
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+QKV = ("q", "k", "v")
+
+
+def _model_of(obj) -> nn.Module:
+    """A bare HF model from a model, a ``LoadedModel`` or a ``Probe``."""
+    return obj if isinstance(obj, nn.Module) else obj.model
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class GraphLayout:
+    """Node and edge names of the graph of an ``n_layers`` x ``n_heads`` model, without the model.
+
+    ``upstream``: names of nodes with an output (``input``, heads, MLPs) in forward order.
+    ``targets``: names of node inputs (``a{L}.h{H}<q|k|v>``, ``m{L}``, ``logits``) in forward order.
+    ``valid``: [n_up, n_targets] bool, True where an edge exists. Edge masks and scores are
+    [n_up, n_targets] tensors; entries outside ``valid`` are ignored (and kept 0). The index layout
+    is EAP-IG's (forward / backward indices), so matrices carry over unchanged.
+    """
+
+    def __init__(self, n_layers: int, n_heads: int, n_kv_heads: int | None = None):
+        self.n_layers, self.n_heads, self.n_kv_heads = n_layers, n_heads, n_kv_heads or n_heads
+        L, H = n_layers, n_heads
+        self.upstream = ["input"] + [n for l in range(L) for n in [f"a{l}.h{h}" for h in range(H)] + [f"m{l}"]]
+        self.targets = [n for l in range(L) for n in
+                        [f"a{l}.h{h}<{c}>" for c in QKV for h in range(H)] + [f"m{l}"]] + ["logits"]
+        self.up_index = {n: i for i, n in enumerate(self.upstream)}
+        self.target_index = {n: i for i, n in enumerate(self.targets)}
+        valid = torch.zeros(len(self.upstream), len(self.targets), dtype=torch.bool)
+        for l in range(L):
+            a0 = self.target_index[f"a{l}.h0<q>"]
+            valid[:self.up_index[f"a{l}.h0"], a0:a0 + 3 * H] = True       # heads read everything below
+            valid[:self.up_index[f"m{l}"], self.target_index[f"m{l}"]] = True  # MLP also reads its layer's heads
+        valid[:, -1] = True
+        self.valid = valid
+
+    # -- names ---------------------------------------------------------------------------------
+    @property
+    def n_edges(self) -> int:
+        return int(self.valid.sum())
+
+    def edge_name(self, u: int, d: int) -> str:
+        """EAP-IG's edge name: ``a0.h1->a1.h0<k>``, ``m0->logits``."""
+        tgt = self.targets[d]
+        if "<" in tgt:
+            node, qkv = tgt.split("<")
+            return f"{self.upstream[u]}->{node}<{qkv}"
+        return f"{self.upstream[u]}->{tgt}"
+
+    def edges(self) -> list[tuple[int, int]]:
+        """Every (upstream index, target index) pair of the graph, row-major."""
+        return [tuple(x) for x in self.valid.nonzero().tolist()]
+
+    def full_mask(self) -> torch.Tensor:
+        return self.valid.float()
+
+    def empty_mask(self) -> torch.Tensor:
+        return torch.zeros(self.valid.shape)
+
+    def mask_from_edges(self, edges) -> torch.Tensor:
+        """[n_up, n_targets] 0/1 mask from (u, d) pairs or edge names; unknown names raise."""
+        m = self.empty_mask()
+        for e in edges:
+            u, d = self.parse_edge(e) if isinstance(e, str) else e
+            if not self.valid[u, d]:
+                raise HeadscopeError(f"{self.edge_name(u, d)} is not an edge of this graph")
+            m[u, d] = 1.0
+        return m
+
+    def parse_edge(self, name: str) -> tuple[int, int]:
+        try:
+            up, down = name.split("->")
+            if "<" in down:
+                node, qkv = down.split("<")
+                down = f"{node}<{qkv}"
+            u, d = self.up_index[up], self.target_index[down]
+            if not self.valid[u, d]:
+                raise KeyError(name)
+            return u, d
+        except (ValueError, KeyError):
+            raise HeadscopeError(f"{name!r} is not an edge name of this {self.n_layers}-layer, "
+                                 f"{self.n_heads}-head graph (e.g. 'a0.h1->a1.h0<k>')") from None
+
+class CircuitGraph(GraphLayout):
+    """The graph of one HF model, with the patched forward (see the module docstring).
+
+    Failure modes (``HeadscopeError``): a model family outside ``SUPPORTED``, sliding-window
+    layers, a model not in float32.
+    """
+
+    def __init__(self, model):
+        model = _model_of(model)
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        if cfg.model_type not in SUPPORTED:
+            raise HeadscopeError(f"circuit graphs support model types {', '.join(SUPPORTED)}; "
+                                 f"{cfg.model_type!r} is not one of them")
+        if any(t == "sliding_attention" for t in (getattr(cfg, "layer_types", None) or [])) and \
+                getattr(cfg, "use_sliding_window", True):
+            raise HeadscopeError(f"{cfg.model_type!r} with sliding-window layers is not supported by circuit graphs")
+        if next(model.parameters()).dtype != torch.float32:
+            raise HeadscopeError("circuit graphs need a float32 model (--dtype float32): attribution sums many "
+                                 "small products")
+        uses_window = cfg.model_type == "mistral" or getattr(cfg, "use_sliding_window", False)
+        self.window = getattr(cfg, "sliding_window", None) if uses_window else None
+        self.model = model
+        self.base = model.model
+        self.layers = list(self.base.layers)
+        super().__init__(len(self.layers), cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None))
+        self.d_head = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.d_model = cfg.hidden_size
+        self.model_type = cfg.model_type
+
+    # -- the forward ---------------------------------------------------------------------------
+    def forward(self, ids: torch.Tensor | None = None, *, embeds: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, corrupt: torch.Tensor | None = None,
+                on_input: Callable[[int, list, Callable], None] | None = None,
+                keep_outputs: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run the graph; returns (logits [B, T, V] fp32, node outputs [n_up, B, T, D] or None).
+
+        ``mask`` [n_up, n_targets] (None = every edge): edges with mask 1 carry this run's
+        activations, the rest ``corrupt``'s (node outputs [n_up, B, T, D] of the corrupted run,
+        required when ``mask`` is not None). Fractional masks interpolate. ``embeds`` replaces the
+        embedding of ``ids`` (EAP-IG interpolates it). ``on_input(first_target, leaves, to_input)`` gets, per
+        target group (when grad is enabled and ``mask`` is None), zero leaves added inside the forward
+        and a function mapping their gradients to the gradients with respect to the group's inputs,
+        [B, T, n, D]. A head's q/k/v leaves sit after the projections ([B, H, T, d_head]), so the
+        autograd graph stays the size of a plain forward (memory ~ B x T, not B x T x 3H); the map
+        back goes through W^T and the RMSNorm's Jacobian, written out.
+        """
+        if embeds is None:
+            embeds = self.base.embed_tokens(ids)
+        if mask is not None and corrupt is None:
+            raise HeadscopeError("a masked graph forward needs the corrupted run's node outputs")
+        if mask is not None and on_input is not None:
+            raise HeadscopeError("attribution hooks (on_input) need the unpatched forward (mask=None)")
+        B, T, D = embeds.shape
+        if self.window is not None and T > self.window:
+            raise HeadscopeError(f"{T} tokens exceed the {self.window}-token sliding window of this "
+                                 f"{self.model_type!r} model; circuit graphs attend over the full prefix")
+        H, G = self.n_heads, self.n_heads // self.n_kv_heads
+        dev = embeds.device
+        outs = [embeds]  # node outputs in upstream order, each [B, T, D]
+        resid = embeds  # sum of outs: every target's input when no edge is patched
+        positions = torch.arange(T, device=dev)[None].expand(B, T)
+        cos, sin = self.base.rotary_emb(embeds, positions)
+        cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, dh]
+        causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+        if mask is not None:
+            valid = self.valid.to(dev).float()
+            mask = mask.to(dev) * valid
+            corrupt_resid = corrupt.cumsum(0)  # [n_up, B, T, D]: corrupted input seen through the first n nodes
+        kv = torch.arange(H, device=dev) // G  # query head -> its KV head
+        bias = torch.zeros(D, device=dev)  # o_proj biases so far: constant, the same in every run
+
+        def inputs(d0: int, n: int) -> torch.Tensor:
+            """[B, T, n, D] inputs of targets d0..d0+n-1 from the outputs so far.
+
+            Patched: corrupted residual + the clean-minus-corrupted outputs of the kept edges, or the
+            clean residual minus those of the cut edges, whichever touches fewer upstream nodes.
+            """
+            n_up = len(outs)
+            if mask is None:
+                x = resid[:, :, None].expand(B, T, n, D)
+            else:
+                keep = mask[:n_up, d0:d0 + n]  # [n_up, n]
+                cut = valid[:n_up, d0:d0 + n] - keep
+                rows_k, rows_c = keep.any(1).nonzero()[:, 0], cut.any(1).nonzero()[:, 0]
+                w, rows, base, sign = ((keep, rows_k, corrupt_resid[n_up - 1], 1.0) if len(rows_k) <= len(rows_c)
+                                       else (cut, rows_c, resid, -1.0))
+                x = base[:, :, None].expand(B, T, n, D)
+                if len(rows):
+                    diff = torch.stack([outs[i] for i in rows.tolist()]) - corrupt[rows]  # [r, B, T, D]
+                    x = x + sign * torch.einsum("rn,rbtd->btnd", w[rows], diff)
+            x = x + bias
+            if on_input is not None and torch.is_grad_enabled() and n == 1:
+                probe = torch.zeros(x.shape, device=dev, requires_grad=True)  # d metric / d probe = d metric / d x
+                on_input(d0, [probe], lambda grads: grads[0])
+                x = x + probe
+            return x
+
+        lean = on_input is not None and mask is None and torch.is_grad_enabled()
+        for l, layer in enumerate(self.layers):
+            at = layer.self_attn
+            heads = (torch.arange(H, device=dev), kv, kv)
+            projs = (at.q_proj, at.k_proj, at.v_proj)
+            d0 = self.target_index[f"a{l}.h0<q>"]
+            if lean:  # every target reads resid: one norm, zero leaves after the projections
+                x_in = resid + bias  # [B, T, D]
+                xn = layer.input_layernorm(x_in)  # [B, T, D], shared by every head
+                qkv = [self._project(p, xn, hs) for p, hs in zip(projs, heads)]  # 3 x [B, H, T, dh]
+                leaves = [torch.zeros(t.shape, device=dev, requires_grad=True) for t in qkv]
+                on_input(d0, leaves, functools.partial(self._input_grads, layer.input_layernorm, x_in.detach(),
+                                                       projs, heads))
+                q, k, v = (t + p for t, p in zip(qkv, leaves))
+            else:
+                x = layer.input_layernorm(inputs(d0, 3 * H))
+                q, k, v = (self._project(p, x[:, :, i * H:(i + 1) * H], hs)  # [B, H, T, dh] each
+                           for i, (p, hs) in enumerate(zip(projs, heads)))
+            if getattr(at, "q_norm", None) is not None:
+                q, k = at.q_norm(q), at.k_norm(k)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            scores = (q @ k.transpose(-1, -2)) * at.scaling  # [B, H, T, T]
+            z = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v  # [B, H, T, dh]
+            w_o = at.o_proj.weight.view(D, H, self.d_head)  # [D, H, dh]
+            result = torch.einsum("bhte,dhe->hbtd", z, w_o)  # [H, B, T, D]
+            outs += list(result)
+            resid = resid + result.sum(0)
+            if at.o_proj.bias is not None:
+                bias = bias + at.o_proj.bias
+            xm = inputs(self.target_index[f"m{l}"], 1)[:, :, 0]  # [B, T, D]
+            outs.append(layer.mlp(layer.post_attention_layernorm(xm)))
+            resid = resid + outs[-1]
+        xf = inputs(len(self.targets) - 1, 1)[:, :, 0]
+        logits = self.model.lm_head(self.base.norm(xf))
+        return logits, (torch.stack(outs) if keep_outputs else None)
+
+    def _input_grads(self, norm: nn.Module, x: torch.Tensor, projs, heads, grads) -> torch.Tensor:
+        """d metric / d (each head's q, k, v input) [B, T, 3H, D] from the leaves' grads [B, H, T, dh].
+
+        Through W^T, then the RMSNorm y = w x r, r = (mean(x^2) + eps)^(-1/2), whose Jacobian
+        transposed is dx = r (w g) - r^3 / D x sum(x w g).
+        """
+        gy = torch.cat([torch.einsum("bhte,hed->bthd", g, p.weight.view(-1, self.d_head, self.d_model)[hs])
+                        for g, p, hs in zip(grads, projs, heads)], 2) * norm.weight  # [B, T, 3H, D]
+        x = x[:, :, None]  # [B, T, 1, D]
+        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+        return r * gy - r.pow(3) / self.d_model * x * (x * gy).sum(-1, keepdim=True)
+
+    def _project(self, proj: nn.Linear, x: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+        """Head-wise projection: x [B, T, H, D] (or [B, T, D] shared) through rows of ``heads`` -> [B, H, T, dh]."""
+        w = proj.weight.view(-1, self.d_head, self.d_model)[heads]  # [H, dh, D]
+        y = torch.einsum("bthd,hed->bhte" if x.dim() == 4 else "btd,hed->bhte", x, w)
+        if proj.bias is not None:
+            y = y + proj.bias.view(-1, self.d_head)[heads][None, :, None]
+        return y
+
+
+@dataclass
+class Batch:
+    """Clean/corrupted token pairs of equal length per row, right-padded, and the metric's tokens.
+
+    ``clean``, ``corrupt``: [B, T] LongTensor; ``last``: [B] index of each row's last real token
+    (the position whose next-token logits the metric reads); ``answer`` / ``wrong``: [B] token ids.
+    """
+
+    clean: torch.Tensor
+    corrupt: torch.Tensor
+    last: torch.Tensor
+    answer: torch.Tensor
+    wrong: torch.Tensor
+
+    def to(self, device) -> "Batch":
+        return Batch(*(t.to(device) for t in (self.clean, self.corrupt, self.last, self.answer, self.wrong)))
+
+
+def logit_diff_metric(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Mean over rows of logit[answer] - logit[wrong] at each row's last real token (a 0-d tensor)."""
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    last = logits[rows, batch.last]  # [B, V]
+    return (last[rows, batch.answer] - last[rows, batch.wrong]).mean()
+
