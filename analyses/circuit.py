@@ -68,14 +68,14 @@ class CircuitAnalysis(Analysis):
 
     def examples(self, ctx):
         if ctx.options["method"] == "eap-ig" and ctx.options["ig_steps"] < 1:
-            raise HeadscopeError(f"--ig_steps must be >= 1 for eap-ig, got {ctx.options['ig_steps']}")
+            raise HeadscopeError(f"--ig-steps must be >= 1 for eap-ig, got {ctx.options['ig_steps']}")
         pairs = task_pairs(ctx)
         graph_of(ctx)  # an unsupported model fails before the run is written
         bs = max(1, ctx.options["batch_size"])
         for i in range(0, len(pairs), bs):
             yield Example(id=f"batch{i // bs:04d}", data=(i, min(i + bs, len(pairs))))
 
-    def example_input(self, ctx, ex) -> list[int]:
+    def inputs(self, ctx, ex) -> list[int]:
         """The batch's first clean prompt (the dashboard shows attention patterns on it)."""
         return task_pairs(ctx)[ex.data[0]].clean
 
