@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from headscope.errors import HeadscopeError, Interrupted, Terminated
+from headscope.errors import ContextTooLong, HeadscopeError, Interrupted, Terminated
 
 from .store import (Run, RunLease, atomic_write_npz, create_run, default_runs_dir, example_digest,
                     new_run_id)
@@ -295,6 +295,7 @@ class Analysis:
     options: tuple[Option, ...] = ()
     needs_data: bool = False
     takes_data: bool = True     # False: the analysis makes its own inputs; --data is refused, not ignored
+    length_flag: str = ""       # the option that bounds input length, named when an input exceeds the context
     data_help: str = ""
     # why examples cannot be split across processes (one depends on those before it); "" if they can
     sequential: str = ""
@@ -537,6 +538,9 @@ def _execute(run: Run, resumed: bool, analysis: Analysis, ctx: RunContext, examp
         raise Interrupted(f"interrupted; {len(done)} of {len(examples)} examples saved. Continue with {hint}",
                           exit_code=143 if isinstance(e, Terminated) else 130) from None
     except HeadscopeError as e:
+        if isinstance(e, ContextTooLong) and analysis.length_flag:
+            e = HeadscopeError(f"{e.n_tokens} tokens exceed the model's context of {e.max_context}: "
+                               f"lower {analysis.length_flag}")
         _mark(run, "partial", timings, t0, error=str(e))
         raise HeadscopeError(f"{e}; the {len(done)} finished examples are kept: fix this, then continue "
                              f"with {hint}") from None

@@ -184,6 +184,7 @@ DEFAULT_DATA = "chat_transcripts.jsonl"
 @register
 class FAIAnalysis(Analysis):
     name = "fai"
+    length_flag = "--max-tokens"
     description = "Per-token FAI (global heads) and WAAD (local heads) on a response or text span, with peaks."
     data_help = ("JSONL with 'prompt' + 'response' (chat transcripts; the response is scored) or 'text' "
                  "(the whole text is scored), or .txt; default: the shipped chat_transcripts.jsonl")

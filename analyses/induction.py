@@ -70,6 +70,7 @@ def tl_detection_scores(pattern: torch.Tensor, ids: torch.Tensor) -> dict[str, n
 @register
 class InductionAnalysis(Analysis):
     name = "induction"
+    length_flag = "--seq-len"
     description = "Previous-token, duplicate-token and induction heads on repeated random tokens."
     takes_data = False
     data_help = "it makes its own repeated random token sequences (--n-examples, --seq-len, --seed)"

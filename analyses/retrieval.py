@@ -152,6 +152,7 @@ def _ranked(scores: np.ndarray) -> list[int]:
 @register
 class RetrievalAnalysis(Analysis):
     name = "retrieval"
+    length_flag = "--lengths"
     description = "Retrieval heads: top-1 copy-paste from a needle while decoding NIAH prompts (Wu et al. 2024)."
     data_help = "optional needle file (JSON list of {id, needle, question, answer}, or the reference's JSONL)"
     options = niah_options() + (

@@ -227,6 +227,7 @@ def _r(x, n=4) -> list:
 @register
 class SinksAnalysis(Analysis):
     name = "sinks"
+    length_flag = "--T"
     description = "Gu sink rate, sink tokens, ACT detection, dormant heads and secondary sinks."
     data_help = ("JSONL with 'text' (or 'prompt' + 'response', rendered with the chat template), or .txt; "
                  "default: the shipped natural_texts.jsonl")
@@ -365,6 +366,7 @@ class SinksAnalysis(Analysis):
 @register
 class MassiveAnalysis(Analysis):
     name = "massive"
+    length_flag = "--max-tokens"
     description = "Massive activations in the residual stream per layer, token and dimension."
     data_help = SinksAnalysis.data_help
     options = (

@@ -16,3 +16,12 @@ class Interrupted(HeadscopeError):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class ContextTooLong(HeadscopeError):
+    """An input longer than the model's context. ``n_tokens`` / ``max_context`` let a caller that
+    knows which option set the length (an analysis' ``length_flag``) name it instead."""
+
+    def __init__(self, message: str, n_tokens: int, max_context: int):
+        super().__init__(message)
+        self.n_tokens, self.max_context = n_tokens, max_context

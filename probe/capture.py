@@ -153,7 +153,7 @@ def _check_finite(t: torch.Tensor, what: str, allow_neg_inf: bool = False) -> No
     bad = torch.isnan(t) | (t == float("inf")) if allow_neg_inf else ~torch.isfinite(t)
     if bool(bad.any()):
         raise HeadscopeError(f"non-finite values (NaN/inf) in {what}: {int(bad.sum())} entries; the model overflowed "
-                             "(fp16? massive activations?) - run in fp32, or pass check_finite=False to keep them")
+                             "(fp16? massive activations?) - run in fp32 (--dtype float32), or from Python pass check_finite=False to keep them")
 
 
 class Capture:

@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from headscope.errors import HeadscopeError
+from headscope.errors import ContextTooLong, HeadscopeError
 from headscope.kernels import StatsSpec, resolve_backend
 
 from .capture import Capture, ForwardResult, run_forward
@@ -105,11 +105,13 @@ class Probe:
         if self.max_context is None or T <= self.max_context:
             return
         if self.anatomy.pos_embed is not None:
-            raise HeadscopeError(f"{T} tokens exceed the {self.max_context}-position learned position embedding "
-                                 f"of {self.anatomy.model_type!r}; it cannot extrapolate")
+            raise ContextTooLong(f"{T} tokens exceed the {self.max_context}-position learned position embedding "
+                                 f"of {self.anatomy.model_type!r}; it cannot extrapolate: use shorter inputs",
+                                 T, self.max_context)
         if not allow_beyond_context:
-            raise HeadscopeError(f"{T} tokens exceed the model's context of {self.max_context}; pass "
-                                 "allow_beyond_context=True to run anyway (RoPE extrapolation, quality unknown)")
+            raise ContextTooLong(f"{T} tokens exceed the model's context of {self.max_context}; use shorter inputs, "
+                                 "or from Python pass allow_beyond_context=True to run anyway (RoPE extrapolation, "
+                                 "quality unknown)", T, self.max_context)
 
     # -- sessions ------------------------------------------------------------------------------
     def capture_session(self, stats: StatsSpec | None = None, layers: Sequence[int] | None = None,

@@ -280,7 +280,7 @@ def headscope_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
         if spec is not None and ctx.check_finite and not (torch.isfinite(query).all()
                                                           and torch.isfinite(key[:, :, Tk - Tq:]).all()):
             raise HeadscopeError(f"non-finite values (NaN/inf) in the queries/keys of layer {layer}: the model overflowed "
-                                 "upstream (fp16? massive activations?) - run in fp32, or pass check_finite=False")
+                                 "upstream (fp16? massive activations?) - run in fp32 (--dtype float32), or from Python pass check_finite=False")
     row_edits = ctx.row_edits.get(layer) if layer is not None else None
 
     plain = (spec is None and edits is None and softcap is None and kv_valid is None

@@ -198,3 +198,21 @@ def test_a_run_whose_examples_were_all_skipped_says_so(tmp_path, capsys):
                      options={"n": 3})
     run = load_run(tmp_path / "r")
     assert run.status == "empty" and "all 3 examples were skipped" in run.meta["error"]
+
+
+def test_too_long_input_names_the_length_flag(tmp_path):
+    """An input past the context ends in a one-line error naming the analysis's length option (not a
+    Python argument the CLI does not have); the run is left partial, resumable once fixed."""
+    from headscope.analyses.base import run_analysis
+    from headscope.errors import HeadscopeError
+    from headscope.probe import Probe
+
+    from .helpers import make_tiny_lm, write_jsonl
+    lm = make_tiny_lm(seed=0)
+    data = tmp_path / "long.jsonl"
+    write_jsonl(data, [{"text": "a b c d e f g h " * (lm.info.max_context // 4)}])
+    with pytest.raises(HeadscopeError) as e:
+        run_analysis("sinks", lm=lm, probe=Probe(lm), data=str(data), out=tmp_path / "r", progress=False,
+                     options={"T": 0})
+    msg = str(e.value)
+    assert f"exceed the model's context of {lm.info.max_context}: lower --T" in msg and "allow_beyond" not in msg
