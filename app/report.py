@@ -125,9 +125,7 @@ def reproduce_command(meta: dict) -> str | None:
             continue
         if isinstance(v, bool):
             v = "true" if v else "false"
-        elif isinstance(v, (list, tuple)):
-            v = ",".join(map(str, v))
-        argv += [o.flag, repr(v) if isinstance(v, float) else str(v)]  # repr: the float's exact digits
+        argv += [o.flag, str(v)]  # str(float) keeps every digit: the re-run gets the same value
     return shlex.join(argv)
 
 
@@ -205,10 +203,11 @@ def _run_entry(run) -> dict:
                  "threshold": meta.get("threshold"), "values": _jsonable(arr), "std": _jsonable(std),
                  "spread": spread, "top_heads": []}
         if arr.ndim == 2:
+            rows = top_heads({name: np.nan_to_num(arr, nan=-np.inf)}, name, TOP_K, index=entry["index"])
             entry["top_heads"] = [{k: r[k] for k in ("rank", "head", "layer", "index")} |
-                                  {"value": r[name], "std": None if std is None else _jsonable(std[r["layer"], r["index"]])}
-                                  for r in top_heads({name: np.nan_to_num(arr, nan=-np.inf)}, name, TOP_K,
-                                                     index=entry["index"]) if math.isfinite(r[name])]
+                                  {"value": r[name],
+                                   "std": None if std is None else _jsonable(std[r["layer"], r["index"]])}
+                                  for r in rows if math.isfinite(r[name])]
         scores_out[name] = entry
     out = {
         "id": run.id, "analysis": run.analysis, "status": run.status, "created": m.get("created"),
@@ -382,9 +381,7 @@ def _run_overview(e: dict) -> dict:
 
 
 def _setting(v) -> str:
-    """A setting as the user gave it: floats in Python's shortest exact form, lists comma-joined."""
-    if isinstance(v, (list, tuple)):
-        return ",".join(map(str, v))
+    """A setting as the user gave it (floats in Python's shortest exact form, not rounded)."""
     return "none" if v is None else str(v)
 
 
@@ -404,6 +401,12 @@ def _run_tables(e: dict) -> list[tuple[str, list[dict]]]:
 def _top_rows(s: dict) -> list[dict]:
     """Top heads of a score with their spread over examples (``value ± std``) where the run has one."""
     return [{"rank": r["rank"], "head": r["head"], "value": fmt_value(r["value"], r["std"])} for r in s["top_heads"]]
+
+
+def _examples_text(e: dict) -> str:
+    if e["n_used"] is None or e["n_used"] == e["n_examples"]:
+        return f"{e['n_examples']} examples"
+    return f"{e['n_used']} of {e['n_examples']} examples used"
 
 
 def _spread_note(s: dict) -> str:
@@ -450,7 +453,7 @@ def render_html(data: dict) -> str:
     for e in data["runs"]:
         parts.append(f"<h2>{_esc(e['analysis'])}: {_esc(e['id'])}</h2>")
         parts.append(f"<p>status <b>{_esc(e['status'])}</b>, model <code>{_esc(e['model'])}</code>, "
-                     f"{_esc(e['n_used'])} of {_esc(e['n_examples'])} examples used</p>")
+                     f"{_esc(_examples_text(e))}</p>")
         if e["error"]:
             parts.append(f"<p>error: <code>{_esc(e['error'])}</code></p>")
         if e["headline"]:
@@ -492,7 +495,7 @@ def render_markdown(data: dict, files_dir: str) -> tuple[str, dict[str, str]]:
         md.append(_md_table(_intervention_rows(data)))
     for e in data["runs"]:
         md.append(f"## {e['analysis']}: {e['id']}\n")
-        md.append(f"status **{e['status']}**, model `{e['model']}`, {e['n_used']} of {e['n_examples']} examples used\n")
+        md.append(f"status **{e['status']}**, model `{e['model']}`, {_examples_text(e)}\n")
         if e["error"]:
             md.append(f"error: `{e['error']}`\n")
         md += [f"- {h}" for h in e["headline"]] + ([""] if e["headline"] else [])

@@ -313,8 +313,8 @@ def test_markdown_report_alone_reruns_and_shows_provenance_and_spread(provenance
     l, h = np.unravel_index(np.argmax(a), a.shape)
     d = max(0, 1 - int(np.floor(np.log10(a_std[l, h]))))
     n_above = int((a >= 0.8).sum())
-    assert f"- induction: top L{l}H{h} = {a[l, h]:.{d}f} ± {a_std[l, h]:.{d}f}; {n_above} of 24 heads ≥ threshold 0.8" \
-        in text
+    want = f"- induction: top L{l}H{h} = {a[l, h]:.{d}f} ± {a_std[l, h]:.{d}f}; {n_above} of 24 heads ≥ threshold"
+    assert want in text
 
 
 def test_html_report_shows_settings_openly(provenance_runs, tmp_path):
@@ -330,3 +330,25 @@ def test_html_report_shows_settings_openly(provenance_runs, tmp_path):
     jsonschema.validate(data, schema())
     np.testing.assert_allclose(np.array(data["runs"][0]["scores"]["induction"]["std"]), per.std(0))
     assert data["runs"][0]["model_source"]["quantization"] == "Q4_1"
+
+
+def test_markdown_report_alone_reruns_a_real_run(tmp_path, monkeypatch):
+    """score -> Markdown report -> the command line read back from the report gives the same scores."""
+    from headscope.analyses.store import Run
+    from headscope.cli import main
+    from tests.helpers import make_tiny_model_dir
+    monkeypatch.setenv("HEADSCOPE_THREADS", "1")
+    model = make_tiny_model_dir(tmp_path / "tiny")
+    first = tmp_path / "first"
+    assert main(["score", "induction", "--model", str(model), "--n-examples", "3", "--seq-len", "8", "--seed", "5",
+                 "--scale", "transformerlens", "--out", str(first), "--quiet"]) == 0
+    run = Run(first, json.loads((first / "run.json").read_text()))
+    text = report.write_report([run], "md", tmp_path / "r.md").read_text()
+    cmd = re.search(r"```sh\n(headscope score [^\n]+)\n```", text).group(1)
+    again = tmp_path / "again"
+    assert main(shlex.split(cmd)[1:] + ["--out", str(again), "--quiet"]) == 0
+    rerun = json.loads((again / "run.json").read_text())
+    assert rerun["config"] == run.meta["config"]
+    for name, s in run.scores().items():
+        np.testing.assert_array_equal(np.array(rerun["scores"][name]), s)
+    assert " ± " in text  # induction keeps <score>_std arrays: the spread is shown
