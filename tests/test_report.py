@@ -352,3 +352,12 @@ def test_markdown_report_alone_reruns_a_real_run(tmp_path, monkeypatch):
     for name, s in run.scores().items():
         np.testing.assert_array_equal(np.array(rerun["scores"][name]), s)
     assert " ± " in text  # induction keeps <score>_std arrays: the spread is shown
+
+
+def test_interrupted_run_is_reported(tmp_path):
+    """A 'running' run nobody writes any more shows as interrupted; its report must still validate."""
+    run = write_run(tmp_path, "dead", status="running")
+    assert run.status == "interrupted"
+    data = report.build_report([run])
+    jsonschema.validate(data, schema())
+    assert data["runs"][0]["status"] == "interrupted"
