@@ -395,7 +395,8 @@ def _run_tables(e: dict) -> list[tuple[str, list[dict]]]:
     settings = {k: _setting(v) for k, v in e["config"].items()}
     settings.update({f"inputs.{k}": _setting(v) for k, v in e["inputs"].items()})
     return [("Model source", kv(source)), ("Settings", kv(settings)), ("Versions", kv(e["versions"])),
-            ("Timings (s)", kv(e["timings"])), ("Summary", kv(scalar_summary(e["summary"])))]
+            ("Timings (s)", kv(e["timings"])),
+            ("Summary", kv({k: e["summary"][k] for k in scalar_summary(e["summary"])}))]  # raw: _fmt rounds lists too
 
 
 def _top_rows(s: dict) -> list[dict]:

@@ -283,7 +283,8 @@ def provenance_runs(tmp_path):
            "seq_len": 16, "prepend_bos": True, "scale": "headscope", "data": None}
     run = write_run(tmp_path / "runs", "per", scores={"induction": per.mean(0)}, model=SMOLLM2_INFO,
                     records=[{"id": f"s{i}", "skip": False, "induction": per[i].tolist()} for i in range(4)],
-                    extra={"config": cfg, "summary": {"sink_rate": 67.25925925925927, "acc": 0.6240000009536744},
+                    extra={"config": cfg, "summary": {"sink_rate": 67.25925925925927, "acc": 0.6240000009536744,
+                                                            "by_layer": [0.1 + 0.2, 1 / 3]},
                            "versions": {"headscope": "0.1.0", "torch": "2.13.0+cpu"},
                            "inputs": {"data_sha256": None, "weights": "fa8f522d6668f9c7"}})
     return made, run, per, cfg
@@ -300,7 +301,7 @@ def test_markdown_report_alone_reruns_and_shows_provenance_and_spread(provenance
         ("induction", "smollm2-135m", "7", "4", "16", "headscope")
     for want in ("SmolLM2-135M-Instruct.Q4_1.gguf", "Q4_1", "HuggingFaceTB/SmolLM2-135M-Instruct", "134,515,008",
                  "| seq_len | 16 |", "| prepend_bos | True |", "| inputs.weights | fa8f522d6668f9c7 |",
-                 "| torch | 2.13.0+cpu |", "| sink_rate | 67.26 |", "| acc | 0.624 |"):
+                 "| torch | 2.13.0+cpu |", "| sink_rate | 67.26 |", "| acc | 0.624 |", "| by_layer | 0.3, 0.3333 |"):
         assert want in text, want
     assert "67.25925925925927" not in text and "0.6240000009536744" not in text
     # spread: per-example std (population) of the top head, and the stored std array of ind-a
