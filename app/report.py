@@ -109,14 +109,16 @@ def reproduce_command(meta: dict) -> str | None:
     in run.json ``meta``: every option in its config is spelled out (defaults too, so a later change
     of a default cannot change the re-run). None for a run no analysis made (e.g. interventions
     saved by the dashboard). A relative ``--data`` path is relative to where the run was started;
-    the report lists the data's sha256 beside it."""
+    the report lists the data's sha256 (and the weights' digest) beside it."""
     from headscope.analyses.base import list_analyses
     cls = list_analyses().get(meta.get("analysis"))
     if cls is None:
         return None
     cfg = meta.get("config") or {}
     model = meta.get("model") or {}
-    argv = ["headscope", "score", cls.name, "--model", str(model.get("name") or model.get("id"))]
+    # a local folder by its absolute path (the name is as typed, relative to where the run started)
+    name = model.get("path") if model.get("source") == "path" else model.get("name") or model.get("id")
+    argv = ["headscope", "score", cls.name, "--model", str(name)]
     if cls.takes_data and cfg.get("data") is not None:
         argv += ["--data", str(cfg["data"])]
     for o in cls.all_options():

@@ -251,6 +251,9 @@ def test_reproduce_command_parses_back_to_the_stored_options(name, tmp_path):
     assert cls.parse_options(extra) == cfg
     assert args.model == "smollm2-135m" and getattr(args, "data", None) == data
     assert report.reproduce_command({"analysis": "intervention", "config": {}, "model": SMOLLM2_INFO}) is None
+    local = {"name": "tiny", "source": "path", "path": "/abs/tiny"}
+    assert shlex.split(report.reproduce_command({"analysis": name, "config": {}, "model": local}))[3:5] == \
+        ["--model", "/abs/tiny"]
 
 
 @pytest.mark.parametrize("name,gguf,quant", [("smollm2-135m", "SmolLM2-135M-Instruct.Q4_1.gguf", "Q4_1"),
@@ -339,13 +342,15 @@ def test_markdown_report_alone_reruns_a_real_run(tmp_path, monkeypatch):
     from headscope.cli import main
     from tests.helpers import make_tiny_model_dir
     monkeypatch.setenv("HEADSCOPE_THREADS", "1")
-    model = make_tiny_model_dir(tmp_path / "tiny")
+    make_tiny_model_dir(tmp_path / "tiny")
+    monkeypatch.chdir(tmp_path)
     first = tmp_path / "first"
-    assert main(["score", "induction", "--model", str(model), "--n-examples", "3", "--seq-len", "8", "--seed", "5",
+    assert main(["score", "induction", "--model", "tiny", "--n-examples", "3", "--seq-len", "8", "--seed", "5",
                  "--scale", "transformerlens", "--out", str(first), "--quiet"]) == 0
     run = Run(first, json.loads((first / "run.json").read_text()))
     text = report.write_report([run], "md", tmp_path / "r.md").read_text()
     cmd = re.search(r"```sh\n(headscope score [^\n]+)\n```", text).group(1)
+    monkeypatch.chdir(first)  # the report is read elsewhere: a relative model path must not break it
     again = tmp_path / "again"
     assert main(shlex.split(cmd)[1:] + ["--out", str(again), "--quiet"]) == 0
     rerun = json.loads((again / "run.json").read_text())
