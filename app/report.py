@@ -21,6 +21,8 @@ import html
 import io
 import json
 import math
+import re
+import shlex
 import zipfile
 from pathlib import Path
 
@@ -34,7 +36,7 @@ from . import circuit_report, svg
 from .views import (descending_rank, head_label, heatmap_figure, parse_head, run_model, scalar_summary,
                     top_heads)
 
-SCHEMA_ID = "headscope.report/1"
+SCHEMA_ID = "headscope.report/2"
 SCHEMA_PATH = Path(__file__).with_name("report_schema.json")
 FORMATS = ("html", "md", "json")
 TOP_K = 10          # top heads listed per score
@@ -103,28 +105,125 @@ def _role_heads(name: str, analysis: str, m: np.ndarray, meta: dict) -> list[tup
     return [(role, l, h) for l, h in ranked_heads(m, ROLE_TOP_K, finite=True) if m[l, h] > 0]
 
 
+def reproduce_command(meta: dict) -> str | None:
+    """The ``headscope score NAME --model M --flag value ...`` line that re-runs the analysis stored
+    in run.json ``meta``: every option in its config is spelled out (defaults too, so a later change
+    of a default cannot change the re-run). None for a run no analysis made (e.g. interventions
+    saved by the dashboard). A relative ``--data`` path is relative to where the run was started;
+    the report lists the data's sha256 (and the weights' digest) beside it."""
+    from headscope.analyses.base import list_analyses
+    cls = list_analyses().get(meta.get("analysis"))
+    if cls is None:
+        return None
+    cfg = meta.get("config") or {}
+    model = meta.get("model") or {}
+    # a local folder by its absolute path (the name is as typed, relative to where the run started)
+    name = model.get("path") if model.get("source") == "path" else model.get("name") or model.get("id")
+    argv = ["headscope", "score", cls.name, "--model", str(name)]
+    if cls.takes_data and cfg.get("data") is not None:
+        argv += ["--data", str(cfg["data"])]
+    for o in cls.all_options():
+        v = cfg.get(o.name)
+        if v is None:
+            continue
+        if isinstance(v, bool):
+            v = "true" if v else "false"
+        argv += [o.flag, str(v)]  # str(float) keeps every digit: the re-run gets the same value
+    return shlex.join(argv)
+
+
+def model_source(info: dict) -> dict:
+    """Where a run's model came from (run.json ``model``): registry name, hub repo id, the GGUF file
+    and its quantisation (read off the registry entry; None for a local folder or a GGUF whose file
+    name does not say), parameter count and dtype the analysis ran in."""
+    from headscope.probe.models import REGISTRY
+    spec = REGISTRY.get(info.get("name")) if info.get("source") == "registry" else None
+    gguf = quant = None
+    if spec is not None:  # a split GGUF's parts are named <file>.partNN
+        gguf = Path(re.sub(r"\.part\d+$", "", spec.parts[0].relpath)).name
+        found = re.search(r"(?<![A-Za-z0-9])(Q\d(_[A-Z0-9]+)*|F16|F32|BF16)(?![A-Za-z0-9])", gguf, re.I)
+        quant = found.group(1).upper() if found else None
+    return {"registry": spec.name if spec else None, "source": info.get("source"),
+            "repo_id": info.get("hf_id") or (spec.hf_id if spec else None),
+            "gguf": gguf if gguf and gguf.endswith(".gguf") else None, "quantization": quant,
+            "registry_description": spec.description if spec else None, "path": info.get("path"),
+            "n_params": info.get("n_params"), "dtype": info.get("dtype")}
+
+
+def _spread(run, name: str, shape: tuple) -> tuple[np.ndarray | None, str | None]:
+    """(std over examples, where it came from) for score ``name``: the run's ``<name>_std`` array,
+    else the population std of the per-example values its examples.jsonl records; (None, None) when
+    the run keeps neither."""
+    std = run.arrays().get(f"{name}_std")
+    if std is not None and std.shape == shape:
+        return np.asarray(std, dtype=np.float64), "stored std array"
+    per = [np.asarray(r[name], dtype=np.float64) for r in run.examples()
+           if not r.get("skip") and isinstance(r.get(name), list)]
+    per = [p for p in per if p.shape == shape]
+    if len(per) >= 2:
+        return np.stack(per).std(axis=0), f"std over {len(per)} stored examples"
+    return None, None
+
+
+def fmt_value(v, std=None) -> str:
+    """``v`` to its precision: with a spread, rounded to the std's second significant digit
+    (``0.624 ± 0.013``); otherwise 4 significant digits. Never float noise such as 0.6240000009536744."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+        return "" if v is None else str(v)
+    if isinstance(v, int):
+        return str(v)
+    if std is None or not math.isfinite(std) or std <= 0:
+        return f"{v:.4g}"
+    digits = min(max(0, 1 - math.floor(math.log10(std))), 12)
+    return f"{v:.{digits}f} ± {std:.{digits}f}"
+
+
+def _headline(entry: dict) -> list[str]:
+    """One sentence per per-head score: the top head, its spread, and how many heads pass the threshold."""
+    out = []
+    for name, s in entry["scores"].items():
+        if not s["top_heads"]:
+            continue
+        top = s["top_heads"][0]
+        line = f"{name}: top {top['head']} = {fmt_value(top['value'], top['std'])}"
+        if s["threshold"] is not None:
+            vals = np.array(s["values"], dtype=np.float64)
+            n_above = int(np.sum(np.nan_to_num(vals, nan=-np.inf) >= s["threshold"]))
+            line += f"; {n_above} of {vals.size} heads ≥ threshold {fmt_value(s['threshold'])}"
+        out.append(line)
+    return out
+
+
 def _run_entry(run) -> dict:
     m = run.meta
     scores_out = {}
     smeta = m.get("score_meta", {}) or {}
     for name, arr in run.scores().items():
         meta = smeta.get(name, {}) or {}
+        std, spread = _spread(run, name, arr.shape) if arr.ndim == 2 else (None, None)
         entry = {"shape": list(arr.shape), "index": meta.get("index", "query_head"),
                  "description": meta.get("description", ""), "higher_is": meta.get("higher_is", ""),
-                 "threshold": meta.get("threshold"), "values": _jsonable(arr), "top_heads": []}
+                 "threshold": meta.get("threshold"), "values": _jsonable(arr), "std": _jsonable(std),
+                 "spread": spread, "top_heads": []}
         if arr.ndim == 2:
-            entry["top_heads"] = [{k: r[k] for k in ("rank", "head", "layer", "index")} | {"value": r[name]}
-                                  for r in top_heads({name: np.nan_to_num(arr, nan=-np.inf)}, name, TOP_K,
-                                                     index=entry["index"]) if math.isfinite(r[name])]
+            rows = top_heads({name: np.nan_to_num(arr, nan=-np.inf)}, name, TOP_K, index=entry["index"])
+            entry["top_heads"] = [{k: r[k] for k in ("rank", "head", "layer", "index")} |
+                                  {"value": r[name],
+                                   "std": None if std is None else _jsonable(std[r["layer"], r["index"]])}
+                                  for r in rows if math.isfinite(r[name])]
         scores_out[name] = entry
-    return {
+    out = {
         "id": run.id, "analysis": run.analysis, "status": run.status, "created": m.get("created"),
-        "model": run_model(run), "config": _jsonable(m.get("config", {})),
+        "model": run_model(run), "model_source": _jsonable(model_source(m.get("model") or {})),
+        "command": reproduce_command(m), "inputs": _jsonable(m.get("inputs") or {}),
+        "config": _jsonable(m.get("config", {})),
         "versions": _jsonable(m.get("versions", {})), "timings": _jsonable(m.get("timings", {})),
         "n_examples": m.get("n_examples"), "n_used": m.get("n_used"),
         "error": m.get("error"), "summary": _jsonable(m.get("summary") or {}),
         "scores": scores_out, "arrays": {k: list(v) for k, v in (m.get("array_shapes") or {}).items()},
     }
+    out["headline"] = _headline(out)
+    return out
 
 
 def _interventions(run) -> list[dict]:
@@ -276,11 +375,9 @@ def _html_table(rows: list[dict]) -> str:
 
 
 def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
     if isinstance(v, (list, tuple)):
-        return ", ".join(map(str, v))
-    return "" if v is None else str(v)
+        return ", ".join(map(_fmt, v))
+    return fmt_value(v)
 
 
 def _md_table(rows: list[dict]) -> str:
@@ -296,6 +393,40 @@ def _md_table(rows: list[dict]) -> str:
 def _run_overview(e: dict) -> dict:
     return {"run": e["id"], "analysis": e["analysis"], "model": e["model"], "status": e["status"],
             "created": e["created"], "examples": e["n_examples"], "scores": list(e["scores"])}
+
+
+def _setting(v) -> str:
+    """A setting as the user gave it (floats in Python's shortest exact form, not rounded)."""
+    return "none" if v is None else str(v)
+
+
+def _run_tables(e: dict) -> list[tuple[str, list[dict]]]:
+    """(title, rows) of a run's visible facts, shared by the HTML and Markdown renderers: where the
+    model came from, every setting and input digest, versions, timings, the scalar summary."""
+    kv = lambda d: [{"key": k, "value": v} for k, v in d.items()]  # noqa: E731
+    source = {k: v for k, v in e["model_source"].items() if v is not None}
+    if isinstance(source.get("n_params"), int):
+        source["n_params"] = f"{source['n_params']:,}"
+    settings = {k: _setting(v) for k, v in e["config"].items()}
+    settings.update({f"inputs.{k}": _setting(v) for k, v in e["inputs"].items()})
+    return [("Model source", kv(source)), ("Settings", kv(settings)), ("Versions", kv(e["versions"])),
+            ("Timings (s)", kv(e["timings"])),
+            ("Summary", kv({k: e["summary"][k] for k in scalar_summary(e["summary"])}))]  # raw: _fmt rounds lists too
+
+
+def _top_rows(s: dict) -> list[dict]:
+    """Top heads of a score with their spread over examples (``value ± std``) where the run has one."""
+    return [{"rank": r["rank"], "head": r["head"], "value": fmt_value(r["value"], r["std"])} for r in s["top_heads"]]
+
+
+def _examples_text(e: dict) -> str:
+    if e["n_used"] is None or e["n_used"] == e["n_examples"]:
+        return f"{e['n_examples']} examples"
+    return f"{e['n_used']} of {e['n_examples']} examples used"
+
+
+def _spread_note(s: dict) -> str:
+    return f"± is the {s['spread']}" if s["spread"] else "no spread over examples stored"
 
 
 def _node_rows(c: dict) -> list[dict]:
@@ -346,17 +477,20 @@ def render_html(data: dict) -> str:
     for e in data["runs"]:
         parts.append(f"<h2>{_esc(e['analysis'])}: {_esc(e['id'])}</h2>")
         parts.append(f"<p>status <b>{_esc(e['status'])}</b>, model <code>{_esc(e['model'])}</code>, "
-                     f"{_esc(e['n_examples'])} examples</p>")
+                     f"{_esc(_examples_text(e))}</p>")
         if e["error"]:
             parts.append(f"<p>error: <code>{_esc(e['error'])}</code></p>")
-        summ = scalar_summary(e["summary"])
-        if summ:
-            parts.append(_html_table([{"key": k, "value": v} for k, v in summ.items()]))
+        if e["headline"]:
+            parts.append("<ul class='headline'>" + "".join(f"<li>{_esc(h)}</li>" for h in e["headline"]) + "</ul>")
+        parts.append(f"<p>re-run: <code>{_esc(e['command'])}</code></p>" if e["command"]
+                     else "<p>not a CLI analysis: no command line re-runs it</p>")
+        for title, rows in _run_tables(e):
+            parts.append(f"<h3>{_esc(title)}</h3>" + _html_table(rows))
         for name, fig in run_figures(e):
+            s = e["scores"][name]
             parts.append(fig_html(fig))
-            parts.append(f"<p>top heads by <b>{_esc(name)}</b></p>" + _html_table(e["scores"][name]["top_heads"]))
-        cfg = json.dumps({"config": e["config"], "versions": e["versions"]}, indent=1)
-        parts.append(f"<details><summary>config and versions</summary><pre>{_esc(cfg)}</pre></details>")
+            parts.append(f"<p>top heads by <b>{_esc(name)}</b> ({_esc(_spread_note(s))})</p>" +
+                         _html_table(_top_rows(s)))
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>headscope report: {_esc(models)}</title>"
             f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>\n")
 
@@ -396,12 +530,14 @@ def render_markdown(data: dict, files_dir: str) -> tuple[str, dict[str, str]]:
         md.append(_md_table(_intervention_rows(data)))
     for e in data["runs"]:
         md.append(f"## {e['analysis']}: {e['id']}\n")
-        md.append(f"status **{e['status']}**, model `{e['model']}`, {e['n_examples']} examples\n")
+        md.append(f"status **{e['status']}**, model `{e['model']}`, {_examples_text(e)}\n")
         if e["error"]:
             md.append(f"error: `{e['error']}`\n")
-        summ = scalar_summary(e["summary"])
-        if summ:
-            md.append(_md_table([{"key": k, "value": v} for k, v in summ.items()]))
+        md += [f"- {h}" for h in e["headline"]] + ([""] if e["headline"] else [])
+        md.append(f"Re-run:\n\n```sh\n{e['command']}\n```\n" if e["command"]
+                  else "Not a CLI analysis: no command line re-runs it.\n")
+        for title, rows in _run_tables(e):
+            md += [f"### {title}\n", _md_table(rows)]
         for name, s in e["scores"].items():
             if len(s["shape"]) != 2:
                 continue
@@ -410,7 +546,7 @@ def render_markdown(data: dict, files_dir: str) -> tuple[str, dict[str, str]]:
             unit = "KV head" if s["index"] == "kv_head" else "head"
             files[rel] = svg.heatmap_svg(m, f"{e['analysis']}: {name}", unit=unit)
             md.append(f"### {name}\n\n{s['description']}\n\n![{e['analysis']} {name} heatmap]({rel})\n")
-            md.append(_md_table(s["top_heads"]))
+            md.append(f"Top heads ({_spread_note(s)}):\n\n" + _md_table(_top_rows(s)))
     return "\n".join(md), files
 
 

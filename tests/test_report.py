@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
 
@@ -11,7 +12,9 @@ import jsonschema
 import numpy as np
 import pytest
 
+from headscope.analyses.base import list_analyses
 from headscope.app import report
+from headscope.cli import build_parser
 from headscope.errors import HeadscopeError
 from tests.helpers import arr, make_runs, write_run
 
@@ -210,3 +213,157 @@ def test_dashboard_bundle(runs):
     name, data = report.bundle(rs, "json", "export")
     assert name == "export.json"
     jsonschema.validate(json.loads(data), schema())
+
+
+# --------------------------------------------------------------------------- reproducibility and provenance
+SMOLLM2_INFO = {"id": "smollm2-135m", "name": "smollm2-135m", "source": "registry", "n_layers": 4, "n_heads": 6,
+                "n_kv_heads": 2, "hf_id": "HuggingFaceTB/SmolLM2-135M-Instruct", "n_params": 134515008,
+                "dtype": "float32", "path": "/cache/smollm2-135m"}
+
+
+def _non_default(o):
+    """A valid value of option ``o`` other than its default where one is easy to find."""
+    if o.choices:
+        return next((c for c in o.choices if c != o.default), o.default)
+    if o.type is bool:
+        return not o.default
+    if o.type is int:
+        v = 3 if o.default is None else o.default + 1
+        return v if o.max is None or v <= o.max else o.default
+    if o.type is float:
+        v = (o.default or 0.0) * 0.5 + 0.1 + 0.2  # 0.30000000000000004: exact digits must survive
+        return v if (o.min is None or v >= o.min) and (o.max is None or v <= o.max) else o.default
+    return o.default
+
+
+@pytest.mark.parametrize("name", sorted(list_analyses()))
+def test_reproduce_command_parses_back_to_the_stored_options(name, tmp_path):
+    """The report's command line, fed to the CLI parser, gives back the run's model, data and options."""
+    cls = list_analyses()[name]
+    raw = {o.name: _non_default(o) for o in cls.all_options()}
+    cfg = cls.parse_options(raw)  # what run_analysis stores in run.json
+    data = str(tmp_path / "my data" / "p's.jsonl") if cls.takes_data else None
+    meta = {"analysis": name, "model": SMOLLM2_INFO, "config": {**cfg, "data": data, "device_map": None}}
+    argv = shlex.split(report.reproduce_command(meta))
+    assert argv[:3] == ["headscope", "score", name]
+    args = build_parser().parse_args(argv[1:])
+    extra = {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
+    assert cls.parse_options(extra) == cfg
+    assert args.model == "smollm2-135m" and getattr(args, "data", None) == data
+    assert report.reproduce_command({"analysis": "intervention", "config": {}, "model": SMOLLM2_INFO}) is None
+    local = {"name": "tiny", "source": "path", "path": "/abs/tiny"}
+    assert shlex.split(report.reproduce_command({"analysis": name, "config": {}, "model": local}))[3:5] == \
+        ["--model", "/abs/tiny"]
+
+
+@pytest.mark.parametrize("name,gguf,quant", [("smollm2-135m", "SmolLM2-135M-Instruct.Q4_1.gguf", "Q4_1"),
+                                             ("gemma3-270m", "gemma-3-270m-q4_k_m.gguf", "Q4_K_M")])
+def test_model_source_names_the_gguf_and_quantisation(name, gguf, quant):
+    src = report.model_source({"name": name, "source": "registry", "hf_id": "x/y", "n_params": 7})
+    assert (src["registry"], src["gguf"], src["quantization"], src["repo_id"], src["n_params"]) == \
+        (name, gguf, quant, "x/y", 7)
+    local = report.model_source({"name": "/m", "source": "path", "path": "/m", "n_params": 5})
+    assert (local["registry"], local["gguf"], local["quantization"], local["path"]) == (None, None, None, "/m")
+
+
+def test_fmt_value_rounds_to_precision():
+    assert report.fmt_value(0.6240000009536744) == "0.624"
+    assert report.fmt_value(67.25925925925927) == "67.26"
+    assert report.fmt_value(0.00000000005) == "5e-11"
+    assert report.fmt_value(0.62412, 0.0131) == "0.624 ± 0.013"
+    assert report.fmt_value(12.345, 2.1) == "12.3 ± 2.1"
+    assert report.fmt_value(1234.7, 150.0) == "1235 ± 150"
+    assert report.fmt_value(0.5, 0.0) == "0.5" and report.fmt_value(7) == "7"
+
+
+@pytest.fixture
+def provenance_runs(tmp_path):
+    """ind-a: a stored induction_std array; per: only per-example records; both of a registry model."""
+    made = make_runs(tmp_path / "runs")
+    rng = np.random.default_rng(1)
+    per = rng.random((4, 4, 6))
+    cfg = {"limit": 4, "seed": 7, "device": "cpu", "dtype": "float32", "batch_size": 2, "n_examples": 4,
+           "seq_len": 16, "prepend_bos": True, "scale": "headscope", "data": None}
+    run = write_run(tmp_path / "runs", "per", scores={"induction": per.mean(0)}, model=SMOLLM2_INFO,
+                    records=[{"id": f"s{i}", "skip": False, "induction": per[i].tolist()} for i in range(4)],
+                    extra={"config": cfg, "summary": {"sink_rate": 67.25925925925927, "acc": 0.6240000009536744,
+                                                            "by_layer": [0.1 + 0.2, 1 / 3]},
+                           "versions": {"headscope": "0.1.0", "torch": "2.13.0+cpu"},
+                           "inputs": {"data_sha256": None, "weights": "fa8f522d6668f9c7"}})
+    return made, run, per, cfg
+
+
+def test_markdown_report_alone_reruns_and_shows_provenance_and_spread(provenance_runs, tmp_path):
+    made, run, per, cfg = provenance_runs
+    text = report.write_report([made["runs"]["ind-a"], run], "md", tmp_path / "r.md").read_text()
+    # the command line is in a fenced block and parses back to the stored settings
+    cmds = re.findall(r"```sh\n(headscope score [^\n]+)\n```", text)
+    assert len(cmds) == 2
+    args = build_parser().parse_args(shlex.split(cmds[1])[1:])
+    assert (args.analysis, args.model, args.opt_seed, args.opt_n_examples, args.opt_seq_len, args.opt_scale) == \
+        ("induction", "smollm2-135m", "7", "4", "16", "headscope")
+    for want in ("SmolLM2-135M-Instruct.Q4_1.gguf", "Q4_1", "HuggingFaceTB/SmolLM2-135M-Instruct", "134,515,008",
+                 "| seq_len | 16 |", "| prepend_bos | True |", "| inputs.weights | fa8f522d6668f9c7 |",
+                 "| torch | 2.13.0+cpu |", "| sink_rate | 67.26 |", "| acc | 0.624 |", "| by_layer | 0.3, 0.3333 |"):
+        assert want in text, want
+    assert "67.25925925925927" not in text and "0.6240000009536744" not in text
+    # spread: per-example std (population) of the top head, and the stored std array of ind-a
+    mean, std = per.mean(0), per.std(0)
+    l, h = np.unravel_index(np.argmax(mean), mean.shape)
+    d = max(0, 1 - int(np.floor(np.log10(std[l, h]))))
+    assert f"| 1 | L{l}H{h} | {mean[l, h]:.{d}f} ± {std[l, h]:.{d}f} |" in text
+    assert f"- induction: top L{l}H{h} = {mean[l, h]:.{d}f} ± {std[l, h]:.{d}f}" in text
+    a, a_std = made["ind_a"]["induction"], made["runs"]["ind-a"].arrays()["induction_std"]
+    l, h = np.unravel_index(np.argmax(a), a.shape)
+    d = max(0, 1 - int(np.floor(np.log10(a_std[l, h]))))
+    n_above = int((a >= 0.8).sum())
+    want = f"- induction: top L{l}H{h} = {a[l, h]:.{d}f} ± {a_std[l, h]:.{d}f}; {n_above} of 24 heads ≥ threshold"
+    assert want in text
+
+
+def test_html_report_shows_settings_openly(provenance_runs, tmp_path):
+    made, run, per, cfg = provenance_runs
+    text = report.write_report([run], "html", tmp_path / "r.html").read_text()
+    assert "<details" not in text
+    for k, v in cfg.items():
+        if v is not None:
+            assert f"<td>{k}</td><td>{v}</td>" in text, k
+    assert "SmolLM2-135M-Instruct.Q4_1.gguf" in text and "headscope score induction --model smollm2-135m" in text
+    assert "67.25925925925927" not in text and "<td>67.26</td>" in text
+    data = report.build_report([run])
+    jsonschema.validate(data, schema())
+    np.testing.assert_allclose(np.array(data["runs"][0]["scores"]["induction"]["std"]), per.std(0))
+    assert data["runs"][0]["model_source"]["quantization"] == "Q4_1"
+
+
+def test_markdown_report_alone_reruns_a_real_run(tmp_path, monkeypatch):
+    """score -> Markdown report -> the command line read back from the report gives the same scores."""
+    from headscope.analyses.store import Run
+    from headscope.cli import main
+    from tests.helpers import make_tiny_model_dir
+    monkeypatch.setenv("HEADSCOPE_THREADS", "1")
+    make_tiny_model_dir(tmp_path / "tiny")
+    monkeypatch.chdir(tmp_path)
+    first = tmp_path / "first"
+    assert main(["score", "induction", "--model", "tiny", "--n-examples", "3", "--seq-len", "8", "--seed", "5",
+                 "--scale", "transformerlens", "--out", str(first), "--quiet"]) == 0
+    run = Run(first, json.loads((first / "run.json").read_text()))
+    text = report.write_report([run], "md", tmp_path / "r.md").read_text()
+    cmd = re.search(r"```sh\n(headscope score [^\n]+)\n```", text).group(1)
+    monkeypatch.chdir(first)  # the report is read elsewhere: a relative model path must not break it
+    again = tmp_path / "again"
+    assert main(shlex.split(cmd)[1:] + ["--out", str(again), "--quiet"]) == 0
+    rerun = json.loads((again / "run.json").read_text())
+    assert rerun["config"] == run.meta["config"]
+    for name, s in run.scores().items():
+        np.testing.assert_array_equal(np.array(rerun["scores"][name]), s)
+    assert " ± " in text  # induction keeps <score>_std arrays: the spread is shown
+
+
+def test_interrupted_run_is_reported(tmp_path):
+    """A 'running' run nobody writes any more shows as interrupted; its report must still validate."""
+    run = write_run(tmp_path, "dead", status="running")
+    assert run.status == "interrupted"
+    data = report.build_report([run])
+    jsonschema.validate(data, schema())
+    assert data["runs"][0]["status"] == "interrupted"
