@@ -30,6 +30,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from headscope.errors import HeadscopeError
+from headscope.fmt import number
 from headscope.heads import ranked_heads
 
 from . import circuit_report, svg
@@ -166,16 +167,8 @@ def _spread(run, name: str, shape: tuple) -> tuple[np.ndarray | None, str | None
 
 
 def fmt_value(v, std=None) -> str:
-    """``v`` to its precision: with a spread, rounded to the std's second significant digit
-    (``0.624 ± 0.013``); otherwise 4 significant digits. Never float noise such as 0.6240000009536744."""
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-        return "" if v is None else str(v)
-    if isinstance(v, int):
-        return str(v)
-    if std is None or not math.isfinite(std) or std <= 0:
-        return f"{v:.4g}"
-    digits = min(max(0, 1 - math.floor(math.log10(std))), 12)
-    return f"{v:.{digits}f} ± {std:.{digits}f}"
+    """``v`` to its precision (``headscope.fmt.number``, with ``± std`` when there is a spread); "" for None."""
+    return "" if v is None else number(v, std=std)
 
 
 def _headline(entry: dict) -> list[str]:

@@ -20,6 +20,7 @@ import streamlit as st
 
 from headscope.analyses.store import STATUSES, resolve_run, safe_join, scan_runs
 from headscope.errors import HeadscopeError
+from headscope.fmt import number
 
 from . import live, views
 from .jobs import JobManager, ModelPool, Tasks, shipped_data_dir
@@ -211,7 +212,7 @@ def _run_details(runs: list) -> None:
                 st.code(m["traceback"])
     summ = views.scalar_summary(m.get("summary"))
     if summ:
-        st.dataframe([{"key": k, "value": str(v)} for k, v in summ.items()], hide_index=True, key="details_summary")
+        st.dataframe([{"key": k, "value": number(v)} for k, v in summ.items()], hide_index=True, key="details_summary")
     scores = views.matrix_scores(run)
     if scores:
         name = st.selectbox("score", list(scores), key="details_score")

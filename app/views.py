@@ -24,6 +24,7 @@ import scipy.stats
 # initialised module and fails. Importing pandas here, before any thread starts, avoids the race.
 
 from headscope.errors import HeadscopeError
+from headscope.fmt import number
 from headscope.heads import descending_rank, head_label, parse_head, ranked_heads  # noqa: F401 (re-exported)
 
 
@@ -91,7 +92,7 @@ def scalar_summary(summary: dict | None) -> dict:
         if isinstance(v, (int, float, str, bool)) or v is None:
             out[k] = v
         elif isinstance(v, list) and len(v) <= 10 and all(isinstance(x, (int, float, str)) for x in v):
-            out[k] = ", ".join(map(str, v))
+            out[k] = ", ".join(map(number, v))   # no float noise in the metrics row
     return out
 
 
