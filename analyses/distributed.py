@@ -31,11 +31,10 @@ import json
 import os
 from dataclasses import dataclass
 
-import numpy as np
 
 from headscope.errors import HeadscopeError
 
-from .base import Aggregator, RunningMean
+from .base import Aggregator
 
 
 def init_from_env(device: str = "cpu") -> "Ranks | None":

@@ -27,14 +27,13 @@ import io
 import importlib.metadata
 import importlib.util
 import json
-import numbers
 import os
 import shutil
 import sys
 import tempfile
 import uuid
 from contextlib import contextmanager, redirect_stderr
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -42,12 +41,13 @@ import torch
 
 from headscope.errors import HeadscopeError
 
-from .geometry import Geometry, text_config
+from .loading import (ALLOW_HUB_ENV, LoadedModel, ModelInfo, _device, _hub_allowed, _offline_unless_opted_in,  # noqa: F401
+                      _one_line, model_info, quiet_transformers)
+from .vlm import load_vlm, vlm_model_type
 
 DEFAULT_MODEL = "smollm2-135m"
 CACHE_MARKER = "headscope_cache.json"  # written last; a cache directory without it never loads
 CACHE_FORMAT = 1  # bump when the cache layout changes; older caches are then rebuilt
-ALLOW_HUB_ENV = "HEADSCOPE_ALLOW_HUB"
 CACHE_ENV = "HEADSCOPE_CACHE"
 
 
@@ -196,77 +196,6 @@ def _package_dir(package: str) -> Path | None:
 
 
 @dataclass
-class ModelInfo:
-    """Architecture facts analyses need, JSON-serialisable with ``dataclasses.asdict``.
-
-    Head counts are explicit about GQA: ``n_heads`` query heads share ``n_kv_heads`` key/value
-    heads. ``sliding_layers`` lists layers whose attention only sees ``sliding_window`` tokens back.
-    """
-
-    name: str
-    model_type: str
-    architectures: list[str]
-    n_layers: int
-    n_heads: int  # query heads per layer
-    n_kv_heads: int
-    d_head: int
-    d_model: int
-    vocab_size: int
-    max_context: int | None  # config.max_position_embeddings
-    sliding_window: int | None
-    sliding_layers: list[int]
-    bos_token_id: int | None
-    adds_bos: bool  # the tokenizer prepends BOS by itself
-    has_chat_template: bool
-    n_params: int
-    dtype: str
-    source: str  # "registry" | "path" | "hub"
-    path: str  # directory the weights were read from (hub: the id)
-    hf_id: str | None = None  # upstream hub id, used as the TransformerLens model name
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def check_head(self, layer: int, head: int, *, kv: bool = False) -> None:
-        """Raise HeadscopeError unless ``layer``/``head`` exist (``kv=True``: a KV-head index)."""
-        n = self.n_kv_heads if kv else self.n_heads
-        kind = "KV" if kv else "query"
-        if not (_is_int(layer) and 0 <= layer < self.n_layers):
-            raise HeadscopeError(
-                f"layer {layer} out of range: {self.name} has {self.n_layers} layers "
-                f"(0-{self.n_layers - 1})"
-            )
-        if not (_is_int(head) and 0 <= head < n):
-            raise HeadscopeError(
-                f"head {head} out of range: {self.name} has {n} {kind} heads per layer (0-{n - 1})"
-            )
-
-    def check_length(self, n_tokens: int) -> None:
-        """Raise HeadscopeError for an empty prompt or one longer than the model's context."""
-        if n_tokens < 1:
-            raise HeadscopeError("the prompt is empty (0 tokens)")
-        if self.max_context is not None and n_tokens > self.max_context:
-            raise HeadscopeError(
-                f"{n_tokens} tokens is longer than {self.name}'s context of "
-                f"{self.max_context} tokens"
-            )
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-@dataclass
-class LoadedModel:
-    """A causal LM in eval mode, its tokenizer, and its facts."""
-
-    model: Any  # transformers PreTrainedModel
-    tokenizer: Any  # transformers tokenizer
-    name: str
-    info: ModelInfo
-
-
-@dataclass
 class ModelStatus:
     """One registry entry as ``headscope models`` shows it."""
 
@@ -283,39 +212,6 @@ class ModelStatus:
     cached: bool
     cache_path: str
     cache_bytes: int | None
-
-
-def model_info(
-    model: Any, tokenizer: Any, *, name: str, source: str, path: str, hf_id: str | None = None
-) -> ModelInfo:
-    """Read the facts off a loaded model's config (``Geometry``) and tokenizer."""
-    geo = Geometry.of(model.config)
-    bos = tokenizer.bos_token_id
-    if bos is None:
-        bos = getattr(text_config(model.config), "bos_token_id", None)
-    ids = tokenizer("a")["input_ids"]
-    return ModelInfo(
-        name=name,
-        model_type=geo.model_type,
-        architectures=list(getattr(model.config, "architectures", None) or []),
-        n_layers=geo.n_layers,
-        n_heads=geo.n_heads,
-        n_kv_heads=geo.n_kv_heads,
-        d_head=geo.d_head,
-        d_model=geo.d_model,
-        vocab_size=geo.vocab_size,
-        max_context=geo.max_context,
-        sliding_window=geo.sliding_window,
-        sliding_layers=geo.sliding_layers,
-        bos_token_id=None if bos is None else int(bos),
-        adds_bos=bos is not None and len(ids) > 1 and ids[0] == bos,
-        has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
-        n_params=sum(p.numel() for p in model.parameters()),  # tied weights counted once
-        dtype=str(model.dtype).removeprefix("torch."),
-        source=source,
-        path=path,
-        hf_id=hf_id,
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -537,61 +433,11 @@ def _publish(tmp: Path, target: Path, spec: ModelSpec) -> None:
 # Loading
 
 
-@contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """transformers' per-load progress bars ("Loading weights") and info/warning logs, silenced for
-    the block: a headscope run prints its own progress, and those lines are nothing the user can act
-    on. Errors still raise. The previous verbosity and bar setting come back afterwards."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-def _hub_allowed() -> bool:
-    return os.environ.get(ALLOW_HUB_ENV, "") == "1"
-
-
-def _offline_unless_opted_in() -> None:
-    """Keep transformers off the network unless HEADSCOPE_ALLOW_HUB=1 (explicit env values win).
-
-    huggingface_hub reads ``HF_HUB_OFFLINE`` once, when it is imported, so setting the variable is
-    not enough once anything imported it: its module constant is set too."""
-    if not _hub_allowed():
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        constants = sys.modules.get("huggingface_hub.constants")
-        if constants is not None and hasattr(constants, "_is_true"):
-            constants.HF_HUB_OFFLINE = constants._is_true(os.environ["HF_HUB_OFFLINE"])
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
 def _looks_like_path(s: str) -> bool:
     """Hub ids are ``name`` or ``org/name``; anything else with separators is meant as a path."""
     if s.startswith(("/", ".", "~")) or (os.altsep is not None and os.altsep in s):
         return True
     return s.count("/") > 1 or s.endswith("/")
-
-
-def _device(device: str | torch.device) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise HeadscopeError(f"bad device {device!r}: {_one_line(exc)}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise HeadscopeError(f"device {device!r} requested but CUDA is not available")
-    return dev
 
 
 def _from_pretrained(
@@ -654,7 +500,6 @@ def load_model(
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise HeadscopeError(f"{path} is not a model directory (no config.json)")
-        from .vlm import load_vlm, vlm_model_type  # LLaVA / Gemma-3 VLMs: model + processor (issue 8)
         if vlm_model_type(path):
             return load_vlm(path, device=dev, dtype=dtype)
         model, tokenizer = _load_checked(str(path), str(path), local_files_only=True, **common)

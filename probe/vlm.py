@@ -45,7 +45,7 @@ import torch
 from headscope.errors import HeadscopeError
 
 from .hook import cache_kwarg
-from .models import LoadedModel, _device, _offline_unless_opted_in, _one_line, model_info, quiet_transformers
+from .loading import LoadedModel, _device, _offline_unless_opted_in, _one_line, model_info, quiet_transformers
 
 VLM_MODEL_TYPES = {
     "llava": "LLaVA-1.5 style (vision tower + MLP projector + causal LM)",
