@@ -24,6 +24,7 @@ EPILOG = """examples:
   headscope models
   headscope score induction --model smollm2-135m --out runs/induction
   headscope score sinks --model smollm2-135m --data texts.jsonl --limit 20
+  headscope circuit ioi --model smollm2-135m   # circuit discovery (EAP-IG), stored as a run
   headscope runs                      # list runs in ./runs (or $HEADSCOPE_RUNS)
   headscope runs show RUN --json
   headscope report RUN [RUN...] --format html --out report.html
@@ -213,6 +214,8 @@ def build_parser(with_score: bool = True) -> argparse.ArgumentParser:
         _score_parser(sub)
     else:
         sub.add_parser("score", help="run a head-scoring analysis and write a run folder", add_help=False)
+    sub.add_parser("circuit", help="find a head-level circuit for a task: `circuit TASK` = `score circuit --task TASK`",
+                   add_help=False)
     r = sub.add_parser("runs", help="list runs, or `runs show RUN`")
     r.add_argument("action", nargs="?", choices=["list", "show"], default="list")
     r.add_argument("run", nargs="?", help="run id or folder (for show)")
@@ -250,8 +253,19 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _circuit_alias(argv: list[str]) -> list[str]:
+    """``headscope circuit TASK ...`` is ``headscope score circuit --task TASK ...``: one analysis,
+    two spellings (the second is the registry's)."""
+    i = 2 if argv[:1] == ["--runs-dir"] else 0
+    if len(argv) <= i or argv[i] != "circuit":
+        return argv
+    rest = argv[i + 1:]
+    task = ["--task", rest.pop(0)] if rest and not rest[0].startswith("-") else []
+    return argv[:i] + ["score", "circuit", *task, *rest]
+
+
 def _main(argv: list[str] | None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _circuit_alias(list(sys.argv[1:] if argv is None else argv))
     try:
         parser = build_parser(with_score="score" in argv)
         args = parser.parse_args(argv)

@@ -216,3 +216,17 @@ def test_too_long_input_names_the_length_flag(tmp_path):
                      options={"T": 0})
     msg = str(e.value)
     assert f"exceed the model's context of {lm.info.max_context}: lower --T" in msg and "allow_beyond" not in msg
+
+
+def test_circuit_command_is_the_circuit_analysis(capsys):
+    from headscope.cli import _circuit_alias
+    assert _circuit_alias(["circuit", "ioi", "--model", "m"]) == ["score", "circuit", "--task", "ioi", "--model", "m"]
+    assert _circuit_alias(["--runs-dir", "r", "circuit", "induction"]) == ["--runs-dir", "r", "score", "circuit",
+                                                                          "--task", "induction"]
+    assert _circuit_alias(["runs", "circuit"]) == ["runs", "circuit"]
+    with pytest.raises(SystemExit) as e:
+        main(["circuit", "--help"])
+    assert e.value.code == 0 and "--task" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "circuit" in capsys.readouterr().out
