@@ -107,6 +107,19 @@ def capture_prompt(probe, lm, ids: Sequence[int], heads: Sequence[tuple[int, int
         next_probs=softmax(out.logits[0, -1].float().numpy()), rows=(a, b), patterns=patterns)
 
 
+def target_id(lm, target: str | None, logits=None) -> int:
+    """The vocabulary id a metric follows: the first token of ``target``, else the argmax of
+    ``logits`` (the model's own next token). An empty tokenisation raises."""
+    if target:
+        ids = lm.tokenizer(target, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise HeadscopeError(f"target {target!r} has no tokens")
+        return int(ids[0])
+    if logits is None:
+        raise HeadscopeError("a target token is needed")
+    return int(logits.argmax())
+
+
 # one number per head for the current prompt: name -> (what it is, higher means)
 OVERVIEW_STATS = {
     "entropy": "mean attention entropy over queries, nats (high = diffuse)",
@@ -151,13 +164,7 @@ def direct_logits(probe, lm, ids: Sequence[int], target: str | None = None, k: i
 
     from headscope.probe.dla import direct_logit_attribution
     dla = direct_logit_attribution(probe, torch.tensor([list(ids)]))     # [L, H, V]
-    if target:
-        tid = lm.tokenizer(target, add_special_tokens=False)["input_ids"]
-        if not tid:
-            raise HeadscopeError(f"target {target!r} has no tokens")
-        tid = int(tid[0])
-    else:
-        tid = int(dla.logits.argmax())
+    tid = target_id(lm, target, dla.logits)
     up = torch.topk(dla.effects, k, dim=-1)                                  # [L, H, k]
     down = torch.topk(-dla.effects, k, dim=-1)
     return {"id": tid, "token": lm.tokenizer.decode([tid]), "effects": dla.effects[..., tid].numpy(),
@@ -184,13 +191,7 @@ def ablation_sweep(probe, lm, ids: Sequence[int], kind: str, metric: str, target
         raise HeadscopeError(f"unknown sweep metric {metric!r}; choose one of {', '.join(SWEEP_METRICS)}")
     x = torch.tensor([list(ids)])
     base = probe.forward(x, logits_to_keep=1).logits[0, -1].float()
-    if target:
-        tid = lm.tokenizer(target, add_special_tokens=False)["input_ids"]
-        if not tid:
-            raise HeadscopeError(f"target {target!r} has no tokens")
-        tid = int(tid[0])
-    else:
-        tid = int(base.argmax())
+    tid = target_id(lm, target, base)
     logp = torch.log_softmax(base, -1)
 
     def value(logits):                                                       # logits [1, 1, V]
@@ -298,11 +299,9 @@ def intervention_effect(probe, lm, ids: Sequence[int], ops: list, *, max_new_tok
     metrics = {"kl": float(ships_kl(base, after)), "p_top1_before": float(p[top_b]), "p_top1_after": float(q[top_b]),
                "top1_changed": float(top_b != top_a), "entropy_before": ent(p), "entropy_after": ent(q)}
     if target:
-        tid = lm.tokenizer(target, add_special_tokens=False)["input_ids"]
-        if not tid:
-            raise HeadscopeError(f"target {target!r} has no tokens")
-        metrics["logp_target_before"] = float(np.log(p[tid[0]] + 1e-30))
-        metrics["logp_target_after"] = float(np.log(q[tid[0]] + 1e-30))
+        tid = target_id(lm, target)
+        metrics["logp_target_before"] = float(np.log(p[tid] + 1e-30))
+        metrics["logp_target_after"] = float(np.log(q[tid] + 1e-30))
     dec = lambda i: lm.tokenizer.decode([i])  # noqa: E731
     return {"p_before": p, "p_after": q, "metrics": metrics, "top1_before": dec(top_b), "top1_after": dec(top_a),
             "text_before": gen_before.text if gen_before else None, "text_after": gen_after.text if gen_after else None}
