@@ -264,10 +264,13 @@ class RunLease:
         if folder.exists():
             if not folder.is_dir():
                 raise HeadscopeError(f"--out {folder} is a file, not a folder")
-            if not (folder / "run.json").exists() and _foreign_entries(folder):
-                raise HeadscopeError(
-                    f"--out {folder} is not a headscope run folder (it holds {', '.join(_foreign_entries(folder)[:3])}); "
-                    f"choose a new or empty --out")
+            try:
+                foreign = [] if (folder / "run.json").exists() else _foreign_entries(folder)
+            except FileNotFoundError:   # a releasing writer removed it meanwhile: as if it were missing
+                foreign = []
+            if foreign:
+                raise HeadscopeError(f"--out {folder} is not a headscope run folder (it holds {', '.join(foreign[:3])}); "
+                                     f"choose a new or empty --out")
         deadline, created = time.monotonic() + wait_s, False
         while True:
             try:
