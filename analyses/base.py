@@ -239,6 +239,100 @@ class RunContext:
         return self.options["seed"]
 
 
+@dataclass
+class Work:
+    """Model work counted before a run starts, in units the calibration prices.
+
+    ``forwards``: model runs other than decode steps (a batched run, or one per-layer group of a
+    head sweep, is one). ``tokens``: tokens through all layers summed over those runs, as full-model
+    equivalents (a sweep's copies from layer l on count (L - l) / L each). ``generated``: greedy decode
+    steps, an upper bound (a generation may stop early at EOS or a stop string).
+    """
+
+    forwards: int = 0
+    tokens: float = 0.0
+    generated: int = 0
+
+    def __add__(self, other: "Work") -> "Work":
+        return Work(self.forwards + other.forwards, self.tokens + other.tokens, self.generated + other.generated)
+
+    def __mul__(self, k: int) -> "Work":
+        return Work(self.forwards * k, self.tokens * k, self.generated * k)
+
+    @classmethod
+    def forward(cls, batch: int, length: int) -> "Work":
+        """One run of ``batch`` rows of ``length`` tokens."""
+        return cls(1, float(batch * length), 0)
+
+    @classmethod
+    def generation(cls, prompt_len: int, new_tokens: int) -> "Work":
+        """``probe.generate``: a prefill of the prompt but its last token, then one step per new token."""
+        return cls(int(prompt_len > 1), float(max(prompt_len - 1, 0)), new_tokens)
+
+    @classmethod
+    def sweep(cls, n_layers: int, n_heads: int, batch: int, length: int, copies: int) -> "Work":
+        """A batched single-head sweep (``probe.sweep_heads``): per group of ``copies`` heads of layer
+        l, one run whose layers below l see the input once and the rest ``copies`` times."""
+        out = cls()
+        for layer in range(n_layers):
+            for start in range(0, n_heads, copies):
+                k = min(copies, n_heads - start)
+                out += cls(1, batch * length * (layer + (n_layers - layer) * k) / n_layers, 0)
+        return out
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Seconds per forward, per token of a forward and per decode step, measured on one model."""
+
+    per_forward: float
+    per_token: float
+    per_step: float
+
+    def seconds(self, work: Work) -> float:
+        return work.forwards * self.per_forward + work.tokens * self.per_token + work.generated * self.per_step
+
+
+_CALIBRATIONS: dict[tuple, Calibration] = {}
+
+
+def calibrate(lm, probe, lengths: tuple[int, int] = (16, 128), steps: int = 8) -> Calibration:
+    """Time two forwards (``lengths`` tokens) and a short greedy generation on the loaded model,
+    once per model, device and dtype for the process. A fit of a line through two points: attention's
+    quadratic part is ignored, so long inputs (retrieval at 4k+) are underestimated, and a busy
+    machine during the measurement inflates every estimate."""
+    import torch
+    key = (lm.name, str(probe.device), str(getattr(lm.model, "dtype", "")))
+    if key in _CALIBRATIONS:
+        return _CALIBRATIONS[key]
+    gen = torch.Generator().manual_seed(0)
+    ids = {n: torch.randint(0, lm.info.vocab_size, (1, n), generator=gen) for n in lengths}
+    probe.forward(ids[lengths[0]], logits_to_keep=1)            # warm-up: first-call allocations
+    took = {}
+    for n in lengths:
+        t0 = time.perf_counter()
+        probe.forward(ids[n], logits_to_keep=1)
+        took[n] = time.perf_counter() - t0
+    lo, hi = lengths
+    per_token = max((took[hi] - took[lo]) / (hi - lo), 0.0)
+    per_forward = max(took[lo] - lo * per_token, 0.0)
+    t0 = time.perf_counter()
+    out = probe.generate(ids[lo][:, :2], max_new_tokens=steps)
+    elapsed = time.perf_counter() - t0 - (per_forward + per_token)  # less the 1-token prefill
+    per_step = max(elapsed / max(len(out.new_tokens), 1), per_forward)
+    _CALIBRATIONS[key] = Calibration(per_forward, per_token, per_step)
+    return _CALIBRATIONS[key]
+
+
+def format_seconds(s: float) -> str:
+    """``42 s``, ``3.5 min``, ``2.1 h``: an estimate's own precision."""
+    if s < 90:
+        return f"{s:.0f} s"
+    if s < 5400:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h"
+
+
 class _FirstCall(BaseException):
     """Raised by ``_FirstCallProbe`` at the first model call; a BaseException so that an
     analysis's own ``except Exception`` cannot swallow it."""
@@ -297,6 +391,21 @@ class Analysis:
         except _FirstCall as got:
             return got.ids
         raise HeadscopeError(f"{self.name} ran no model call for {ex.id}")
+
+    def example_work(self, ctx: RunContext, ex: Example) -> Work:
+        """The model work of ``process(ctx, ex)``. Default: one forward of ``inputs(ctx, ex)``
+        (right for analyses that run each example once); override where ``process`` does more."""
+        ids = self.inputs(ctx, ex)                                   # [T] or [B, T]
+        shape = tuple(ids.shape) if hasattr(ids, "shape") else np.shape(ids)
+        return Work.forward(*((1,) + shape)[-2:])
+
+    def estimate(self, ctx: RunContext, examples: list[Example]) -> Work:
+        """The whole run's model work, before any forward: the examples' work plus any one-time
+        work (override to add it). Costs tokenizing and ``inputs`` per example, no model call."""
+        total = Work()
+        for ex in examples:
+            total += self.example_work(ctx, ex)
+        return total
 
     @classmethod
     def all_options(cls) -> tuple[Option, ...]:
@@ -377,7 +486,8 @@ def versions() -> dict:
 def run_analysis(name: str, model="smollm2-135m", *, data: str | Path | None = None,
                  options: dict | None = None, out: str | Path | None = None, resume: bool = False,
                  lm=None, probe=None, progress: bool = True, log: Callable[[str], None] = print,
-                 on_progress: Callable[[int, int | None], None] | None = None) -> Run:
+                 on_progress: Callable[[int, int | None], None] | None = None,
+                 on_estimate: Callable[[Work, float], None] | None = None) -> Run:
     """Run analysis ``name`` on ``model`` and write a run folder; returns the Run.
 
     ``lm``/``probe`` may be passed to reuse an already loaded model (the app does). Options are
@@ -386,6 +496,8 @@ def run_analysis(name: str, model="smollm2-135m", *, data: str | Path | None = N
     Errors in user input raise HeadscopeError before ``run.json`` is written. Bad data met mid-run,
     a full disk or Ctrl-C/SIGTERM (raised as ``Interrupted``, a HeadscopeError) leave a ``partial``
     run that ``resume=True`` continues once fixed; any other crash leaves ``failed`` with its traceback.
+    ``on_estimate(work, seconds)``, when given, hears the run's estimated work and time on this
+    machine (``calibrate``: a few short forwards, once per model) before the first example.
     """
     cls = get_analysis(name)
     opts = cls.parse_options(options or {})
@@ -417,6 +529,9 @@ def run_analysis(name: str, model="smollm2-135m", *, data: str | Path | None = N
             examples = examples[: opts["limit"]]
         if not examples:
             raise HeadscopeError(f"{name}: no examples to process (empty dataset?)")
+        if on_estimate is not None:
+            work = analysis.estimate(ctx, examples)
+            on_estimate(work, calibrate(lm, probe).seconds(work))
         planned = [(example_digest(ex.id, ex.data), ex.id) for ex in examples]
         import datetime as _dt
         meta = {

@@ -53,7 +53,7 @@ import torch
 from headscope.errors import HeadscopeError
 from headscope.heads import head_label, ranked_heads
 
-from .base import Analysis, Example, ExampleOutput, Finalized, Option, ScoreMeta, register
+from .base import Analysis, Example, ExampleOutput, Finalized, Option, ScoreMeta, Work, register
 from .datasets import _stable_id, load_records
 
 TEMPLATE = "## Query:{q}\n## Answer:"
@@ -495,6 +495,26 @@ class _SafetyBase(Analysis):
                              "harmless_source": self.harmless_label}
         return self._dir
 
+    def _direction_work(self, ctx) -> Work:
+        """What ``_direction`` runs: ``last_states`` of both sets, batched by length."""
+        tok, fmt, n = ctx.lm.tokenizer, ctx.options["input_format"], ctx.options["direction_n"]
+        work = Work()
+        for seqs in ([p["ids"] for p in self.prompts[:n]],
+                     [encode(tok, render(tok, p["text"], fmt), fmt) for p in self.harmless[:n]]):
+            for idx in _batches_by_length(seqs, self._batch(ctx)):
+                work += Work.forward(len(idx), max(len(seqs[i]) for i in idx))
+        return work
+
+    def _refusal_work(self, ctx, p: dict, *, generate: bool = True) -> Work:
+        """What ``_refusal`` runs for one prompt and condition (the direction aside)."""
+        if "conts" not in p:
+            p["conts"] = refusal_continuations(ctx.lm.tokenizer, p["rendered"], ctx.options["input_format"])
+        P = len(p["ids"])
+        work = Work.forward(1, P) + Work.forward(len(p["conts"]), P + max(len(c) for c in p["conts"]))
+        if generate and ctx.options["gen_tokens"] > 0:
+            work += Work.generation(P, ctx.options["gen_tokens"])
+        return work
+
     def _refusal(self, ctx, p: dict, ops: Sequence, *, generate: bool = True, state: torch.Tensor | None = None) -> dict:
         """Refusal metrics of one prompt under ``ops``: logprob, projection, optional response."""
         tok, fmt = ctx.lm.tokenizer, ctx.options["input_format"]
@@ -560,6 +580,20 @@ class ShipsAnalysis(_SafetyBase):
                 details["random"] = self._refusal(ctx, p, self._ops(ctx, rand))
                 details["random_heads"] = [head_label(l, h) for l, h in rand]
         return ExampleOutput(arrays={"ships": scores, "top1": onehot}, details=details)
+
+    def example_work(self, ctx, ex):
+        from headscope.probe import sweep_copies
+        p, o, info = ex.data, ctx.options, ctx.info
+        P = len(p["ids"])
+        copies = o["batch_size"] if o["batch_size"] > 1 else sweep_copies(P, info.n_heads)
+        work = Work.forward(1, P) + Work.sweep(info.n_layers, info.n_heads, 1, P, copies)
+        if o["refusal_metrics"]:
+            work += self._refusal_work(ctx, p) * (3 if o["random_control"] else 2)
+        return work
+
+    def estimate(self, ctx, examples):
+        work = super().estimate(ctx, examples)
+        return work + self._direction_work(ctx) if ctx.options["refusal_metrics"] else work
 
     def finalize(self, ctx, agg, records):
         o = ctx.options

@@ -59,10 +59,16 @@ def cmd_score(args, extra: dict) -> int:
     from headscope.threads import configure_threads
     configure_threads()
     run = run_analysis(args.analysis, args.model, data=getattr(args, "data", None), options=extra, out=args.out,
-                       resume=args.resume, progress=not args.quiet)
+                       resume=args.resume, progress=not args.quiet, on_estimate=_print_estimate)
     print(f"run {run.meta['status']}: {run.path}")
     _print_summary(run, top=5)
     return 0
+
+
+def _print_estimate(work, seconds: float) -> None:
+    from headscope.analyses.base import format_seconds
+    print(f"estimated time ~{format_seconds(seconds)} on this machine ({work.forwards} forwards, "
+          f"{work.tokens:,.0f} tokens, up to {work.generated} generated tokens)", flush=True)
 
 
 def cmd_runs(args) -> int:
