@@ -499,14 +499,7 @@ def run_analysis(name: str, model="smollm2-135m", *, data: str | Path | None = N
     ``on_estimate(work, seconds)``, when given, hears the run's estimated work and time on this
     machine (``calibrate``: a few short forwards, once per model) before the first example.
     """
-    cls = get_analysis(name)
-    opts = cls.parse_options(options or {})
-    if cls.needs_data and data is None:
-        raise HeadscopeError(f"{name} needs --data ({cls.data_help or 'a dataset file'})")
-    if not cls.takes_data and data is not None:
-        raise HeadscopeError(f"{name} reads no data ({cls.data_help}); drop --data")
-    if data is not None and not Path(data).exists():
-        raise HeadscopeError(f"data file not found: {data} (--data)")
+    cls, opts = _checked(name, data, options)
     out = Path(out) if out else default_runs_dir() / new_run_id(name, lm.name if lm is not None else str(model))
     with RunLease.acquire(out):
         if resume and not (out / "run.json").exists():   # the cheap refusals before the model loads
@@ -521,14 +514,7 @@ def run_analysis(name: str, model="smollm2-135m", *, data: str | Path | None = N
         if probe is None:
             from headscope.probe import Probe
             probe = Probe(lm)
-        analysis = cls()
-        analysis.check(opts, lm.info)
-        ctx = RunContext(lm=lm, probe=probe, options=opts, data_path=Path(data) if data else None, log=log)
-        examples = list(analysis.examples(ctx))  # validates the data before any write
-        if opts["limit"] is not None:
-            examples = examples[: opts["limit"]]
-        if not examples:
-            raise HeadscopeError(f"{name}: no examples to process (empty dataset?)")
+        analysis, ctx, examples = _prepared(cls, opts, lm, probe, data, log)
         if on_estimate is not None:
             work = analysis.estimate(ctx, examples)
             on_estimate(work, calibrate(lm, probe).seconds(work))
@@ -546,6 +532,43 @@ def run_analysis(name: str, model="smollm2-135m", *, data: str | Path | None = N
         run, resumed = create_run(out, meta, resume=resume, planned=planned)
         return _execute(run, resumed, analysis, ctx, examples, planned, progress=progress, log=log,
                         on_progress=on_progress)
+
+
+def _checked(name: str, data, options: dict | None) -> tuple[type[Analysis], dict]:
+    """The analysis class and its parsed options, with ``data`` checked against what it takes."""
+    cls = get_analysis(name)
+    opts = cls.parse_options(options or {})
+    if cls.needs_data and data is None:
+        raise HeadscopeError(f"{name} needs --data ({cls.data_help or 'a dataset file'})")
+    if not cls.takes_data and data is not None:
+        raise HeadscopeError(f"{name} reads no data ({cls.data_help}); drop --data")
+    if data is not None and not Path(data).exists():
+        raise HeadscopeError(f"data file not found: {data} (--data)")
+    return cls, opts
+
+
+def _prepared(cls: type[Analysis], opts: dict, lm, probe, data, log) -> tuple[Analysis, RunContext, list[Example]]:
+    """The analysis, its context and its (limited) examples: everything before the first forward."""
+    analysis = cls()
+    analysis.check(opts, lm.info)
+    ctx = RunContext(lm=lm, probe=probe, options=opts, data_path=Path(data) if data else None, log=log)
+    examples = list(analysis.examples(ctx))  # validates the data before any write
+    if opts["limit"] is not None:
+        examples = examples[: opts["limit"]]
+    if not examples:
+        raise HeadscopeError(f"{cls.name}: no examples to process (empty dataset?)")
+    return analysis, ctx, examples
+
+
+def estimate_run(name: str, lm, probe, *, data: str | Path | None = None,
+                 options: dict | None = None) -> tuple[Work, float]:
+    """(work, seconds on this machine) of ``run_analysis(name, ...)`` with these arguments, without
+    running it or writing anything: what the dashboard shows before it launches a run. Raises the
+    HeadscopeError the run itself would raise for bad options or data."""
+    cls, opts = _checked(name, data, options)
+    analysis, ctx, examples = _prepared(cls, opts, lm, probe, data, log=lambda msg: None)
+    work = analysis.estimate(ctx, examples)
+    return work, calibrate(lm, probe).seconds(work)
 
 
 def _execute(run: Run, resumed: bool, analysis: Analysis, ctx: RunContext, examples: list[Example],

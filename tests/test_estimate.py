@@ -104,6 +104,16 @@ def test_format_seconds(s, text):
     assert format_seconds(s) == text
 
 
+def test_job_eta_from_its_first_example():
+    import time
+
+    from headscope.app.jobs import Job
+    job = Job(run_id="r", analysis="induction", model="m", options={}, done=5, total=9)
+    assert job.eta_s is None                      # nothing done by this job yet
+    job.running_since, job.counted_from = time.time() - 12.0, 2   # resumed at 2: 3 examples in 12 s
+    assert job.eta_s == pytest.approx(4 * 4.0, rel=0.05)
+
+
 def test_cli_prints_estimate_before_the_run(tiny, tmp_path, capsys):
     from headscope.cli import main
     rc = main(["score", "induction", "--model", tiny.info.path, "--out", str(tmp_path / "r"), "--quiet",
