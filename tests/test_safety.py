@@ -378,6 +378,13 @@ def test_refusal_logprob_matches_hand_computation(tiny):
             lp = torch.log_softmax(lm.model(torch.tensor([ids + c])).logits[0].double(), -1)
             total.append(sum(float(lp[len(ids) - 1 + j, t]) for j, t in enumerate(c)))
     assert got == pytest.approx(float(np.logaddexp.reduce(total)), abs=1e-4)
+    # the same pass yields the prompt's last-token state (no forward of its own), also under an ablation
+    lp, state = S.refusal_pass(probe, ids, conts, pad=S._pad_id(tok))
+    assert lp == got
+    np.testing.assert_allclose(state.double().numpy(), _ref_states(lm.model, [ids])[0], atol=1e-4)
+    _, ablated = S.refusal_pass(probe, ids, conts, S.ablations([(1, 2)], "uniform", EPS), pad=S._pad_id(tok))
+    np.testing.assert_allclose(ablated.double().numpy(), _ref_states(_ablated_copy(lm.model, [(1, 2)]), [ids])[0],
+                               atol=1e-4)
 
 
 def test_ships_refusal_metrics_match_independent_runs(tiny, tmp_path):
