@@ -510,11 +510,18 @@ class _SafetyBase(Analysis):
     def _direction_work(self, ctx) -> Work:
         """What ``_direction`` runs: ``last_states`` of both sets, batched by length."""
         tok, fmt, n = ctx.lm.tokenizer, ctx.options["input_format"], ctx.options["direction_n"]
+        return (self._states_work(ctx, [p["ids"] for p in self.prompts[:n]])
+                + self._states_work(ctx, [encode(tok, render(tok, p["text"], fmt), fmt) for p in self.harmless[:n]]))
+
+    def _states_work(self, ctx, seqs, sweep: bool = False) -> Work:
+        """What ``last_states`` of ``seqs`` runs, or with ``sweep`` ``swept_last_states`` over every
+        head (a pool without some heads of a layer may need fewer tokens: then an upper bound)."""
+        from headscope.probe import sweep_copies
+        L, H = ctx.info.n_layers, ctx.info.n_heads
         work = Work()
-        for seqs in ([p["ids"] for p in self.prompts[:n]],
-                     [encode(tok, render(tok, p["text"], fmt), fmt) for p in self.harmless[:n]]):
-            for idx in _batches_by_length(seqs, self._batch(ctx)):
-                work += Work.forward(len(idx), max(len(seqs[i]) for i in idx))
+        for idx in _batches_by_length(seqs, self._batch(ctx)):
+            n, T = len(idx), max(len(seqs[i]) for i in idx)
+            work += Work.sweep(L, H, n, T, sweep_copies(n * T, H)) if sweep else Work.forward(n, T)
         return work
 
     def _refusal_work(self, ctx, p: dict, *, generate: bool = True) -> Work:
@@ -732,6 +739,25 @@ class SaharaAnalysis(_SafetyBase):
                                       "group": [head_label(*g) for g in self.group],
                                       "gships": float(angles[best]), "n_candidates": int(np.isfinite(angles).sum()),
                                       "angles": angles.tolist()})
+
+    def example_work(self, ctx, ex):
+        """A search step: the swept states of the queries (all heads; fewer with ``--candidates``,
+        so then an upper bound), plus the clean states at step 1."""
+        first = self._states_work(ctx, self._seqs()) if ex.data == 0 else Work()
+        return first + self._states_work(ctx, self._seqs(), sweep=True)
+
+    def estimate(self, ctx, examples):
+        work, o = super().estimate(ctx, examples), ctx.options
+        if self.single_step or not o["evaluate"]:
+            return work
+        # _evaluate: clean, each group prefix and each random group; generation for 2 + n_random of them
+        n_cond, n_gen = 1 + len(examples) + o["n_random"], 2 + o["n_random"]
+        per_query = [(self._refusal_work(ctx, p, generate=False), self._refusal_work(ctx, p)) for p in self.queries]
+        for k in range(n_cond):
+            work += self._states_work(ctx, self._seqs())
+            for plain, generating in per_query:
+                work += generating if k < n_gen else plain
+        return work + self._direction_work(ctx)
 
     def finalize(self, ctx, agg, records):
         o = ctx.options

@@ -60,6 +60,8 @@ class Counter:
     ("ships", {"limit": 2, "direction_n": 5, "gen_tokens": 4}, True),
     ("ships", {"limit": 2, "direction_n": 3, "gen_tokens": 0, "random_control": False, "batch_size": 3}, False),
     ("ships", {"limit": 1, "refusal_metrics": False}, False),
+    ("gships", {"n_queries": 5, "batch_size": 2}, False),
+    ("sahara", {"n_queries": 3, "steps": 2, "n_random": 1, "direction_n": 3, "gen_tokens": 3}, True),
     ("retrieval", {"lengths": "400", "depths": "0,1", "needles": "lisbon", "max_new_tokens": 3,
                    "rouge_threshold": -1.0}, True),
     ("retrieval", {"lengths": "380", "depths": "0.5", "needles": "lisbon", "teacher_forced": True}, False),
@@ -75,7 +77,10 @@ def test_estimate_matches_counted_work(tiny, tmp_path, name, options, generates)
     (work, seconds), = got
     assert seconds == pytest.approx(calib.seconds(work))
     assert work.forwards == counter.forwards
-    assert work.tokens == pytest.approx(counter.tokens)
+    if name == "sahara":   # later steps sweep all heads but the group's, which are unknown beforehand
+        assert counter.tokens < work.tokens < 1.05 * counter.tokens
+    else:
+        assert work.tokens == pytest.approx(counter.tokens)
     # greedy generation may stop at EOS or a stop string: the estimate is the budget, an upper bound
     assert counter.generated <= work.generated
     assert (counter.generated > 0) == generates and (work.generated > 0) == generates
