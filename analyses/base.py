@@ -297,10 +297,11 @@ _CALIBRATIONS: dict[tuple, Calibration] = {}
 
 
 def calibrate(lm, probe, lengths: tuple[int, int] = (16, 128), steps: int = 8) -> Calibration:
-    """Time two forwards (``lengths`` tokens) and a short greedy generation on the loaded model,
-    once per model, device and dtype for the process. A fit of a line through two points: attention's
-    quadratic part is ignored, so long inputs (retrieval at 4k+) are underestimated, and a busy
-    machine during the measurement inflates every estimate."""
+    """Time forwards of two ``lengths`` (median of three each) and a short greedy generation on the
+    loaded model, once per model, device and dtype for the process. A line through two points:
+    attention's quadratic part is ignored, so long inputs (retrieval at 4k+) are underestimated;
+    a machine busier during the measurement than during the run (or the reverse) skews every
+    estimate; generations that stop early at EOS cost less than their budget."""
     import torch
     key = (lm.name, str(probe.device), str(getattr(lm.model, "dtype", "")))
     if key in _CALIBRATIONS:
@@ -309,17 +310,20 @@ def calibrate(lm, probe, lengths: tuple[int, int] = (16, 128), steps: int = 8) -
     ids = {n: torch.randint(0, lm.info.vocab_size, (1, n), generator=gen) for n in lengths}
     probe.forward(ids[lengths[0]], logits_to_keep=1)            # warm-up: first-call allocations
     took = {}
-    for n in lengths:
-        t0 = time.perf_counter()
-        probe.forward(ids[n], logits_to_keep=1)
-        took[n] = time.perf_counter() - t0
+    for n in lengths:   # the median of three: one slow outlier on a shared machine does not set the price
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            probe.forward(ids[n], logits_to_keep=1)
+            times.append(time.perf_counter() - t0)
+        took[n] = sorted(times)[1]
     lo, hi = lengths
     per_token = max((took[hi] - took[lo]) / (hi - lo), 0.0)
     per_forward = max(took[lo] - lo * per_token, 0.0)
     t0 = time.perf_counter()
     out = probe.generate(ids[lo][:, :2], max_new_tokens=steps)
     elapsed = time.perf_counter() - t0 - (per_forward + per_token)  # less the 1-token prefill
-    per_step = max(elapsed / max(len(out.new_tokens), 1), per_forward)
+    per_step = max(elapsed / max(len(out.new_tokens), 1), per_forward)   # a step reads every weight, as a forward
     _CALIBRATIONS[key] = Calibration(per_forward, per_token, per_step)
     return _CALIBRATIONS[key]
 
