@@ -428,12 +428,6 @@ def refusal_pass(probe, prompt_ids: list[int], continuations: Sequence[Sequence[
     return float(torch.logsumexp(torch.stack(totals), 0)), cap.acts[STATE_HOOK][0, 0].float()
 
 
-def refusal_logprob(probe, prompt_ids: list[int], continuations: Sequence[Sequence[int]], ops: Sequence = (),
-                    pad: int = 0) -> float:
-    """``log sum_c P(c | prompt)`` over refusal continuations, teacher-forced in one batch, fp32."""
-    return refusal_pass(probe, prompt_ids, continuations, ops=ops, pad=pad)[0]
-
-
 def generate_text(probe, ids: Sequence[int], max_new_tokens: int, ops: Sequence = ()) -> str:
     """Greedy response with ``ops`` applied to prefill and decoding (the KV cache is built with them,
     as the reference re-runs the ablated model on the whole sequence)."""

@@ -20,5 +20,5 @@ else:
     from .models import LoadedModel, ModelInfo, load_model
 
     __all__ = ["Probe", "load_model", "LoadedModel", "ModelInfo", "HeadAblation", "KeyReweight", "Patch", "Capture",
-               "Generation", "ForwardResult", "sweep_heads", "sweep_heads_states", "sweep_copies", "patch_sweep", "logit_diff",
-               "kl_div", "target_logprob", "ATTN_NAME", "StatsSpec"]
+               "Generation", "ForwardResult", "sweep_heads", "sweep_heads_states", "sweep_copies", "patch_sweep",
+               "logit_diff", "kl_div", "target_logprob", "ATTN_NAME", "StatsSpec"]
