@@ -520,8 +520,12 @@ def run_analysis(name: str, model="smollm2-135m", *, data: str | Path | None = N
             probe = Probe(lm)
         analysis, ctx, examples = _prepared(cls, opts, lm, probe, data, log)
         if on_estimate is not None:
-            work = analysis.estimate(ctx, examples)
-            on_estimate(work, calibrate(lm, probe).seconds(work))
+            try:   # an analysis whose examples make no model call (a toy, a stand-in) has no estimate
+                work = analysis.estimate(ctx, examples)
+            except HeadscopeError as e:
+                log(f"no cost estimate: {e}")
+            else:
+                on_estimate(work, calibrate(lm, probe).seconds(work))
         planned = [(example_digest(ex.id, ex.data), ex.id) for ex in examples]
         import datetime as _dt
         meta = {

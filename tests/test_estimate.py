@@ -128,3 +128,12 @@ def test_cli_prints_estimate_before_the_run(tiny, tmp_path, capsys):
     first = out.splitlines()[0]
     assert first.startswith("estimated time ~") and "on this machine (2 forwards, 22 tokens" in first
     assert json.loads((tmp_path / "r" / "run.json").read_text())["status"] == "complete"
+
+
+def test_analysis_without_model_calls_runs_without_estimate(tmp_path):
+    from .test_framework import FAKE_LM   # registers _toy, whose examples call no model
+    heard, logged = [], []
+    run = run_analysis("_toy", lm=FAKE_LM, probe=object(), out=tmp_path / "r", progress=False,
+                       on_estimate=lambda *a: heard.append(a), log=logged.append)
+    assert run.status == "complete" and heard == []
+    assert logged == ["no cost estimate: _toy ran no model call for e0"]
