@@ -57,6 +57,8 @@ class Counter:
 @pytest.mark.parametrize("name,options,generates", [
     ("induction", {"n_examples": 3, "seq_len": 7}, False),
     ("sinks", {"input": "random", "n_examples": 3, "T": 12}, False),
+    ("massive", {}, False),
+    ("fai", {}, False),
     ("ships", {"limit": 2, "direction_n": 5, "gen_tokens": 4}, True),
     ("ships", {"limit": 2, "direction_n": 3, "gen_tokens": 0, "random_control": False, "batch_size": 3}, False),
     ("ships", {"limit": 1, "refusal_metrics": False}, False),
@@ -67,12 +69,17 @@ class Counter:
     ("retrieval", {"lengths": "380", "depths": "0.5", "needles": "lisbon", "teacher_forced": True}, False),
 ])
 def test_estimate_matches_counted_work(tiny, tmp_path, name, options, generates):
+    data = None
+    if name in ("fai", "massive"):
+        data = tmp_path / "texts.jsonl"
+        data.write_text("".join(json.dumps({"text": t}) + "\n" for t in
+                                ("a first text, short", "a second and somewhat longer text of words")))
     base._CALIBRATIONS.clear()
     probe = Probe(tiny)
     calib = base.calibrate(tiny, probe)           # calibrated first, so its own forwards are not counted
     counter = Counter(tiny, probe)
     got = []
-    run_analysis(name, lm=tiny, probe=probe, out=tmp_path / "run", progress=False, options=options,
+    run_analysis(name, lm=tiny, probe=probe, out=tmp_path / "run", progress=False, options=options, data=data,
                  on_estimate=lambda work, s: got.append((work, s)))
     (work, seconds), = got
     assert seconds == pytest.approx(calib.seconds(work))
