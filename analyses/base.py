@@ -262,6 +262,104 @@ class RunContext:
         return self.options["seed"]
 
 
+@dataclass
+class Work:
+    """Model work counted before a run starts, in units the calibration prices.
+
+    ``forwards``: model runs other than decode steps (a batched run, or one per-layer group of a
+    head sweep, is one). ``tokens``: tokens through all layers summed over those runs, as full-model
+    equivalents (a sweep's copies from layer l on count (L - l) / L each). ``generated``: greedy decode
+    steps, an upper bound (a generation may stop early at EOS or a stop string).
+    """
+
+    forwards: int = 0
+    tokens: float = 0.0
+    generated: int = 0
+
+    def __add__(self, other: "Work") -> "Work":
+        return Work(self.forwards + other.forwards, self.tokens + other.tokens, self.generated + other.generated)
+
+    def __mul__(self, k: int) -> "Work":
+        return Work(self.forwards * k, self.tokens * k, self.generated * k)
+
+    @classmethod
+    def forward(cls, batch: int, length: int) -> "Work":
+        """One run of ``batch`` rows of ``length`` tokens."""
+        return cls(1, float(batch * length), 0)
+
+    @classmethod
+    def generation(cls, prompt_len: int, new_tokens: int) -> "Work":
+        """``probe.generate``: a prefill of the prompt but its last token, then one step per new token."""
+        return cls(int(prompt_len > 1), float(max(prompt_len - 1, 0)), new_tokens)
+
+    @classmethod
+    def sweep(cls, n_layers: int, n_heads: int, batch: int, length: int, copies: int) -> "Work":
+        """A batched single-head sweep (``probe.sweep_heads``): per group of ``copies`` heads of layer
+        l, one run whose layers below l see the input once and the rest ``copies`` times."""
+        out = cls()
+        for layer in range(n_layers):
+            for start in range(0, n_heads, copies):
+                k = min(copies, n_heads - start)
+                out += cls(1, batch * length * (layer + (n_layers - layer) * k) / n_layers, 0)
+        return out
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Seconds per forward, per token of a forward and per decode step, measured on one model."""
+
+    per_forward: float
+    per_token: float
+    per_step: float
+
+    def seconds(self, work: Work) -> float:
+        return work.forwards * self.per_forward + work.tokens * self.per_token + work.generated * self.per_step
+
+
+_CALIBRATIONS: dict[tuple, Calibration] = {}
+
+
+def calibrate(lm, probe, lengths: tuple[int, int] = (16, 128), steps: int = 8) -> Calibration:
+    """Time forwards of two ``lengths`` (median of three each) and a short greedy generation on the
+    loaded model, once per model, device and dtype for the process. A line through two points:
+    attention's quadratic part is ignored, so long inputs (retrieval at 4k+) are underestimated;
+    a machine busier during the measurement than during the run (or the reverse) skews every
+    estimate; generations that stop early at EOS cost less than their budget."""
+    import torch
+    key = (lm.name, str(probe.device), str(getattr(lm.model, "dtype", "")))
+    if key in _CALIBRATIONS:
+        return _CALIBRATIONS[key]
+    gen = torch.Generator().manual_seed(0)
+    ids = {n: torch.randint(0, lm.info.vocab_size, (1, n), generator=gen) for n in lengths}
+    probe.forward(ids[lengths[0]], logits_to_keep=1)            # warm-up: first-call allocations
+    took = {}
+    for n in lengths:   # the median of three: one slow outlier on a shared machine does not set the price
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            probe.forward(ids[n], logits_to_keep=1)
+            times.append(time.perf_counter() - t0)
+        took[n] = sorted(times)[1]
+    lo, hi = lengths
+    per_token = max((took[hi] - took[lo]) / (hi - lo), 0.0)
+    per_forward = max(took[lo] - lo * per_token, 0.0)
+    t0 = time.perf_counter()
+    out = probe.generate(ids[lo][:, :2], max_new_tokens=steps)
+    elapsed = time.perf_counter() - t0 - (per_forward + per_token)  # less the 1-token prefill
+    per_step = max(elapsed / max(len(out.new_tokens), 1), per_forward)   # a step reads every weight, as a forward
+    _CALIBRATIONS[key] = Calibration(per_forward, per_token, per_step)
+    return _CALIBRATIONS[key]
+
+
+def format_seconds(s: float) -> str:
+    """``42 s``, ``3.5 min``, ``2.1 h``: an estimate's own precision."""
+    if s < 90:
+        return f"{s:.0f} s"
+    if s < 5400:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h"
+
+
 class _FirstCall(BaseException):
     """Raised by ``_FirstCallProbe`` at the first model call; a BaseException so that an
     analysis's own ``except Exception`` cannot swallow it."""
@@ -323,6 +421,21 @@ class Analysis:
         except _FirstCall as got:
             return got.ids
         raise HeadscopeError(f"{self.name} ran no model call for {ex.id}")
+
+    def example_work(self, ctx: RunContext, ex: Example) -> Work:
+        """The model work of ``process(ctx, ex)``. Default: one forward of ``inputs(ctx, ex)``
+        (right for analyses that run each example once); override where ``process`` does more."""
+        ids = self.inputs(ctx, ex)                                   # [T] or [B, T]
+        shape = tuple(ids.shape) if hasattr(ids, "shape") else np.shape(ids)
+        return Work.forward(*((1,) + shape)[-2:])
+
+    def estimate(self, ctx: RunContext, examples: list[Example]) -> Work:
+        """The whole run's model work, before any forward: the examples' work plus any one-time
+        work (override to add it). Costs tokenizing and ``inputs`` per example, no model call."""
+        total = Work()
+        for ex in examples:
+            total += self.example_work(ctx, ex)
+        return total
 
     @classmethod
     def all_options(cls) -> tuple[Option, ...]:
@@ -403,7 +516,8 @@ def versions() -> dict:
 def run_analysis(name: str, model="smollm2-135m", *, data: str | Path | None = None,
                  options: dict | None = None, out: str | Path | None = None, resume: bool = False,
                  lm=None, probe=None, progress: bool = True, log: Callable[[str], None] = print,
-                 on_progress: Callable[[int, int | None], None] | None = None, ranks=None) -> Run | None:
+                 on_progress: Callable[[int, int | None], None] | None = None, ranks=None,
+                 on_estimate: Callable[[Work, float], None] | None = None) -> Run | None:
     """Run analysis ``name`` on ``model`` and write a run folder; returns the Run.
 
     ``ranks`` (a ``distributed.Ranks``, as ``distributed.init_from_env`` makes under torchrun)
@@ -416,15 +530,10 @@ def run_analysis(name: str, model="smollm2-135m", *, data: str | Path | None = N
     Errors in user input raise HeadscopeError before ``run.json`` is written. Bad data met mid-run,
     a full disk or Ctrl-C/SIGTERM (raised as ``Interrupted``, a HeadscopeError) leave a ``partial``
     run that ``resume=True`` continues once fixed; any other crash leaves ``failed`` with its traceback.
+    ``on_estimate(work, seconds)``, when given, hears the run's estimated work and time on this
+    machine (``calibrate``: a few short forwards, once per model) before the first example.
     """
-    cls = get_analysis(name)
-    opts = cls.parse_options(options or {})
-    if cls.needs_data and data is None:
-        raise HeadscopeError(f"{name} needs --data ({cls.data_help or 'a dataset file'})")
-    if not cls.takes_data and data is not None:
-        raise HeadscopeError(f"{name} reads no data ({cls.data_help}); drop --data")
-    if data is not None and not Path(data).exists():
-        raise HeadscopeError(f"data file not found: {data} (--data)")
+    cls, opts = _checked(name, data, options)
     if ranks is not None and opts["device_map"]:
         raise HeadscopeError("--device-map places one model copy across devices; under torchrun each rank "
                              "takes one device (--device cuda): use one or the other")
@@ -451,14 +560,14 @@ def run_analysis(name: str, model="smollm2-135m", *, data: str | Path | None = N
         if probe is None:
             from headscope.probe import Probe
             probe = Probe(lm)
-        analysis = cls()
-        analysis.check(opts, lm.info)
-        ctx = RunContext(lm=lm, probe=probe, options=opts, data_path=Path(data) if data else None, log=log)
-        examples = list(analysis.examples(ctx))  # validates the data before any write
-        if opts["limit"] is not None:
-            examples = examples[: opts["limit"]]
-        if not examples:
-            raise HeadscopeError(f"{name}: no examples to process (empty dataset?)")
+        analysis, ctx, examples = _prepared(cls, opts, lm, probe, data, log)
+        if on_estimate is not None and writer:
+            try:   # an analysis whose examples make no model call (a toy, a stand-in) has no estimate
+                work = analysis.estimate(ctx, examples)
+            except HeadscopeError as e:
+                log(f"no cost estimate: {e}")
+            else:
+                on_estimate(work, calibrate(lm, probe).seconds(work))
         planned = [(example_digest(ex.id, ex.data), ex.id) for ex in examples]
         import datetime as _dt
         meta = {
@@ -477,6 +586,43 @@ def run_analysis(name: str, model="smollm2-135m", *, data: str | Path | None = N
         run, resumed = create_run(out, meta, resume=resume, planned=planned)
         return _execute(run, resumed, analysis, ctx, examples, planned, progress=progress, log=log,
                         on_progress=on_progress, ranks=ranks)
+
+
+def _checked(name: str, data, options: dict | None) -> tuple[type[Analysis], dict]:
+    """The analysis class and its parsed options, with ``data`` checked against what it takes."""
+    cls = get_analysis(name)
+    opts = cls.parse_options(options or {})
+    if cls.needs_data and data is None:
+        raise HeadscopeError(f"{name} needs --data ({cls.data_help or 'a dataset file'})")
+    if not cls.takes_data and data is not None:
+        raise HeadscopeError(f"{name} reads no data ({cls.data_help}); drop --data")
+    if data is not None and not Path(data).exists():
+        raise HeadscopeError(f"data file not found: {data} (--data)")
+    return cls, opts
+
+
+def _prepared(cls: type[Analysis], opts: dict, lm, probe, data, log) -> tuple[Analysis, RunContext, list[Example]]:
+    """The analysis, its context and its (limited) examples: everything before the first forward."""
+    analysis = cls()
+    analysis.check(opts, lm.info)
+    ctx = RunContext(lm=lm, probe=probe, options=opts, data_path=Path(data) if data else None, log=log)
+    examples = list(analysis.examples(ctx))  # validates the data before any write
+    if opts["limit"] is not None:
+        examples = examples[: opts["limit"]]
+    if not examples:
+        raise HeadscopeError(f"{cls.name}: no examples to process (empty dataset?)")
+    return analysis, ctx, examples
+
+
+def estimate_run(name: str, lm, probe, *, data: str | Path | None = None,
+                 options: dict | None = None) -> tuple[Work, float]:
+    """(work, seconds on this machine) of ``run_analysis(name, ...)`` with these arguments, without
+    running it or writing anything: what the dashboard shows before it launches a run. Raises the
+    HeadscopeError the run itself would raise for bad options or data."""
+    cls, opts = _checked(name, data, options)
+    analysis, ctx, examples = _prepared(cls, opts, lm, probe, data, log=lambda msg: None)
+    work = analysis.estimate(ctx, examples)
+    return work, calibrate(lm, probe).seconds(work)
 
 
 def _execute(run: Run, resumed: bool, analysis: Analysis, ctx: RunContext, examples: list[Example],

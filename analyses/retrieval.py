@@ -39,7 +39,7 @@ from headscope.errors import HeadscopeError
 from headscope.heads import head_label, ranked_heads
 from headscope.kernels import StatsSpec
 
-from .base import Analysis, Example, ExampleOutput, Finalized, Option, ScoreMeta, register
+from .base import Analysis, Example, ExampleOutput, Finalized, Option, ScoreMeta, Work, register
 from .niah import TEMPLATES, NiahBuilder, load_haystack, load_needles, select_needles
 
 STOP = ["\n"]
@@ -203,10 +203,22 @@ class RetrievalAnalysis(Analysis):
                                           f"{recall:.2f} <= {o['rouge_threshold']}"}, skip=True)
         return ExampleOutput(arrays={"retrieval": scores, "active": (scores > 0).astype(np.float64)}, details=details)
 
+    def example_work(self, ctx, ex):
+        o = ctx.options
+        inst = self.builder.build(*ex.data)
+        if inst.span is None:
+            return Work()
+        if o["teacher_forced"]:
+            return Work.forward(1, len(inst.input_ids) + len(self._gold(ctx, inst)))
+        return Work.generation(len(inst.input_ids), o["max_new_tokens"])
+
+    def _gold(self, ctx, inst) -> list[int]:
+        return ctx.lm.tokenizer((" " if inst.template == "base" else "") + inst.needle.answer,
+                                add_special_tokens=False)["input_ids"]
+
     def _teacher_forced(self, ctx, inst, stats, set_form):
         """One forward over prompt + gold answer; query i predicts gold token i."""
-        gold = ctx.lm.tokenizer((" " if inst.template == "base" else "") + inst.needle.answer,
-                                add_special_tokens=False)["input_ids"]
+        gold = self._gold(ctx, inst)
         ids = inst.input_ids + gold
         n = len(inst.input_ids)
         with ctx.probe.capture(stats=stats, positions=list(range(n - 1, n - 1 + len(gold)))) as cap:
@@ -328,6 +340,10 @@ class RetrievalMaskAnalysis(Analysis):
             gen = ctx.probe.generate(inst.input_ids, max_new_tokens=ctx.options["max_new_tokens"], stop_strings=STOP)
         response = gen.text.strip()
         return rouge1_recall(inst.needle.answer, response), response
+
+    def example_work(self, ctx, ex):
+        runs = 1 + len(self.ks) * (1 + len(self.random))         # unmasked, then top-K and each random set per K
+        return Work.generation(len(self.builder.build(*ex.data).input_ids), ctx.options["max_new_tokens"]) * runs
 
     def process(self, ctx, ex):
         needle, length, depth = ex.data

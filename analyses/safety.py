@@ -24,7 +24,8 @@ Refusal metrics, each per query and per condition (clean, heads ablated, random 
 
 - keyword ASR: the reference's 41 refusal keywords (``data/refusal_keywords.json``, missing-comma
   bug fixed, apostrophes normalised) or a response shorter than 32 characters marks a refusal;
-  ASR = share of responses that are not refusals. Needs generation (``--gen-tokens``).
+  ASR = share of responses that are not refusals. Needs generation, off by default: ``--gen-tokens N``
+  (a 64-token greedy response per condition costs more than the rest of a ships prompt on CPU).
 - ``refusal_logprob``: log of the probability that the answer starts with one of a few refusal
   openings ("I'm sorry", "I cannot", ...), teacher-forced, no generation.
 - ``projection``: final-norm last-token state projected on the unit refusal direction, the
@@ -53,7 +54,7 @@ import torch
 from headscope.errors import HeadscopeError
 from headscope.heads import head_label, ranked_heads
 
-from .base import Analysis, Example, ExampleOutput, Finalized, Option, ScoreMeta, register
+from .base import Analysis, Example, ExampleOutput, Finalized, Option, ScoreMeta, Work, register
 from .datasets import _stable_id, load_records
 
 TEMPLATE = "## Query:{q}\n## Answer:"
@@ -402,9 +403,15 @@ def refusal_continuations(tokenizer, prompt_text: str, fmt: str,
     return [list(s) for s in seqs if not any(len(t) < len(s) and s[:len(t)] == t for t in seqs)]
 
 
-def refusal_logprob(probe, prompt_ids: list[int], continuations: Sequence[Sequence[int]], ops: Sequence = (),
-                    pad: int = 0) -> float:
-    """``log sum_c P(c | prompt)`` over refusal continuations, teacher-forced in one batch, fp32."""
+def refusal_pass(probe, prompt_ids: list[int], continuations: Sequence[Sequence[int]], ops: Sequence = (),
+                 pad: int = 0) -> tuple[float, torch.Tensor]:
+    """One teacher-forced forward of the refusal continuations under ``ops`` -> (``log sum_c
+    P(c | prompt)`` fp32, the prompt's final-norm last-token state [d_model] fp32).
+
+    The state comes from row 0 of the same batch (every row starts with the prompt, right padding
+    keeps its positions), so the projection needs no forward of its own; it equals ``last_states``
+    of the prompt up to float rounding. Only the last max(len(c)) + 1 positions are unembedded.
+    """
     seqs = [list(prompt_ids) + list(c) for c in continuations]
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), pad, dtype=torch.long)
@@ -412,15 +419,13 @@ def refusal_logprob(probe, prompt_ids: list[int], continuations: Sequence[Sequen
     for i, s in enumerate(seqs):  # right padding: real tokens keep positions 0..len-1
         ids[i, :len(s)] = torch.tensor(s)
         mask[i, :len(s)] = 1
-    with probe.intervene(list(ops)):
-        logits = probe.forward(ids, attention_mask=None if bool(mask.all()) else mask).logits
-    lp = torch.log_softmax(logits.float(), -1)
     P = len(prompt_ids)
-    totals = []
-    for i, c in enumerate(continuations):
-        pos = torch.arange(P - 1, P - 1 + len(c))
-        totals.append(lp[i, pos, torch.tensor(list(c))].double().sum())
-    return float(torch.logsumexp(torch.stack(totals), 0))
+    with probe.intervene(list(ops)), probe.capture(activations=[STATE_HOOK], positions=[P - 1]) as cap:
+        logits = probe.forward(ids, attention_mask=None if bool(mask.all()) else mask,
+                               logits_to_keep=T - P + 1).logits             # [B, T - P + 1, V]: positions P-1..T-1
+    lp = torch.log_softmax(logits.float(), -1)
+    totals = [lp[i, torch.arange(len(c)), torch.tensor(list(c))].double().sum() for i, c in enumerate(continuations)]
+    return float(torch.logsumexp(torch.stack(totals), 0)), cap.acts[STATE_HOOK][0, 0].float()
 
 
 def generate_text(probe, ids: Sequence[int], max_new_tokens: int, ops: Sequence = ()) -> str:
@@ -439,7 +444,8 @@ COMMON_SAFETY_OPTIONS = (
     Option("epsilon", float, 1e-5, "SC scale factor (uniform attention is the exact epsilon -> 0 limit of q x epsilon)"),
     Option("harmless", str, "", "harmless prompt file for the refusal direction (default: shipped data/harmless_instructions.jsonl)"),
     Option("direction_n", int, 64, "prompts from each set (harmful, harmless) that define the refusal direction"),
-    Option("gen_tokens", int, 64, "greedy tokens generated per response for keyword ASR (0 = no generation)"),
+    Option("gen_tokens", int, 0, "greedy tokens generated per response for keyword ASR; 0 = no generation and no "
+           "ASR (generation is the slowest part on CPU; the paper's evaluation generates, e.g. 64)"),
 )
 DATA_HELP = ("harmful prompts: .csv (goal/input column: AdvBench, JailbreakBench, MaliciousInstruct), "
              ".txt (one per line: HarmBench) or .jsonl (instruction/prompt/text); default: the shipped set")
@@ -495,16 +501,41 @@ class _SafetyBase(Analysis):
                              "harmless_source": self.harmless_label}
         return self._dir
 
+    def _direction_work(self, ctx) -> Work:
+        """What ``_direction`` runs: ``last_states`` of both sets, batched by length."""
+        tok, fmt, n = ctx.lm.tokenizer, ctx.options["input_format"], ctx.options["direction_n"]
+        return (self._states_work(ctx, [p["ids"] for p in self.prompts[:n]])
+                + self._states_work(ctx, [encode(tok, render(tok, p["text"], fmt), fmt) for p in self.harmless[:n]]))
+
+    def _states_work(self, ctx, seqs, sweep: bool = False) -> Work:
+        """What ``last_states`` of ``seqs`` runs, or with ``sweep`` ``swept_last_states`` over every
+        head (a pool without some heads of a layer may need fewer tokens: then an upper bound)."""
+        from headscope.probe import sweep_copies
+        L, H = ctx.info.n_layers, ctx.info.n_heads
+        work = Work()
+        for idx in _batches_by_length(seqs, self._batch(ctx)):
+            n, T = len(idx), max(len(seqs[i]) for i in idx)
+            work += Work.sweep(L, H, n, T, sweep_copies(n * T, H)) if sweep else Work.forward(n, T)
+        return work
+
+    def _refusal_work(self, ctx, p: dict, *, generate: bool = True) -> Work:
+        """What ``_refusal`` runs for one prompt and condition (the direction aside)."""
+        if "conts" not in p:
+            p["conts"] = refusal_continuations(ctx.lm.tokenizer, p["rendered"], ctx.options["input_format"])
+        P = len(p["ids"])
+        work = Work.forward(len(p["conts"]), P + max(len(c) for c in p["conts"]))
+        if generate and ctx.options["gen_tokens"] > 0:
+            work += Work.generation(P, ctx.options["gen_tokens"])
+        return work
+
     def _refusal(self, ctx, p: dict, ops: Sequence, *, generate: bool = True, state: torch.Tensor | None = None) -> dict:
         """Refusal metrics of one prompt under ``ops``: logprob, projection, optional response."""
         tok, fmt = ctx.lm.tokenizer, ctx.options["input_format"]
         if "conts" not in p:
             p["conts"] = refusal_continuations(tok, p["rendered"], fmt)
-        pad = _pad_id(tok)
-        if state is None:
-            state = last_states(ctx.probe, [p["ids"]], ops, pad=pad)[0]
-        out = {"refusal_logprob": refusal_logprob(ctx.probe, p["ids"], p["conts"], ops=ops, pad=pad),
-               "projection": float(state @ self._direction(ctx))}
+        logprob, own_state = refusal_pass(ctx.probe, p["ids"], p["conts"], ops=ops, pad=_pad_id(tok))
+        out = {"refusal_logprob": logprob,
+               "projection": float((own_state if state is None else state) @ self._direction(ctx))}
         if generate and ctx.options["gen_tokens"] > 0:
             text = generate_text(ctx.probe, p["ids"], max_new_tokens=ctx.options["gen_tokens"], ops=ops)
             out.update(response=text, refused=is_refusal(text))
@@ -560,6 +591,20 @@ class ShipsAnalysis(_SafetyBase):
                 details["random"] = self._refusal(ctx, p, self._ops(ctx, rand))
                 details["random_heads"] = [head_label(l, h) for l, h in rand]
         return ExampleOutput(arrays={"ships": scores, "top1": onehot}, details=details)
+
+    def example_work(self, ctx, ex):
+        from headscope.probe import sweep_copies
+        p, o, info = ex.data, ctx.options, ctx.info
+        P = len(p["ids"])
+        copies = o["batch_size"] if o["batch_size"] > 1 else sweep_copies(P, info.n_heads)
+        work = Work.forward(1, P) + Work.sweep(info.n_layers, info.n_heads, 1, P, copies)
+        if o["refusal_metrics"]:
+            work += self._refusal_work(ctx, p) * (3 if o["random_control"] else 2)
+        return work
+
+    def estimate(self, ctx, examples):
+        work = super().estimate(ctx, examples)
+        return work + self._direction_work(ctx) if ctx.options["refusal_metrics"] else work
 
     def finalize(self, ctx, agg, records):
         o = ctx.options
@@ -689,6 +734,25 @@ class SaharaAnalysis(_SafetyBase):
                                       "group": [head_label(*g) for g in self.group],
                                       "gships": float(angles[best]), "n_candidates": int(np.isfinite(angles).sum()),
                                       "angles": angles.tolist()})
+
+    def example_work(self, ctx, ex):
+        """A search step: the swept states of the queries (all heads; fewer with ``--candidates``,
+        so then an upper bound), plus the clean states at step 1."""
+        first = self._states_work(ctx, self._seqs()) if ex.data == 0 else Work()
+        return first + self._states_work(ctx, self._seqs(), sweep=True)
+
+    def estimate(self, ctx, examples):
+        work, o = super().estimate(ctx, examples), ctx.options
+        if self.single_step or not o["evaluate"]:
+            return work
+        # _evaluate: clean, each group prefix and each random group; generation for 2 + n_random of them
+        n_cond, n_gen = 1 + len(examples) + o["n_random"], 2 + o["n_random"]
+        per_query = [(self._refusal_work(ctx, p, generate=False), self._refusal_work(ctx, p)) for p in self.queries]
+        for k in range(n_cond):
+            work += self._states_work(ctx, self._seqs())
+            for plain, generating in per_query:
+                work += generating if k < n_gen else plain
+        return work + self._direction_work(ctx)
 
     def finalize(self, ctx, agg, records):
         o = ctx.options

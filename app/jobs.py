@@ -137,6 +137,16 @@ class Job:
     finished: float | None = None
     pid: int = field(default_factory=os.getpid)
     log: list[str] = field(default_factory=list)
+    running_since: float | None = None   # model loaded, first example started
+    counted_from: int | None = None      # examples done before this job's first one
+
+    @property
+    def eta_s(self) -> float | None:
+        """Seconds left at this job's rate so far; None before its first example is done."""
+        if self.running_since is None or self.counted_from is None or not self.total:
+            return None
+        rate = (time.time() - self.running_since) / max(self.done - self.counted_from, 1)
+        return rate * (self.total - self.done)
 
     @property
     def active(self) -> bool:
@@ -217,14 +227,7 @@ class JobManager:
         Bad options or a missing data file raise HeadscopeError here, before anything runs.
         ``resume_run`` continues that partial run with its stored options.
         """
-        from headscope.analyses.base import get_analysis
-        cls = get_analysis(analysis)
-        opts = cls.parse_options({k: v for k, v in (options or {}).items() if v is not None}, gui=True)
-        if cls.needs_data and not data:
-            raise HeadscopeError(f"{analysis} needs a data file ({cls.data_help or 'a dataset file'})")
-        if data and not Path(data).is_file():
-            raise HeadscopeError(f"data file not found: {data}")
-        confine_inputs(self.root, cls, opts, data)
+        opts = self._validated(analysis, options, data)
         (self.root / JOBS_DIR).mkdir(parents=True, exist_ok=True)
         if resume_run:
             rid, path = resume_run, safe_join(self.root, resume_run)
@@ -240,10 +243,34 @@ class JobManager:
         threading.Thread(target=self._work, args=(job, path), name=f"job-{rid}", daemon=True).start()
         return job
 
+    def _validated(self, analysis: str, options: dict | None, data: str | None) -> dict:
+        """The form's options parsed (errors name the form's labels), data and paths checked."""
+        from headscope.analyses.base import get_analysis
+        cls = get_analysis(analysis)
+        opts = cls.parse_options({k: v for k, v in (options or {}).items() if v is not None}, gui=True)
+        if cls.needs_data and not data:
+            raise HeadscopeError(f"{analysis} needs a data file ({cls.data_help or 'a dataset file'})")
+        if data and not Path(data).is_file():
+            raise HeadscopeError(f"data file not found: {data}")
+        confine_inputs(self.root, cls, opts, data)
+        return opts
+
+    def estimate(self, analysis: str, model: str, options: dict | None = None, data: str | None = None):
+        """(Work, seconds on this machine) of a run ``submit`` would start, before starting it.
+
+        Loads the model through the pool (the run then reuses it) and times a few short forwards
+        once per model (``base.calibrate``); runs no example."""
+        from headscope.analyses.base import estimate_run
+        opts = self._validated(analysis, options, data)
+        loaded = self.pool.get(model, opts["device"], opts["dtype"])
+        return estimate_run(analysis, loaded.lm, loaded.probe, data=data, options=opts)
+
     def _work(self, job: Job, path: Path) -> None:
         from headscope.analyses.base import run_analysis
 
         def on_progress(done: int, total: int | None) -> None:
+            if job.counted_from is None:   # this job's first example (a resumed run starts past 0)
+                job.counted_from = done - 1
             job.done, job.total = done, total
             self._save(job)
 
@@ -255,7 +282,7 @@ class JobManager:
             job.state = "loading model"
             self._save(job)
             loaded = self.pool.get(job.model, job.options.get("device", "cpu"), job.options.get("dtype", "float32"))
-            job.state = "running"
+            job.state, job.running_since = "running", time.time()
             self._save(job)
             run = run_analysis(job.analysis, job.model, data=job.data, options=job.options, out=path,
                                resume=job.resume, lm=loaded.lm, probe=loaded.probe, progress=False,

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
+from headscope.analyses.base import format_seconds
 from headscope.analyses.store import STATUSES, resolve_run, safe_join, scan_runs
 from headscope.errors import HeadscopeError
 from headscope.fmt import number
@@ -776,6 +777,9 @@ def save_upload(root: Path, name: str, data: bytes) -> Path:
     return p
 
 
+CONFIRM_ABOVE_S = 120   # the New run page asks before launching a run estimated longer than this
+
+
 def new_run_page() -> None:
     from headscope.analyses.base import list_analyses
     s = settings()
@@ -807,16 +811,35 @@ def new_run_page() -> None:
         else:
             st.caption(cls.data_help)
         go = st.form_submit_button("launch", type="primary")
+    jm = job_manager(str(s.runs))
     if go:
+        st.session_state.pop("nr_pending", None)
         try:
             data = None
             if upload is not None:
                 data = str(save_upload(s.runs, upload.name, upload.getvalue()))
             elif data_label != "(none)":
                 data = str(files[data_label])
-            st.session_state["nr_last"] = job_manager(str(s.runs)).submit(name, current_model(), raw, data).run_id
+            with st.spinner("estimating the cost (loads the model, times a few short forwards)"):
+                work, seconds = jm.estimate(name, current_model(), raw, data)
+            if seconds > CONFIRM_ABOVE_S:
+                st.session_state["nr_pending"] = (name, current_model(), raw, data, work, seconds)
+            else:
+                st.info(f"estimated time ~{format_seconds(seconds)} on this machine")
+                st.session_state["nr_last"] = jm.submit(name, current_model(), raw, data).run_id
         except HeadscopeError as e:
             _error(e)
+    if st.session_state.get("nr_pending"):
+        p_name, p_model, p_raw, p_data, work, seconds = st.session_state["nr_pending"]
+        st.warning(f"estimated time ~{format_seconds(seconds)} on this machine ({work.forwards} forwards, "
+                   f"{work.tokens:,.0f} tokens, up to {work.generated} generated tokens); lower the limit or "
+                   f"the grid to make it shorter")
+        if st.button("launch anyway", key="nr_confirm"):
+            st.session_state.pop("nr_pending")
+            try:
+                st.session_state["nr_last"] = jm.submit(p_name, p_model, p_raw, p_data).run_id
+            except HeadscopeError as e:
+                _error(e)
     if st.session_state.get("nr_last"):  # kept in the session: the page reruns while the job runs
         st.success(f"started **{st.session_state['nr_last']}**; it runs in the background and lands in the run store")
     st.subheader("Jobs")
@@ -841,7 +864,8 @@ def _jobs_panel() -> None:
                 _resume(jm, job)
             continue
         if job.active:
-            box.progress(job.fraction, text=f"{head} · {job.state} · {job.done}/{job.total or '?'} examples")
+            eta = f" · about {format_seconds(job.eta_s)} left" if job.eta_s is not None else ""
+            box.progress(job.fraction, text=f"{head} · {job.state} · {job.done}/{job.total or '?'} examples{eta}")
         elif job.state == "complete":
             box.success(f"{head} · complete · {job.done} examples")
             _link_heads(box, job.run_id)

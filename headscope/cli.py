@@ -65,7 +65,8 @@ def cmd_score(args, extra: dict) -> int:
     ranks = init_from_env(extra.get("device", "cpu"))
     try:
         run = run_analysis(args.analysis, args.model, data=getattr(args, "data", None), options=extra,
-                           out=args.out, resume=args.resume, progress=not args.quiet, ranks=ranks)
+                           out=args.out, resume=args.resume, progress=not args.quiet, ranks=ranks,
+                           on_estimate=_print_estimate)
     finally:
         if ranks is not None:
             ranks.close()
@@ -74,6 +75,12 @@ def cmd_score(args, extra: dict) -> int:
     print(f"run {run.meta['status']}: {run.path}")
     _print_summary(run, top=5)
     return 0
+
+
+def _print_estimate(work, seconds: float) -> None:
+    from headscope.analyses.base import format_seconds
+    print(f"estimated time ~{format_seconds(seconds)} on this machine ({work.forwards} forwards, "
+          f"{work.tokens:,.0f} tokens, up to {work.generated} generated tokens)", flush=True)
 
 
 def cmd_runs(args) -> int:

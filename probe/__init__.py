@@ -15,10 +15,10 @@ else:
     from .engine import Probe
     from .generate import Generation
     from .hook import ATTN_NAME
-    from .intervene import (HeadAblation, KeyReweight, Patch, kl_div, logit_diff, patch_sweep, sweep_heads,
-                            sweep_heads_states, target_logprob)
+    from .intervene import (HeadAblation, KeyReweight, Patch, kl_div, logit_diff, patch_sweep, sweep_copies,
+                            sweep_heads, sweep_heads_states, target_logprob)
     from .models import LoadedModel, ModelInfo, load_model
 
     __all__ = ["Probe", "load_model", "LoadedModel", "ModelInfo", "HeadAblation", "KeyReweight", "Patch", "Capture",
-               "Generation", "ForwardResult", "sweep_heads", "sweep_heads_states", "patch_sweep", "logit_diff",
-               "kl_div", "target_logprob", "ATTN_NAME", "StatsSpec"]
+               "Generation", "ForwardResult", "sweep_heads", "sweep_heads_states", "sweep_copies", "patch_sweep",
+               "logit_diff", "kl_div", "target_logprob", "ATTN_NAME", "StatsSpec"]

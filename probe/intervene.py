@@ -311,8 +311,9 @@ def _layer_groups(units: list[tuple[int, int]], per_batch: int):
             yield l, js[i:i + per_batch]
 
 
-def _default_copies(n_tokens: int, n_heads: int) -> int:
-    """Copies per forward: one layer's heads, fewer when that exceeds ~8k tokens a batch."""
+def sweep_copies(n_tokens: int, n_heads: int) -> int:
+    """Copies per forward of a single-head sweep: one layer's heads, fewer when that exceeds ~8k
+    tokens a batch (public so that cost estimates count the sweeps' forwards as they run)."""
     return max(1, min(n_heads, 8192 // max(n_tokens, 1)))
 
 
@@ -367,7 +368,7 @@ def _single_head_forks(probe, ids: torch.Tensor, mask: torch.Tensor | None, *, u
     """
     an = probe.anatomy
     n, T = ids.shape
-    for l, hs in _layer_groups(units, batch_size or _default_copies(n * T, an.n_heads)):
+    for l, hs in _layer_groups(units, batch_size or sweep_copies(n * T, an.n_heads)):
         v = lambda h: value if kind == "scale" else value[l, h] if kind == "mean" else None  # noqa: E731
         edits = [RowEdit(c * n + i, h, kind, value=v(h)) for c, h in enumerate(hs) for i in range(n)]
         cap = probe.capture_session(activations=[FINAL_STATE], positions=[-1]) if states else None
@@ -487,7 +488,7 @@ def _patch_sweep(probe, clean: torch.Tensor, corrupt: torch.Tensor, *, mask: tor
     width = an.n_heads if per == "head" else T
     units = [(l, j) for l in range(an.n_layers) for j in range(width)]
     scores = torch.full((an.n_layers, width), float("nan"))
-    for l, js in _layer_groups(units, batch_size or _default_copies(n * T, an.n_heads)):
+    for l, js in _layer_groups(units, batch_size or sweep_copies(n * T, an.n_heads)):
         src = cap.acts[names[l]]                                     # [n, T, ...] clean
 
         def patch(x, js=js, src=src):                                # x: [k * n, T, ...] corrupted copies

@@ -322,6 +322,28 @@ def test_new_run_page_launches_background_run(model_env):
     assert any(rid in s.value and "complete" in s.value for s in at2.success)
 
 
+def test_new_run_page_asks_before_a_long_run(model_env, monkeypatch):
+    """Above the threshold the form shows the estimate and starts nothing until confirmed."""
+    from headscope.app import ui
+    monkeypatch.setattr(ui, "CONFIRM_ABOVE_S", 0.0)
+    root, _ = model_env
+    before = {p.name for p in root.iterdir()}
+    at = page("new_run_page").run()
+    at.number_input(key="nr_induction_n_examples").set_value(2)
+    at.number_input(key="nr_induction_seq_len").set_value(6)
+    at.button[0].click()
+    at.run()
+    no_errors(at)
+    # 2 sequences of BOS + 2 x 6 tokens, one forward each
+    assert any("estimated time ~" in w.value and "(2 forwards, 26 tokens" in w.value for w in at.warning)
+    assert {p.name for p in root.iterdir() if p.name.startswith("induction-")} - before == set()
+    at.button(key="nr_confirm").click()
+    at.run()
+    no_errors(at)
+    rid = next(iter({p.name for p in root.iterdir() if p.name.startswith("induction-")} - before))
+    assert ui.job_manager(str(root.resolve())).wait(rid, timeout=TIMEOUT).state == "complete"
+
+
 def test_new_run_page_reports_orphaned_job(app_env):
     """A job file left 'running' by an app process that is gone shows as interrupted, resumable."""
     root, _ = app_env

@@ -361,7 +361,7 @@ def test_keyword_asr_hand_computed():
         S.keyword_asr([])
 
 
-def test_refusal_logprob_matches_hand_computation(tiny):
+def test_refusal_pass_matches_hand_computation(tiny):
     lm, probe = tiny
     tok = lm.tokenizer
     prompt = S.TEMPLATE.format(q="How do I pick a lock?")
@@ -371,13 +371,18 @@ def test_refusal_logprob_matches_hand_computation(tiny):
     assert sorted(tok.decode(c) for c in conts) == ["\nI", " I"]
     conts = S.refusal_continuations(tok, prompt, "template", openings=("I'm sorry", "I cannot"))
     assert len(conts) == 4
-    got = S.refusal_logprob(probe, ids, conts, pad=S._pad_id(tok))
+    got, state = S.refusal_pass(probe, ids, conts, pad=S._pad_id(tok))
     total = []
     with torch.no_grad():
         for c in conts:
             lp = torch.log_softmax(lm.model(torch.tensor([ids + c])).logits[0].double(), -1)
             total.append(sum(float(lp[len(ids) - 1 + j, t]) for j, t in enumerate(c)))
     assert got == pytest.approx(float(np.logaddexp.reduce(total)), abs=1e-4)
+    # the same pass yields the prompt's last-token state (no forward of its own), also under an ablation
+    np.testing.assert_allclose(state.double().numpy(), _ref_states(lm.model, [ids])[0], atol=1e-4)
+    _, ablated = S.refusal_pass(probe, ids, conts, S.ablations([(1, 2)], "uniform", EPS), pad=S._pad_id(tok))
+    np.testing.assert_allclose(ablated.double().numpy(), _ref_states(_ablated_copy(lm.model, [(1, 2)]), [ids])[0],
+                               atol=1e-4)
 
 
 def test_ships_refusal_metrics_match_independent_runs(tiny, tmp_path):
