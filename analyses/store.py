@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from headscope.errors import HeadscopeError
+from headscope.process import pid_alive
 
 SCHEMA = "headscope.run/1"
 # "interrupted" is never written: it is a "running" run.json whose writer's lease is gone
@@ -197,17 +198,6 @@ class Run:
             lines = "".join(json.dumps(r, default=_json_default) + "\n" for r in keep)
             atomic_write_bytes(self.path / "examples.jsonl", lines.encode())
         return state, done
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this id exists on this machine."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 _OWN_TEMP = re.compile(r"^\.(run\.json|examples\.jsonl|checkpoint\.npz|arrays\.npz)\..*\.tmp$")

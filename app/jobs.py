@@ -23,8 +23,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from headscope.analyses.store import atomic_write_json, new_run_id, pid_alive, safe_join
+from headscope.analyses.store import atomic_write_json, new_run_id, safe_join
 from headscope.errors import HeadscopeError
+from headscope.process import pid_alive
 
 JOBS_DIR = ".jobs"
 

@@ -40,6 +40,7 @@ from typing import Any, Iterator
 import torch
 
 from headscope.errors import HeadscopeError
+from headscope.process import pid_alive
 
 from .loading import (ALLOW_HUB_ENV, LoadedModel, ModelInfo, _device, _hub_allowed, _offline_unless_opted_in,  # noqa: F401
                       _one_line, model_info, quiet_transformers)
@@ -254,22 +255,12 @@ def _dir_bytes(directory: Path) -> int:
     return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
 def _remove_abandoned(root: Path, name: str) -> None:
     """Delete temp/stale directories left by killed conversions (their pid is no longer alive)."""
     for prefix in (f".tmp-{name}-", f".stale-{name}-"):
         for d in root.glob(prefix + "*"):
             pid = d.name[len(prefix):].split("-", 1)[0]
-            if pid.isdigit() and not _pid_alive(int(pid)):
+            if pid.isdigit() and not pid_alive(int(pid)):
                 shutil.rmtree(d, ignore_errors=True)
 
 
