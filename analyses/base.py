@@ -533,7 +533,7 @@ def run_analysis(name: str, model="smollm2-135m", *, data: str | Path | None = N
     ``on_estimate(work, seconds)``, when given, hears the run's estimated work and time on this
     machine (``calibrate``: a few short forwards, once per model) before the first example.
     """
-    cls, opts = _checked(name, data, options)
+    cls, opts = validate_request(name, data, options)
     if ranks is not None and opts["device_map"]:
         raise HeadscopeError("--device-map places one model copy across devices; under torchrun each rank "
                              "takes one device (--device cuda): use one or the other")
@@ -588,16 +588,20 @@ def run_analysis(name: str, model="smollm2-135m", *, data: str | Path | None = N
                         on_progress=on_progress, ranks=ranks)
 
 
-def _checked(name: str, data, options: dict | None) -> tuple[type[Analysis], dict]:
-    """The analysis class and its parsed options, with ``data`` checked against what it takes."""
+def validate_request(name: str, data, options: dict | None, gui: bool = False) -> tuple[type[Analysis], dict]:
+    """The analysis class and its parsed options, with ``data`` checked against what it takes.
+
+    ``gui``: errors name the dashboard form's fields ("data file", option labels) instead of the
+    CLI's flags; the CLI, the API and the New run page share this one check."""
     cls = get_analysis(name)
-    opts = cls.parse_options(options or {})
-    if cls.needs_data and data is None:
-        raise HeadscopeError(f"{name} needs --data ({cls.data_help or 'a dataset file'})")
-    if not cls.takes_data and data is not None:
-        raise HeadscopeError(f"{name} reads no data ({cls.data_help}); drop --data")
-    if data is not None and not Path(data).exists():
-        raise HeadscopeError(f"data file not found: {data} (--data)")
+    opts = cls.parse_options(options or {}, gui=gui)
+    field = "a data file" if gui else "--data"
+    if cls.needs_data and not data:
+        raise HeadscopeError(f"{name} needs {field} ({cls.data_help or 'a dataset file'})")
+    if not cls.takes_data and data:
+        raise HeadscopeError(f"{name} reads no data ({cls.data_help}); drop {field}")
+    if data and not Path(data).exists():
+        raise HeadscopeError(f"data file not found: {data}" + ("" if gui else " (--data)"))
     return cls, opts
 
 
@@ -619,7 +623,7 @@ def estimate_run(name: str, lm, probe, *, data: str | Path | None = None,
     """(work, seconds on this machine) of ``run_analysis(name, ...)`` with these arguments, without
     running it or writing anything: what the dashboard shows before it launches a run. Raises the
     HeadscopeError the run itself would raise for bad options or data."""
-    cls, opts = _checked(name, data, options)
+    cls, opts = validate_request(name, data, options)
     analysis, ctx, examples = _prepared(cls, opts, lm, probe, data, log=lambda msg: None)
     work = analysis.estimate(ctx, examples)
     return work, calibrate(lm, probe).seconds(work)

@@ -829,5 +829,5 @@ class GShipsAnalysis(SaharaAnalysis):
     single_step = True
 
     @classmethod
-    def parse_options(cls, raw: dict) -> dict:
-        return {**super().parse_options(raw), **_GSHIPS_FIXED}
+    def parse_options(cls, raw: dict, gui: bool = False) -> dict:
+        return {**super().parse_options(raw, gui=gui), **_GSHIPS_FIXED}

@@ -246,13 +246,9 @@ class JobManager:
 
     def _validated(self, analysis: str, options: dict | None, data: str | None) -> dict:
         """The form's options parsed (errors name the form's labels), data and paths checked."""
-        from headscope.analyses.base import get_analysis
-        cls = get_analysis(analysis)
-        opts = cls.parse_options({k: v for k, v in (options or {}).items() if v is not None}, gui=True)
-        if cls.needs_data and not data:
-            raise HeadscopeError(f"{analysis} needs a data file ({cls.data_help or 'a dataset file'})")
-        if data and not Path(data).is_file():
-            raise HeadscopeError(f"data file not found: {data}")
+        from headscope.analyses.base import validate_request
+        raw = {k: v for k, v in (options or {}).items() if v is not None}
+        cls, opts = validate_request(analysis, data, raw, gui=True)
         confine_inputs(self.root, cls, opts, data)
         return opts
 

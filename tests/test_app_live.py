@@ -345,3 +345,13 @@ def test_direct_logits_match_direct_path_removal(lm, probe, eager):
         np.testing.assert_array_equal(d["up_ids"][l, h], torch.topk(want, 5).indices.numpy())
         np.testing.assert_array_equal(d["down_ids"][l, h], torch.topk(-want, 5).indices.numpy())
         np.testing.assert_allclose(d["down"][l, h], torch.topk(-want, 5).values.neg().numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("analysis", ["gships", "sahara", "ships", "induction"])
+def test_every_form_validates_with_gui_labels(tmp_path, analysis):
+    """The New run form's validation (gui wording) works for every analysis, overrides included
+    (gships once took no ``gui`` and failed with a TypeError); a bad value names the form label."""
+    jm = jobs.JobManager(tmp_path, jobs.ModelPool())
+    assert jm._validated(analysis, {}, None)["limit"] is None
+    with pytest.raises(HeadscopeError, match="batch size"):
+        jm._validated(analysis, {"batch_size": 0}, None)
