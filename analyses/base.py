@@ -103,6 +103,10 @@ COMMON_OPTIONS = (
     Option("batch_size", int, 1, "examples per forward pass where the analysis batches", min=1, max=1024),
 )
 
+# the one BOS policy (ModelInfo.leading_bos) of every analysis that tokenizes text or builds token ids
+PREPEND_BOS = Option("prepend_bos", bool, False, "add the model's BOS where the tokenizer puts none first "
+                     "(default: BOS exactly when the tokenizer adds it; docs/SCIENCE.md section 0)")
+
 
 # --------------------------------------------------------------------------- streaming stats
 class RunningMean:

@@ -22,7 +22,7 @@ from headscope.data.circuit_tasks import TASKS, batches_of, induction_pairs, loa
 from headscope.errors import HeadscopeError
 from headscope.probe.graph import CircuitGraph
 
-from .base import Analysis, Example, ExampleOutput, Finalized, Option, ScoreMeta, register
+from .base import PREPEND_BOS, Analysis, Example, ExampleOutput, Finalized, Option, ScoreMeta, register
 from .circuit_core import attribute, faithfulness_curve, minimal_circuit, prune_dangling, size_grid, top_edges_mask
 
 N_SUMMARY_EDGES = 40
@@ -31,7 +31,7 @@ N_SUMMARY_EDGES = 40
 def task_pairs(ctx) -> list:
     """The run's pairs, regenerated from the options (so a resumed run sees the same data)."""
     o, tok = ctx.options, ctx.lm.tokenizer
-    bos = ctx.info.bos_token_id if o["prepend_bos"] else None
+    bos = ctx.info.leading_bos(o["prepend_bos"])
     if ctx.data_path is not None:
         return load_pairs(ctx.data_path, tok, bos)
     if o["task"] == "induction":
@@ -63,7 +63,7 @@ class CircuitAnalysis(Analysis):
         Option("n_random", int, 2, "random circuits per size for the baseline"),
         Option("curve_points", int, 10, "circuit sizes on the faithfulness curve (log-spaced)"),
         Option("seq_len", int, 10, "induction: length of the random block"),
-        Option("prepend_bos", bool, True, "prepend the model's BOS token when it has one"),
+        PREPEND_BOS,
     )
 
     def examples(self, ctx):

@@ -46,7 +46,7 @@ from headscope.errors import HeadscopeError
 from headscope.heads import head_label, top_labels
 from headscope.kernels import StatsSpec
 
-from .base import Analysis, ExampleOutput, Finalized, Option, ScoreMeta, register
+from .base import PREPEND_BOS, Analysis, ExampleOutput, Finalized, Option, ScoreMeta, register
 from .datasets import (Encoded, data_examples, encode_record, load_span_records,  # noqa: F401 (re-exported)
                        shipped_data)
 
@@ -197,7 +197,7 @@ class FAIAnalysis(Analysis):
         Option("exclude_bos", bool, False, "head span without the first position (rows renormalised)"),
         Option("layers", str, "all", "heads to classify: all | rl (5 layers in [L/3, 2L/3]) | comma list"),
         Option("chat_template", bool, True, "render prompt/response records with the model's chat template"),
-        Option("prepend_bos", bool, False, "prepend BOS when the tokenizer does not add one"),
+        PREPEND_BOS,
         Option("max_tokens", int, 8192, "truncate each sequence to this many tokens"),
         Option("peak_quantile", float, 0.9, "peaks must reach this per-sequence quantile"),
         Option("fai_min_queries", int, 10, "FAI peaks need |T(s)| >= this many queries"),

@@ -1,7 +1,8 @@
 """Previous-token, duplicate-token and induction head scores on repeated random tokens.
 
-The classic probe (Olsson et al. 2022): feed ``[BOS] r r`` where ``r`` is ``n`` uniformly random
-token ids, and read three diagonals of each head's attention. Default scale (``--scale headscope``),
+The classic probe (Olsson et al. 2022): feed ``r r`` where ``r`` is ``n`` uniformly random token
+ids, after BOS under the one BOS policy (``ModelInfo.leading_bos``: when the model's tokenizer adds
+one, or with ``--prepend-bos true``), and read three diagonals of each head's attention. Default scale (``--scale headscope``),
 each a mean over only the queries where the pattern can occur, so a perfect head scores 1:
 
 - previous-token: mean over every query ``t`` (after the first content token) of ``A[t, t-1]``;
@@ -13,7 +14,8 @@ each a mean over only the queries where the pattern can occur, so a perfect head
 measure, no exclusions): detection patterns from token equality (accidental repeats inside ``r``
 count, and previous-token includes the query right after BOS), attention on them summed over *all*
 queries and divided by the total attention. On this input that is about n / (2n + 1) of the default
-for duplicate / induction (0.495 at n = 50); rankings agree up to accidental repeats.
+for duplicate / induction (0.495 at n = 50); rankings agree up to accidental repeats. TransformerLens'
+``to_tokens`` prepends BOS for every model: add ``--prepend-bos true`` to feed what it feeds.
 
 Sequences are short by construction, so the full pattern rows are captured. The second half's
 next-token accuracy is stored as a sanity check (an induction-capable model gets it high).
@@ -27,7 +29,8 @@ from headscope.errors import HeadscopeError
 from headscope.heads import top_labels
 from headscope.kernels import StatsSpec
 
-from .base import Analysis, Example, ExampleOutput, Finalized, Option, ScoreMeta, check_memory, register
+from .base import (PREPEND_BOS, Analysis, Example, ExampleOutput, Finalized, Option, ScoreMeta, check_memory,
+                   register)
 
 
 def repeated_tokens(vocab_size: int, n: int, seed: int, bos: int | None, exclude: set[int]) -> torch.Tensor:
@@ -76,17 +79,17 @@ class InductionAnalysis(Analysis):
     data_help = "it makes its own repeated random token sequences (--n-examples, --seq-len, --seed)"
     options = (
         Option("n_examples", int, 20, "number of random sequences", min=1, max=1_000_000),
-        Option("seq_len", int, 50, "length n of the random block (the sequence is BOS + 2n tokens)", min=2),
-        Option("prepend_bos", bool, True, "prepend the model's BOS token when it has one"),
+        Option("seq_len", int, 50, "length n of the random block (the sequence is 2n tokens, after BOS if any)", min=2),
+        PREPEND_BOS,
         Option("scale", str, "headscope", "headscope = diagonal means over the queries where the pattern can "
                "occur (1 = perfect head); transformerlens = TransformerLens detect_head's 'mul' score",
                choices=("headscope", "transformerlens")),
     )
 
     def check(self, opts, info):
-        T = 2 * opts["seq_len"] + 1
+        T = 2 * opts["seq_len"] + (info.leading_bos(opts["prepend_bos"]) is not None)
         if info.max_context is not None and T > info.max_context:
-            raise HeadscopeError(f"--seq-len {opts['seq_len']}: the sequence (2 x seq-len + 1 = {T} tokens) "
+            raise HeadscopeError(f"--seq-len {opts['seq_len']}: the sequence ({T} tokens, 2 x seq-len and BOS if any) "
                                  f"exceeds the model's context of {info.max_context}")
         # the captured pattern: [L, H, T, T] float32 per example
         check_memory(4 * info.n_layers * info.n_heads * T * T, "--seq-len")
@@ -98,7 +101,7 @@ class InductionAnalysis(Analysis):
     def process(self, ctx, ex):
         n = ctx.options["seq_len"]
         tok = ctx.lm.tokenizer
-        bos = ctx.info.bos_token_id if ctx.options["prepend_bos"] else None
+        bos = ctx.info.leading_bos(ctx.options["prepend_bos"])
         exclude = set(getattr(tok, "all_special_ids", []) or [])
         ids = repeated_tokens(ctx.info.vocab_size, n, ex.data, bos, exclude)
         T = ids.shape[1]

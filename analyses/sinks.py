@@ -9,9 +9,10 @@ statistics ``col_mass`` / ``col_count`` (patterns are never materialised):
   ``100/(L H) sum_{l,h} 1[alpha[l,h,k] > eps]`` at key position ``k`` (0-based, default 0 = first
   token), averaged over inputs; defaults eps = 0.3, T = 64 as the authors' script. Inputs shorter
   than T are skipped (the reference asserts), since the rate falls as T grows. ``input=repeated``
-  feeds one random token repeated T times with no BOS (Gu et al. report 0% for RoPE models: every
-  position is then identical, so nothing singles out the first); ``input=random`` feeds T random
-  ids (BOS first if the tokenizer adds one).
+  feeds one random token repeated T times with no BOS unless ``--prepend-bos true`` asks for one
+  (Gu et al. report 0% for RoPE models: every position is then identical, so nothing singles out
+  the first); ``input=random`` feeds T random ids (BOS first under the one BOS policy,
+  ``ModelInfo.leading_bos``: when the tokenizer adds one, or with ``--prepend-bos true``).
 - **Sink tokens**: positions whose head-averaged ``alpha`` exceeds ``sink_threshold`` among those
   seen by at least ``min_queries`` queries (the last keys' column means rest on one or two queries);
   per head, the **sink fraction** is the share of its attention mass on those tokens (dormant /
@@ -50,7 +51,7 @@ from headscope.errors import HeadscopeError
 from headscope.heads import top_labels
 from headscope.kernels import StatsSpec
 
-from .base import Analysis, Example, ExampleOutput, Finalized, Option, ScoreMeta, register
+from .base import PREPEND_BOS, Analysis, Example, ExampleOutput, Finalized, Option, ScoreMeta, register
 from .datasets import data_examples, encode_record, shipped_data
 
 DEFAULT_DATA = "natural_texts.jsonl"
@@ -202,13 +203,13 @@ def _encode(ctx, ex: Example, kind: str, T: int) -> tuple[list[int], bool]:
     special = set(getattr(tok, "all_special_ids", []) or [])
     allowed = torch.tensor(sorted(set(range(info.vocab_size)) - special))
     n = T or 64
-    if kind == "repeated":
-        return [int(allowed[torch.randint(len(allowed), (1,), generator=g)])] * n, False
-    ids = allowed[torch.randint(len(allowed), (n,), generator=g)].tolist()
-    bos = info.bos_token_id
-    if bos is not None and (info.adds_bos or o["prepend_bos"]):
-        ids = [bos] + ids[:-1]
-    return ids, False
+    if kind == "repeated":   # Gu's probe: every position the same token, so BOS only when asked for
+        ids = [int(allowed[torch.randint(len(allowed), (1,), generator=g)])] * n
+        bos = info.bos_token_id if o["prepend_bos"] else None
+    else:
+        ids = allowed[torch.randint(len(allowed), (n,), generator=g)].tolist()
+        bos = info.leading_bos(o["prepend_bos"])
+    return ([bos] + ids[:-1] if bos is not None else ids), False
 
 
 def _resid(cap, L: int, final_norm_last: bool) -> torch.Tensor:
@@ -238,7 +239,7 @@ class SinksAnalysis(Analysis):
         Option("input", str, "data", "data (--data texts), random (random ids) or repeated (one id repeated T times)",
                ("data", "random", "repeated")),
         Option("n_examples", int, 20, "number of inputs for input=random|repeated", min=1, max=1_000_000),
-        Option("prepend_bos", bool, False, "prepend BOS when the tokenizer does not add one"),
+        PREPEND_BOS,
         Option("chat_template", bool, True, "render prompt/response records with the model's chat template"),
         Option("sink_threshold", float, 0.2, "sink token: head-averaged column mean above this"),
         Option("min_queries", int, 8, "sink token candidates need at least this many queries"),
@@ -373,7 +374,7 @@ class MassiveAnalysis(Analysis):
         Option("abs_threshold", float, 100.0, "massive: |h| above this"),
         Option("ratio", float, 1000.0, "massive: |h| above ratio x the layer's median |h|"),
         Option("max_tokens", int, 512, "truncate each input to this many tokens (0 = whole)"),
-        Option("prepend_bos", bool, False, "prepend BOS when the tokenizer does not add one"),
+        PREPEND_BOS,
         Option("chat_template", bool, True, "render prompt/response records with the model's chat template"),
         Option("top", int, 20, "largest massive activations listed per input"),
     )

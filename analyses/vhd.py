@@ -59,7 +59,7 @@ import torch
 from headscope.errors import HeadscopeError
 from headscope.heads import head_label, top_labels
 
-from .base import Analysis, Example, ExampleOutput, Finalized, Option, ScoreMeta, register
+from .base import Analysis, Example, ExampleOutput, Finalized, Option, ScoreMeta, Work, register
 from .datasets import load_records
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
@@ -220,6 +220,16 @@ class _Divergence(Analysis):
         with ctx.probe.intervene(ops, phase="all") if ops else contextlib.nullcontext():
             with br.with_feed():
                 return ctx.probe.generate(br.with_ids, max_new_tokens=ctx.options["max_new_tokens"])
+
+    def example_work(self, ctx, ex):
+        """A greedy generation of the with-branch, then one forward per branch over its prompt and the
+        generated tokens but the last; with ``--vhr``, the regeneration ``run_vhr`` may do. An upper
+        bound: a generation that stops early shortens the two forwards, and VHR regenerates nothing
+        when it selects no head."""
+        br, n = self.branches(ctx, ex), ctx.options["max_new_tokens"]
+        T, T0 = br.with_ids.shape[1], br.without_ids.shape[1]
+        gen = Work.generation(T, n)
+        return gen + Work.forward(1, T + n - 1) + Work.forward(1, T0 + n - 1) + (gen if ctx.options["vhr"] else Work())
 
     # -- steps ---------------------------------------------------------------------------------
     def process(self, ctx, ex):

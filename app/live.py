@@ -22,14 +22,12 @@ MAX_ROWS = 256       # query rows of full attention pattern captured at once (me
 
 
 # --------------------------------------------------------------------------- tokens
-def encode(lm, text: str, prepend_bos: bool = True) -> list[int]:
-    """Token ids of ``text``; BOS is prepended unless the tokenizer adds it (SCIENCE.md: keep BOS)."""
+def encode(lm, text: str, prepend_bos: bool = False) -> list[int]:
+    """Token ids of ``text`` under the analyses' one BOS policy (``ModelInfo.leading_bos``), so what
+    Inspect shows for token 0 is comparable with ``headscope score sinks`` on the same text."""
     if not text.strip():
         raise HeadscopeError("the prompt is empty")
-    ids = list(lm.tokenizer(text, add_special_tokens=True)["input_ids"])
-    bos = lm.info.bos_token_id
-    if prepend_bos and bos is not None and (not ids or ids[0] != bos):
-        ids = [bos] + ids
+    ids = lm.info.with_bos(lm.tokenizer(text, add_special_tokens=True)["input_ids"], prepend_bos)
     lm.info.check_length(len(ids))
     return ids
 

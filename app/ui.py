@@ -500,7 +500,9 @@ def inspect_page() -> None:
     heads_l = st.multiselect("heads", valid, key="insp_heads", max_selections=8,
                              help="or click a cell of the all-heads grid below")
     c1, c2, c3, c4 = st.columns(4)
-    bos = c1.checkbox("prepend BOS", True, key="insp_bos")
+    bos = c1.checkbox("prepend BOS", False, key="insp_bos",
+                      help="add the model's BOS where the tokenizer puts none first; off = as the tokenizer "
+                           "does, the analyses' default, so token 0 here is token 0 of `headscope score sinks`")
     eps = c2.slider("sink threshold ε", 0.05, 0.9, 0.3, 0.05, key="insp_eps",
                     help="a key is a sink for a head when it gets more than ε of the attention on average (Gu et al.)")
     cells = c3.slider("max cells per axis", 32, 256, 128, 16, key="insp_cells",

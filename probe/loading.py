@@ -68,6 +68,25 @@ class ModelInfo:
                 f"head {head} out of range: {self.name} has {n} {kind} heads per layer (0-{n - 1})"
             )
 
+    def leading_bos(self, prepend_bos: bool = False) -> int | None:
+        """The BOS id a sequence starts with under headscope's one BOS policy, or None.
+
+        The policy, for every analysis and the dashboard: a sequence starts with BOS exactly when the
+        model's tokenizer puts one there by itself (``tokenizer(text)``, the call of every paper's
+        reference code; SCIENCE.md: keep it, never strip it); ``prepend_bos`` (``--prepend-bos true``)
+        adds the model's BOS where the tokenizer does not. Token sequences an analysis builds itself
+        (random or repeated tokens, circuit tasks) follow the same rule, as if they had been tokenized.
+        Without this one rule a "sink on token 0" from one analysis is not comparable with another's.
+        """
+        if self.bos_token_id is None or not (self.adds_bos or prepend_bos):
+            return None
+        return self.bos_token_id
+
+    def with_bos(self, ids: list[int], prepend_bos: bool = False) -> list[int]:
+        """``ids`` (a tokenizer's output) with the policy's BOS in front when it is not there yet."""
+        bos = self.leading_bos(prepend_bos)
+        return [bos] + list(ids) if bos is not None and (not ids or ids[0] != bos) else list(ids)
+
     def check_length(self, n_tokens: int) -> None:
         """Raise HeadscopeError for an empty prompt or one longer than the model's context."""
         if n_tokens < 1:

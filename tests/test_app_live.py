@@ -47,7 +47,8 @@ def eager_maps(eager, ids):
 
 def test_capture_prompt_matches_eager_attention(lm, probe, eager):
     ids = live.encode(lm, PROMPT)
-    assert ids[0] == lm.info.bos_token_id  # BOS kept (the tokenizer does not add it)
+    assert ids == lm.tokenizer(PROMPT).input_ids   # the one BOS policy: as the tokenizer does (adds none)
+    assert live.encode(lm, PROMPT, prepend_bos=True) == [lm.tokenizer.bos_token_id] + ids
     A, logits = eager_maps(eager, ids)
     T = len(ids)
     cap = live.capture_prompt(probe, lm, ids, [(0, 1), (1, 3)], rows=(5, T), topk=3)
@@ -62,7 +63,7 @@ def test_capture_prompt_matches_eager_attention(lm, probe, eager):
     np.testing.assert_allclose(cap.mean_dist, mean_dist, atol=1e-4)
     np.testing.assert_array_equal(cap.topk_idx[..., 0], A.argmax(-1))
     np.testing.assert_allclose(cap.next_probs, torch.softmax(logits, -1).numpy(), atol=1e-5)
-    assert "".join(cap.tokens[1:]) == PROMPT
+    assert "".join(cap.tokens) == PROMPT
 
 
 def test_fai_waad_series_from_mean_maps(lm, probe, eager):
@@ -185,7 +186,7 @@ def test_example_inputs_and_per_example_arrays_of_a_stored_run(lm, probe, tmp_pa
                        options={"n_examples": 3, "seq_len": 6, "seed": 7})
     assert live.example_ids(run, lm, probe) == ["seq0000", "seq0001", "seq0002"]
     ids = live.example_input_ids(run, "seq0002", lm, probe)
-    ref = repeated_tokens(lm.info.vocab_size, 6, 7 * 100_003 + 2, lm.info.bos_token_id,
+    ref = repeated_tokens(lm.info.vocab_size, 6, 7 * 100_003 + 2, None,   # this tokenizer adds no BOS
                           set(lm.tokenizer.all_special_ids))
     assert ids == ref[0].tolist()
     per = live.per_example_arrays(run, lm, probe, 3)

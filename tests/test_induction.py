@@ -41,14 +41,19 @@ def _eager_scores(model, ids_list, n, offset):
     return {k: v / len(ids_list) for k, v in acc.items()}
 
 
-def test_induction_matches_eager(tiny_llama, tmp_path):
+@pytest.mark.parametrize("prepend_bos", [False, True])
+def test_induction_matches_eager(tiny_llama, tmp_path, prepend_bos):
+    """The BOS policy: the sequence starts with BOS when the tokenizer adds one (this one does not) or
+    when asked; the eager reference is fed exactly that."""
     lm = tiny_llama
     from headscope.probe import Probe
     n, N, seed = 9, 3, int(torch.randint(0, 10_000, ()).item())
     run = run_analysis("induction", lm=lm, probe=Probe(lm), out=tmp_path / "run", progress=False,
-                       options={"n_examples": N, "seq_len": n, "seed": seed})
+                       options={"n_examples": N, "seq_len": n, "seed": seed, "prepend_bos": prepend_bos})
     assert run.meta["status"] == "complete"
-    bos = lm.info.bos_token_id
+    tokenizer_adds = lm.tokenizer("a b").input_ids[0] == 1
+    assert not tokenizer_adds
+    bos = 1 if prepend_bos else None
     exclude = set(lm.tokenizer.all_special_ids)
     ids_list = [repeated_tokens(lm.info.vocab_size, n, seed * 100_003 + i, bos, exclude) for i in range(N)]
     assert all(ids.shape[1] == 2 * n + (bos is not None) for ids in ids_list)
@@ -67,7 +72,8 @@ def test_transformerlens_scale_matches_transformerlens_detect_head(tiny_llama, t
     lm = tiny_llama
     n, N, seed = 7, 3, int(torch.randint(0, 10_000, ()).item())
     run = run_analysis("induction", lm=lm, probe=Probe(lm), out=tmp_path / "run", progress=False,
-                       options={"n_examples": N, "seq_len": n, "seed": seed, "scale": "transformerlens"})
+                       options={"n_examples": N, "seq_len": n, "seed": seed, "scale": "transformerlens",
+                                "prepend_bos": True})   # TransformerLens' to_tokens prepends BOS
     bos, exclude = lm.info.bos_token_id, set(lm.tokenizer.all_special_ids)
     lm.model.set_attn_implementation("eager")
     L, H = lm.info.n_layers, lm.info.n_heads
