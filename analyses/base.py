@@ -401,6 +401,10 @@ class Analysis:
     data_help: str = ""
     # why examples cannot be split across processes (one depends on those before it); "" if they can
     sequential: str = ""
+    # why its forward needs more than the token ids of ``inputs`` (image features...), so a stored
+    # example pattern would show another computation; "" if the ids alone reproduce it
+    no_pattern: str = ""
+    headline_score: str = ""    # the score whose top head a run's example pattern shows ("": the first per-head one)
 
     def examples(self, ctx: RunContext) -> Iterable[Example]:
         raise NotImplementedError
@@ -441,6 +445,18 @@ class Analysis:
             total += self.example_work(ctx, ex)
         return total
 
+    @property
+    def pattern_skipped(self) -> str:
+        """Why a run of this analysis stores no example pattern ("" if it does). Sequential analyses
+        do not: their ``inputs`` replays ``process``, whose state depends on the examples before."""
+        return self.no_pattern or (f"its examples depend on earlier ones ({self.sequential})" if self.sequential else "")
+
+    def pattern_work(self, ctx: RunContext, examples: list[Example]) -> Work:
+        """The forward of ``example_pattern`` (on the first example, which is usually the one used)."""
+        if self.pattern_skipped:
+            return Work()
+        return Work.forward(1, _first_row(self.inputs(ctx, examples[0])).shape[0])
+
     @classmethod
     def all_options(cls) -> tuple[Option, ...]:
         return COMMON_OPTIONS + tuple(cls.options)
@@ -458,6 +474,61 @@ class Analysis:
     def check(self, opts: dict, info) -> None:
         """Refuse options the loaded model cannot take (``info``: its ModelInfo), before
         ``examples`` allocates anything. Override for memory-heavy options."""
+
+
+PATTERN_ROWS = 64   # query rows of a run's stored example pattern: the example's last ones
+
+
+def _first_row(ids):
+    """[T] int64 tensor: the first row of ``Analysis.inputs``' ids ([T] or [B, T])."""
+    import torch
+    ids = torch.as_tensor(ids)
+    return ids[0] if ids.ndim == 2 else ids
+
+
+def example_pattern(analysis: "Analysis", ctx: RunContext, examples: list[Example], records: list[dict],
+                    fin: "Finalized") -> tuple[dict, np.ndarray | None]:
+    """(what it shows, ``[R, T]`` attention rows) of the run's headline head on its first used example.
+
+    Reports show it next to the scores, so a reader sees what the top head does on a real input
+    without a model. Headline: the first per-query-head score of ``fin``, its top head by the one
+    ranking rule (``heads.ranked_heads``, NaN last); ``Analysis.headline_score`` names another. Rows: the last ``PATTERN_ROWS`` queries of the
+    example's ``inputs`` (the ids the dashboard opens for it) over all its keys, captured for that
+    layer only (memory R x T x H floats, whatever T is). One extra forward, counted by ``pattern_work``.
+    Nothing is stored, with the reason, when the analysis says so (``pattern_skipped``), has no per-query-head
+    score, or no used example, or when the forward fails (HeadscopeError or out of memory): a view
+    never fails a finished run.
+    """
+    import torch
+
+    from headscope.heads import head_label, ranked_heads
+    from headscope.kernels import StatsSpec
+    if analysis.pattern_skipped:
+        return {"skipped": analysis.pattern_skipped}, None
+    per_head = [k for k, v in fin.scores.items() if np.ndim(v) == 2
+                and getattr(fin.score_meta.get(k), "index", "query_head") == "query_head"]
+    name = analysis.headline_score if analysis.headline_score in per_head else next(iter(per_head), None)
+    used = next((r["id"] for r in records if not r.get("skip")), None)
+    ex = next((e for e in examples if e.id == used), None)
+    if name is None or ex is None:
+        return {"skipped": "no per-query-head score" if name is None else "no used example"}, None
+    ranked = ranked_heads(fin.scores[name], 1, finite=True)
+    if not ranked:
+        return {"skipped": f"{name} has no finite value"}, None
+    (layer, head), = ranked
+    try:
+        ids = _first_row(analysis.inputs(ctx, ex)).long()                            # [T]
+        T = ids.shape[0]
+        a = max(0, T - PATTERN_ROWS)
+        with ctx.probe.capture(stats=StatsSpec(pattern_rows=(a, T)), layers=[layer]) as cap:
+            ctx.probe.forward(ids[None], logits_to_keep=1)
+        rows = cap.stats[layer]["pattern"][0, head].float().cpu().numpy()        # [T - a, T]
+    except (HeadscopeError, torch.OutOfMemoryError, MemoryError) as e:
+        return {"skipped": f"{type(e).__name__}: {e}"}, None
+    tok = ctx.lm.tokenizer
+    return {"example": ex.id, "score": name, "head": head_label(layer, head), "layer": layer, "head_index": head,
+            "value": float(fin.scores[name][layer, head]), "rows": [a, T],
+            "tokens": [tok.decode([int(i)]) for i in ids] if T <= 2048 else None}, rows
 
 
 def check_memory(n_bytes: int, flag: str) -> None:
@@ -567,7 +638,7 @@ def run_analysis(name: str, model="smollm2-135m", *, data: str | Path | None = N
         analysis, ctx, examples = _prepared(cls, opts, lm, probe, data, log)
         if on_estimate is not None and writer:
             try:   # an analysis whose examples make no model call (a toy, a stand-in) has no estimate
-                work = analysis.estimate(ctx, examples)
+                work = analysis.estimate(ctx, examples) + analysis.pattern_work(ctx, examples)
             except HeadscopeError as e:
                 log(f"no cost estimate: {e}")
             else:
@@ -629,7 +700,7 @@ def estimate_run(name: str, lm, probe, *, data: str | Path | None = None,
     HeadscopeError the run itself would raise for bad options or data."""
     cls, opts = validate_request(name, data, options)
     analysis, ctx, examples = _prepared(cls, opts, lm, probe, data, log=lambda msg: None)
-    work = analysis.estimate(ctx, examples)
+    work = analysis.estimate(ctx, examples) + analysis.pattern_work(ctx, examples)
     return work, calibrate(lm, probe).seconds(work)
 
 
@@ -673,15 +744,17 @@ def _execute(run: Run, resumed: bool, analysis: Analysis, ctx: RunContext, examp
             raise AllSkipped(f"all {len(records)} examples were skipped ({'; '.join(reasons[:3])}): nothing to score; "
                              "fix the data or options and start a new run (resuming would skip them again)")
         fin = analysis.finalize(ctx, agg, records)
+        run.meta["example_pattern"], pattern = example_pattern(analysis, ctx, examples, records, fin)
+        arrays = {**fin.arrays, **({} if pattern is None else {"example_pattern": pattern})}
         run.meta["scores"] = {k: np.asarray(v, dtype=np.float64).tolist() for k, v in fin.scores.items()}
         run.meta["score_meta"] = {k: asdict(v) for k, v in fin.score_meta.items()}
         run.meta["summary"] = fin.summary
         run.meta["n_examples"] = len(done)
         run.meta["n_used"] = sum(1 for r in run.examples() if not r.get("skip"))
-        if fin.arrays:
-            atomic_write_npz(run.path / "arrays.npz", {k: np.asarray(v) for k, v in fin.arrays.items()})
+        if arrays:
+            atomic_write_npz(run.path / "arrays.npz", {k: np.asarray(v) for k, v in arrays.items()})
             run.meta["arrays"] = "arrays.npz"
-            run.meta["array_shapes"] = {k: list(np.shape(v)) for k, v in fin.arrays.items()}
+            run.meta["array_shapes"] = {k: list(np.shape(v)) for k, v in arrays.items()}
         _mark(run, "complete", timings, t0)
         run.drop_checkpoint()
     except AllSkipped as e:

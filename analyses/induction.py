@@ -76,6 +76,7 @@ class InductionAnalysis(Analysis):
     length_flag = "--seq-len"
     description = "Previous-token, duplicate-token and induction heads on repeated random tokens."
     takes_data = False
+    headline_score = "induction"
     data_help = "it makes its own repeated random token sequences (--n-examples, --seq-len, --seed)"
     options = (
         Option("n_examples", int, 20, "number of random sequences", min=1, max=1_000_000),

@@ -370,6 +370,7 @@ class MassiveAnalysis(Analysis):
     length_flag = "--max-tokens"
     description = "Massive activations in the residual stream per layer, token and dimension."
     data_help = SinksAnalysis.data_help
+    no_pattern = "it scores residual activations, no head"
     options = (
         Option("abs_threshold", float, 100.0, "massive: |h| above this"),
         Option("ratio", float, 1000.0, "massive: |h| above ratio x the layer's median |h|"),

@@ -318,6 +318,7 @@ class VHDAnalysis(_Divergence):
     name = "vhd"
     description = "Vision-aware head divergence (VHD), per-token T-VHD and VHR, on a vision-language model."
     needs_data = True
+    no_pattern = "its forward feeds image features besides the token ids"
     data_help = ("a folder of images with a prompts.jsonl ({'image': file, 'prompt': ...} per line; without it "
                  "every image gets --prompt), or a .jsonl with 'image' paths (relative to the file) and 'prompt'")
     options = DIVERGENCE_OPTIONS + (

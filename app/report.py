@@ -34,8 +34,8 @@ from headscope.fmt import number
 from headscope.heads import ranked_heads
 
 from . import circuit_report, svg
-from .views import (descending_rank, head_label, heatmap_figure, parse_head, run_model, scalar_summary,
-                    top_heads)
+from .views import (Downsampled, descending_rank, downsample_pattern, head_label, heatmap_figure, parse_head,
+                    pattern_figure, run_model, scalar_summary, top_heads)
 
 SCHEMA_ID = "headscope.report/2"
 SCHEMA_PATH = Path(__file__).with_name("report_schema.json")
@@ -166,6 +166,26 @@ def _spread(run, name: str, shape: tuple) -> tuple[np.ndarray | None, str | None
     return None, None
 
 
+def _example_pattern(run) -> dict | None:
+    """The run's stored example pattern (``analyses.base.example_pattern``), pooled to at most 48
+    query x 96 key cells for display; ``{"skipped": why}`` as stored; None for runs older than it."""
+    info = run.meta.get("example_pattern")
+    rows = run.arrays().get("example_pattern") if info and "skipped" not in info else None
+    if rows is None:
+        return {"skipped": str(info["skipped"])} if info and "skipped" in info else None
+    ds = downsample_pattern(rows, max_q=48, max_k=96, q_start=info["rows"][0])
+    return {**_jsonable(info), "mat": _jsonable(ds.mat), "q_edges": ds.q_edges.tolist(), "k_edges": ds.k_edges.tolist()}
+
+
+def pattern_view(p: dict) -> tuple[Downsampled, list[str], str]:
+    """(pooled pattern, token labels, title) of a report entry's ``example_pattern``."""
+    ds = Downsampled(np.array(p["mat"], dtype=np.float64), np.array(p["q_edges"]), np.array(p["k_edges"]))
+    tokens = p["tokens"] or [f"#{i}" for i in range(p["rows"][1])]   # positions when the run kept no tokens
+    title = (f"{p['head']} (top by {p['score']}, {fmt_value(p['value'])}) on example {p['example']}, "
+             f"queries {p['rows'][0]}-{p['rows'][1] - 1}")
+    return ds, tokens, title
+
+
 def fmt_value(v, std=None) -> str:
     """``v`` to its precision (``headscope.fmt.number``, with ``± std`` when there is a spread); "" for None."""
     return "" if v is None else number(v, std=std)
@@ -214,6 +234,7 @@ def _run_entry(run) -> dict:
         "n_examples": m.get("n_examples"), "n_used": m.get("n_used"),
         "error": m.get("error"), "summary": _jsonable(m.get("summary") or {}),
         "scores": scores_out, "arrays": {k: list(v) for k, v in (m.get("array_shapes") or {}).items()},
+        "example_pattern": _example_pattern(run),
     }
     out["headline"] = _headline(out)
     return out
@@ -484,6 +505,13 @@ def render_html(data: dict) -> str:
             parts.append(fig_html(fig))
             parts.append(f"<p>top heads by <b>{_esc(name)}</b> ({_esc(_spread_note(s))})</p>" +
                          _html_table(_top_rows(s)))
+        p = e["example_pattern"]
+        if p and "skipped" not in p:
+            ds, tokens, title = pattern_view(p)
+            parts.append("<h3>Example pattern</h3>" +
+                         fig_html(pattern_figure(ds, tokens, q_offset=p["rows"][0], title=title)))
+        elif p:
+            parts.append(f"<p>no example pattern: {_esc(p['skipped'])}</p>")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>headscope report: {_esc(models)}</title>"
             f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>\n")
 
@@ -540,6 +568,16 @@ def render_markdown(data: dict, files_dir: str) -> tuple[str, dict[str, str]]:
             files[rel] = svg.heatmap_svg(m, f"{e['analysis']}: {name}", unit=unit)
             md.append(f"### {name}\n\n{s['description']}\n\n![{e['analysis']} {name} heatmap]({rel})\n")
             md.append(f"Top heads ({_spread_note(s)}):\n\n" + _md_table(_top_rows(s)))
+        p = e["example_pattern"]
+        if p and "skipped" not in p:
+            ds, tokens, title = pattern_view(p)
+            rel = f"{files_dir}/{_slug(e['id'])}-example-pattern.svg"
+            files[rel] = svg.heatmap_svg(ds.mat, title, unit="key", ylabel="query",
+                                         x_ticks=ds.labels(tokens, "k"),
+                                         y_ticks=ds.labels(tokens, "q", p["rows"][0]))
+            md.append(f"### Example pattern\n\n![example pattern]({rel})\n")
+        elif p:
+            md.append(f"No example pattern: {p['skipped']}\n")
     return "\n".join(md), files
 
 

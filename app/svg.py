@@ -23,6 +23,12 @@ def _hex(c: str) -> np.ndarray:
     return np.array([int(c[i:i + 2], 16) for i in (1, 3, 5)], dtype=np.float64)
 
 
+def _xml(text: str) -> str:
+    """``text`` escaped for SVG, control characters (byte tokens such as '\x1a', not allowed in XML)
+    written as escapes."""
+    return escape("".join(c if c >= " " or c in "\t\n\r" else f"\\x{ord(c):02x}" for c in str(text)))
+
+
 def viridis(t: float) -> str:
     """Colour for ``t`` in [0, 1] (clipped; NaN -> light grey)."""
     if not np.isfinite(t):
@@ -37,34 +43,44 @@ def role_color(role: str) -> str:
     return ROLE_COLORS.get(role, "#8c564b")
 
 
-def heatmap_svg(m: np.ndarray, title: str = "", *, unit: str = "head", cell: int | None = None) -> str:
-    """A layer (rows) x head (columns) heatmap with axis ticks, a colour bar and per-cell tooltips."""
+def heatmap_svg(m: np.ndarray, title: str = "", *, unit: str = "head", ylabel: str = "layer",
+                cell: int | None = None, x_ticks: list[str] | None = None, y_ticks: list[str] | None = None) -> str:
+    """A rows x columns heatmap (default: layer x head) with axis ticks, a colour bar and per-cell
+    tooltips; ``x_ticks`` / ``y_ticks`` label the columns / rows (e.g. tokens) instead of indices."""
     m = np.asarray(m, dtype=np.float64)
     L, H = m.shape
+    xt = x_ticks or [str(i) for i in range(H)]
+    yt = y_ticks or [str(i) for i in range(L)]
     cell = cell or max(6, min(22, 480 // max(H, 1), 600 // max(L, 1)))
-    left, top, right, bottom = 44, 34, 70, 30
+    left = 44 if y_ticks is None else 12 + 6 * min(24, max(map(len, yt)))
+    top, right = 34, 70
+    bottom = 30 if x_ticks is None else 24 + 5 * min(24, max(map(len, xt)))
     w, h = left + H * cell + right, top + L * cell + bottom
     finite = m[np.isfinite(m)]
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     span = hi - lo or 1.0
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
            f'font-family="sans-serif" font-size="10">',
-           f'<text x="{left}" y="14" font-size="12" font-weight="bold">{escape(title)}</text>']
+           f'<text x="{left}" y="14" font-size="12" font-weight="bold">{_xml(title)}</text>']
     for l in range(L):
         for hh in range(H):
             v = m[l, hh]
+            tip = f"L{l} {unit} {hh}" if y_ticks is None else f"{ylabel} {yt[l]}, {unit} {xt[hh]}"
             out.append(f'<rect x="{left + hh * cell}" y="{top + l * cell}" width="{cell}" height="{cell}" '
-                       f'fill="{viridis((v - lo) / span)}"><title>L{l} {unit} {hh}: {v:.4g}</title></rect>')
-    step_l = max(1, L // 15)
+                       f'fill="{viridis((v - lo) / span)}"><title>{_xml(tip)}: {v:.4g}</title></rect>')
+    step_l = max(1, L // (15 if y_ticks is None else 24))
     for l in range(0, L, step_l):
-        out.append(f'<text x="{left - 4}" y="{top + l * cell + cell * 0.75}" text-anchor="end">{l}</text>')
-    step_h = max(1, H // 20)
+        out.append(f'<text x="{left - 4}" y="{top + l * cell + cell * 0.75}" text-anchor="end">'
+                   f'{_xml(yt[l][:24])}</text>')
+    step_h = max(1, H // (20 if x_ticks is None else 32))
     for hh in range(0, H, step_h):
-        out.append(f'<text x="{left + hh * cell + cell / 2}" y="{top + L * cell + 12}" '
-                   f'text-anchor="middle">{hh}</text>')
+        x, y = left + hh * cell + cell / 2, top + L * cell + 12
+        rot = "" if x_ticks is None else f' transform="rotate(-60 {x} {y})"'
+        out.append(f'<text x="{x}" y="{y}" text-anchor="{"middle" if x_ticks is None else "end"}"{rot}>'
+                   f'{_xml(xt[hh][:24])}</text>')
     out.append(f'<text x="{left + H * cell / 2}" y="{h - 4}" text-anchor="middle">{unit}</text>')
     out.append(f'<text x="10" y="{top + L * cell / 2}" transform="rotate(-90 10 {top + L * cell / 2})" '
-               f'text-anchor="middle">layer</text>')
+               f'text-anchor="middle">{escape(ylabel)}</text>')
     # colour bar
     bx, bh = left + H * cell + 12, L * cell
     for i in range(20):

@@ -136,7 +136,7 @@ def test_cli_prints_estimate_before_the_run(tiny, tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     first = out.splitlines()[0]
-    assert first.startswith("estimated time ~") and "on this machine (2 forwards, 20 tokens" in first   # 2 x 2 x 5, no BOS
+    assert first.startswith("estimated time ~") and "on this machine (3 forwards, 30 tokens" in first   # 2 x 2 x 5, no BOS; + the example pattern
     assert json.loads((tmp_path / "r" / "run.json").read_text())["status"] == "complete"
 
 

@@ -367,3 +367,58 @@ def test_interrupted_run_is_reported(tmp_path):
     data = report.build_report([run])
     jsonschema.validate(data, schema())
     assert data["runs"][0]["status"] == "interrupted"
+
+
+def test_report_shows_the_top_heads_pattern_on_an_example(tmp_path):
+    """The run stores its headline head's attention on the first used example; the report shows it.
+    Reference: HF eager ``output_attentions`` on the same ids, and numpy's argmax for the head."""
+    import torch
+
+    from headscope.analyses.base import run_analysis
+    from headscope.analyses.induction import repeated_tokens
+    from headscope.analyses.store import Run
+    from headscope.probe import Probe, load_model
+    from tests.helpers import make_tiny_model_dir
+    lm = load_model(str(make_tiny_model_dir(tmp_path / "tiny")))
+    seed = int(torch.randint(0, 10_000, ()).item())
+    run = run_analysis("induction", lm=lm, probe=Probe(lm), out=tmp_path / "run", progress=False,
+                       options={"n_examples": 2, "seq_len": 40, "seed": seed})
+    s = run.scores()["induction"]
+    layer, head = np.unravel_index(np.argmax(s), s.shape)
+    meta = run.meta["example_pattern"]
+    assert (meta["example"], meta["score"], meta["layer"], meta["head_index"]) == ("seq0000", "induction", layer, head)
+    ids = repeated_tokens(lm.info.vocab_size, 40, seed * 100_003, None, set(lm.tokenizer.all_special_ids))
+    lm.model.set_attn_implementation("eager")
+    with torch.no_grad():
+        att = lm.model(ids, output_attentions=True).attentions[layer][0, head].double().numpy()   # [T, T]
+    assert meta["rows"] == [80 - 64, 80]
+    np.testing.assert_allclose(run.arrays()["example_pattern"], att[16:], atol=1e-5)
+
+    run = Run(run.path, json.loads((run.path / "run.json").read_text()))
+    data = report.build_report([run])
+    jsonschema.validate(data, schema())
+    p = data["runs"][0]["example_pattern"]
+    pooled = np.array(p["mat"])                                       # 64 x 80 -> at most 48 x 96 cells
+    assert pooled.shape[0] <= 48 and pooled.shape[1] == 80
+    q = np.array(p["q_edges"])
+    ref = np.stack([att[16 + a:16 + b].mean(0) for a, b in zip(q[:-1], q[1:])])   # query bins average rows
+    np.testing.assert_allclose(pooled, ref, atol=1e-5)
+    html = report.write_report([run], "html", tmp_path / "r.html").read_text()
+    assert "Example pattern" in html and f"L{layer}H{head}" in html
+    text = report.write_report([run], "md", tmp_path / "r.md").read_text()
+    svg_rel = re.search(r"!\[example pattern\]\(([^)]+)\)", text).group(1)
+    ET.fromstring((tmp_path / svg_rel).read_text())                   # well-formed SVG
+
+
+def test_runs_without_a_head_pattern_say_why(tmp_path):
+    from headscope.analyses.base import run_analysis
+    from headscope.probe import Probe, load_model
+    from tests.helpers import make_tiny_model_dir
+    lm = load_model(str(make_tiny_model_dir(tmp_path / "tiny")))
+    data = tmp_path / "t.jsonl"
+    data.write_text(json.dumps({"text": "a short text of some words"}) + "\n")
+    run = run_analysis("massive", lm=lm, probe=Probe(lm), out=tmp_path / "run", progress=False, data=data)
+    assert "example_pattern" not in run.arrays()
+    text = report.write_report([run], "md", tmp_path / "r.md").read_text()
+    assert "No example pattern: it scores residual activations, no head" in text
+    jsonschema.validate(report.build_report([run]), schema())
