@@ -40,7 +40,8 @@ class Option:
 
     ``min``/``max`` (inclusive), ``choices`` and ``pattern`` (a full-match regex for strings) are
     checked by ``parse`` for both; a value out of range is a one-line error naming the flag, or the
-    form's label when the app passes ``label``.
+    form's label when the app passes ``label``. ``cli_only`` options get no widget: they would
+    reshape the dashboard's shared model or write outside the runs folder.
     """
 
     name: str
@@ -51,6 +52,7 @@ class Option:
     min: float | None = None
     max: float | None = None
     pattern: str | None = None
+    cli_only: bool = False
 
     @property
     def flag(self) -> str:
@@ -99,13 +101,17 @@ COMMON_OPTIONS = (
     Option("device", str, "cpu", "torch device: cpu, cuda, cuda:N or mps", pattern=r"cpu|cuda(:\d+)?|mps"),
     Option("dtype", str, "float32", "model dtype", ("float32", "bfloat16", "float16")),
     Option("device_map", str, None, "place layers across devices with accelerate: auto, balanced, or a JSON "
-                                    "object / .json file of module -> device (docs/SCALE.md)"),
+                                    "object / .json file of module -> device; the weights load straight onto "
+                                    "their devices (docs/SCALE.md)", cli_only=True),
+    Option("offload_dir", str, None, "folder for what --device-map puts on 'disk' (those layers' weights are "
+                                     "read from the model's safetensors when they run, never held in RAM)",
+           cli_only=True),
     Option("batch_size", int, 1, "examples per forward pass where the analysis batches", min=1, max=1024),
 )
 
 # the one BOS policy (ModelInfo.leading_bos) of every analysis that tokenizes text or builds token ids
 PREPEND_BOS = Option("prepend_bos", bool, False, "add the model's BOS where the tokenizer puts none first "
-                     "(default: BOS exactly when the tokenizer adds it; docs/SCIENCE.md section 0)")
+                     "(default: BOS exactly when the tokenizer adds it; README, Analyses)")
 
 
 # --------------------------------------------------------------------------- streaming stats
@@ -622,16 +628,19 @@ def run_analysis(name: str, model="smollm2-135m", *, data: str | Path | None = N
             raise HeadscopeError(f"--resume given but {out} holds no run")
         if writer and not resume and (out / "run.json").exists():
             raise HeadscopeError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        placement = None
         if lm is None:
             import torch
 
             from headscope.probe import load_model
+            from headscope.probe.placement import placement_of
             device = ranks.device(opts["device"]) if ranks is not None else opts["device"]
-            lm = load_model(model, device=device, dtype=getattr(torch, opts["dtype"]))
-        placement = None
-        if opts["device_map"]:
+            lm = load_model(model, device=device, dtype=getattr(torch, opts["dtype"]), device_map=opts["device_map"],
+                            offload_dir=opts["offload_dir"])
+            placement = placement_of(lm.model) if opts["device_map"] else None
+        elif opts["device_map"]:   # a model loaded already (the dashboard's): dispatch it
             from headscope.probe.placement import place
-            placement = place(lm.model, opts["device_map"])
+            placement = place(lm.model, opts["device_map"], offload_dir=opts["offload_dir"])
         if probe is None:
             from headscope.probe import Probe
             probe = Probe(lm)

@@ -796,7 +796,7 @@ def new_run_page() -> None:
     with st.form("nr_form"):
         st.markdown(f"model: **{current_model()}** (change it in the sidebar)")
         raw = {}
-        own, common = list(cls.options), [o for o in cls.all_options() if o not in cls.options]
+        own, common = list(cls.options), [o for o in cls.all_options() if o not in cls.options and not o.cli_only]
         cols = st.columns(2)
         for i, o in enumerate(own):
             with cols[i % 2]:

@@ -42,6 +42,7 @@ import torch
 from headscope.errors import HeadscopeError
 from headscope.process import pid_alive
 
+from . import placement
 from .loading import (ALLOW_HUB_ENV, LoadedModel, ModelInfo, _device, _hub_allowed, _offline_unless_opted_in,  # noqa: F401
                       _one_line, model_info, quiet_transformers)
 from .vlm import load_vlm, vlm_model_type
@@ -439,19 +440,22 @@ def _from_pretrained(
     trust_remote_code: bool,
     attn_implementation: str | None,
     local_files_only: bool,
+    placed: dict | None = None,
 ) -> tuple[Any, Any]:
+    """``placed``: ``placement.load_kwargs`` (weights loaded straight onto their devices), else the
+    whole model is moved to ``device``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict[str, Any] = dict(
         trust_remote_code=trust_remote_code, local_files_only=local_files_only
     )
-    model_kwargs: dict[str, Any] = dict(dtype=dtype, use_safetensors=True)
+    model_kwargs: dict[str, Any] = dict(dtype=dtype, use_safetensors=True, **(placed or {}))
     if attn_implementation is not None:
         model_kwargs["attn_implementation"] = attn_implementation
     with quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(where, **kwargs, **model_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-    return model.to(device).eval(), tokenizer
+    return (model if placed else model.to(device)).eval(), tokenizer
 
 
 def load_model(
@@ -462,10 +466,15 @@ def load_model(
     cache_dir: str | os.PathLike | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
+    device_map: str | None = None,
+    offload_dir: str | os.PathLike | None = None,
 ) -> LoadedModel:
     """Load a registry model, a local model directory, or a (locally cached) hub id.
 
-    The model comes back in eval mode on ``device`` in ``dtype``. ``attn_implementation=None``
+    The model comes back in eval mode on ``device`` in ``dtype``, or with ``device_map`` (``auto``,
+    ``balanced``, JSON of module -> device; ``probe.placement``) loaded straight onto several
+    devices, ``disk`` layers read from ``offload_dir`` / the safetensors when they run (models
+    larger than host RAM; not for vision-language models). ``attn_implementation=None``
     keeps transformers' default (the probe engine picks its own later). Weights are read from
     safetensors only. Registry models are converted once into ``cache_root(cache_dir)/<name>``
     (15-50 s, then about a second); a registry name wins over a same-named directory, so write
@@ -476,6 +485,7 @@ def load_model(
     common = dict(
         dtype=dtype, device=dev, trust_remote_code=trust_remote_code,
         attn_implementation=attn_implementation,
+        placed=None if device_map is None else placement.load_kwargs(device_map, offload_dir),
     )
     spec = REGISTRY.get(name_or_path)
     if spec is not None:
@@ -492,6 +502,8 @@ def load_model(
         if not (path / "config.json").is_file():
             raise HeadscopeError(f"{path} is not a model directory (no config.json)")
         if vlm_model_type(path):
+            if device_map is not None:
+                raise HeadscopeError(f"{placement.FLAG} is not supported for vision-language models yet")
             return load_vlm(path, device=dev, dtype=dtype)
         model, tokenizer = _load_checked(str(path), str(path), local_files_only=True, **common)
         return _loaded(model, tokenizer, str(path), "path", str(path.resolve()), None)

@@ -230,6 +230,38 @@ def test_disk_offloaded_layer_captures_and_ablates_as_one_device(tiny, tmp_path)
     _assert_same_under_placement(ref, placed)
 
 
+DISK_MAP = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+            "model.layers.1": "disk", "model.norm": "cpu", "lm_head": "cpu"}
+
+
+def test_model_loads_straight_into_a_device_map(tiny, tmp_path):
+    """load_model(device_map=...): the weights go straight to their devices (a model larger than host
+    RAM never sits whole in it): the disk layer's parameters are never materialised (meta) and the
+    model still captures and ablates as the plain one."""
+    from headscope.probe import Probe, load_model
+    from headscope.probe.placement import placement_of
+    placed = load_model(str(tiny), device_map=json.dumps(DISK_MAP), offload_dir=tmp_path / "off")
+    assert {str(p.device) for p in placed.model.model.layers[1].parameters()} == {"meta"}
+    assert placement_of(placed.model)["model.layers.1"] == "disk"
+    _assert_same_under_placement(Probe(load_model(str(tiny))), Probe(placed))
+
+
+def test_cli_device_map_with_disk_layers(tiny, tmp_path, capsys):
+    """--device-map with a disk layer needs --offload-dir (exit 2 naming it); with it the run equals
+    a plain run and records the placement."""
+    from headscope.cli import main
+    args = ["score", "induction", "--model", str(tiny), "--n-examples", "2", "--seq-len", "5", "--quiet"]
+    assert main(args + ["--device-map", json.dumps(DISK_MAP), "--out", str(tmp_path / "x")]) == 2
+    assert "--offload-dir" in capsys.readouterr().err
+    assert main(args + ["--device-map", json.dumps(DISK_MAP), "--offload-dir", str(tmp_path / "off"),
+                        "--out", str(tmp_path / "placed")]) == 0
+    assert main(args + ["--out", str(tmp_path / "plain")]) == 0
+    placed, plain = (json.loads((tmp_path / d / "run.json").read_text()) for d in ("placed", "plain"))
+    assert placed["placement"]["model.layers.1"] == "disk" and plain["placement"] is None
+    for name, v in plain["scores"].items():
+        np.testing.assert_allclose(placed["scores"][name], v, atol=1e-5)
+
+
 def test_device_map_errors_name_the_flag():
     from headscope.errors import HeadscopeError
     from headscope.probe.placement import parse_device_map
@@ -253,7 +285,7 @@ def test_layers_split_across_cpu_and_cuda_capture_and_ablate_as_one_device(tiny)
 
 def test_run_records_placement_and_refuses_it_under_ranks(tiny, tmp_path):
     """--device-map reaches the model and run.json records the placement (a JSON map onto the
-    CPU here: disk offload is not offered on the command line); torchrun ranks refuse it."""
+    CPU here; disk: test_cli_device_map_with_disk_layers); torchrun ranks refuse it."""
     from headscope.analyses.base import run_analysis
     from headscope.analyses.distributed import Ranks
     from headscope.errors import HeadscopeError
