@@ -2,8 +2,9 @@
 
 The classic probe (Olsson et al. 2022): feed ``r r`` where ``r`` is ``n`` uniformly random token
 ids, after BOS under the one BOS policy (``ModelInfo.leading_bos``: when the model's tokenizer adds
-one, or with ``--prepend-bos true``), and read three diagonals of each head's attention. Default scale (``--scale headscope``),
-each a mean over only the queries where the pattern can occur, so a perfect head scores 1:
+one, or with ``--prepend-bos true``), and read three diagonals of each head's attention. Default
+scale (``--scale headscope``), each a mean over only the queries where the pattern can occur, so a
+perfect head scores 1:
 
 - previous-token: mean over every query ``t`` (after the first content token) of ``A[t, t-1]``;
 - duplicate-token: mean over second-half queries of ``A[t, t-n]`` (the same token, earlier);
@@ -31,6 +32,12 @@ from headscope.kernels import StatsSpec
 
 from .base import (PREPEND_BOS, Analysis, Example, ExampleOutput, Finalized, Option, ScoreMeta, check_memory,
                    register)
+
+
+# a head has the role (reports, head-role map) when at least this share of its attention, over the
+# queries where the pattern can occur, lands on the pattern's key; the TransformerLens scale
+# divides by every query, so it gets no threshold
+ROLE_THRESHOLD = 0.4
 
 
 def repeated_tokens(vocab_size: int, n: int, seed: int, bos: int | None, exclude: set[int]) -> torch.Tensor:
@@ -121,12 +128,14 @@ class InductionAnalysis(Analysis):
         scores = {k: agg[k].mean for k in ("previous_token", "duplicate_token", "induction")}
         tl = ctx.options["scale"] == "transformerlens"
         how = " (TransformerLens detect_head 'mul' scale: share of all attention)" if tl else ""
+        thr = None if tl else ROLE_THRESHOLD
         meta = {
-            "previous_token": ScoreMeta("mean attention from token t to t-1" + how, higher_is="previous-token head"),
+            "previous_token": ScoreMeta("mean attention from token t to t-1" + how, higher_is="previous-token head",
+                                        threshold=thr),
             "duplicate_token": ScoreMeta("mean attention from a repeated token to its earlier copy" + how,
-                                         higher_is="duplicate-token head"),
+                                         higher_is="duplicate-token head", threshold=thr),
             "induction": ScoreMeta("mean attention from a repeated token to the token after its earlier copy" + how,
-                                   higher_is="induction head", threshold=None if tl else 0.4),
+                                   higher_is="induction head", threshold=thr),
         }
         acc = [r["second_half_accuracy"] for r in records if not r.get("skip")]
         summary = {"second_half_accuracy": float(np.mean(acc)) if acc else None}

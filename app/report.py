@@ -283,6 +283,12 @@ def build_circuit(runs: list, model: str) -> dict:
                 l, h = parse_head(lab)
                 for metric, v in it["metrics"].items():
                     node(l, h)["effects"].append({"run": run.id, "kind": it["kind"], "metric": metric, "value": v})
+    held = {}   # heads per role: a head is drawn with its rarest role, so 200 sink heads do not hide 3 induction heads
+    for n in nodes.values():
+        for role in {r["role"] for r in n["roles"]}:
+            held[role] = held.get(role, 0) + 1
+    for n in nodes.values():
+        n["roles"].sort(key=lambda r: (held[r["role"]], r["role"]))
     n_layers = int(info.get("n_layers") or 1 + max([k[0] for k in nodes] or [0]))
     n_heads = int(info.get("n_heads") or 1 + max([k[1] for k in nodes] or [0]))
     return {"model": model, "n_layers": n_layers, "n_heads": n_heads, "runs": [r.id for r in runs],
@@ -336,7 +342,8 @@ def validate_report(data: dict) -> None:
 
 # --------------------------------------------------------------------------- figures
 def node_role(n: dict) -> str:
-    """The role a node is drawn with: its first role, or ``intervened`` for effect-only heads."""
+    """The role a node is drawn with: its first role (the rarest in the map: ``build_circuit`` orders
+    them), or ``intervened`` for effect-only heads."""
     return n["roles"][0]["role"] if n["roles"] else "intervened"
 
 
@@ -351,7 +358,7 @@ def circuit_figure(circuit: dict) -> go.Figure:
                                                        for r in n["roles"]] +
                             [f"{e['kind']}: {e['metric']}={e['value']:.3g}" for e in n["effects"]]) for n in ns]
         fig.add_trace(go.Scatter(
-            x=[n["layer"] for n in ns], y=[n["head_index"] for n in ns], mode="markers", name=role,
+            x=[n["layer"] for n in ns], y=[n["head_index"] for n in ns], mode="markers", name=f"{role} ({len(ns)})",
             hovertext=text, hoverinfo="text",  # names on hover only: grid labels overlap
             marker={"size": 16, "color": svg.role_color(role),
                     "line": {"width": [3 if n["effects"] else 0 for n in ns], "color": "black"}}))

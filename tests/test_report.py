@@ -85,6 +85,25 @@ def test_circuit_roles_follow_thresholds_and_top_k(runs):
     assert (c["n_layers"], c["n_heads"]) == (4, 6)
 
 
+def test_a_head_is_drawn_with_its_rarest_role(tmp_path):
+    """Sinks (eps threshold) take most heads; the few induction heads among them keep their colour."""
+    rng = np.random.default_rng()
+    alpha = rng.uniform(0.31, 1.0, (4, 6))                     # every head sinks at eps = 0.3
+    alpha[0, 0] = 0.1                                           # but one
+    ind = np.zeros((4, 6))
+    ind[2, 3], ind[3, 1] = 0.9, 0.5                             # two induction heads, both also sinks
+    meta = lambda thr: {"description": "x", "index": "query_head", "higher_is": "x", "threshold": thr}  # noqa: E731
+    sinks = write_run(tmp_path, "s", analysis="sinks", scores={"alpha_k": alpha}, score_meta={"alpha_k": meta(0.3)})
+    induction = write_run(tmp_path, "i", scores={"induction": ind}, score_meta={"induction": meta(0.4)})
+    for order in ([sinks, induction], [induction, sinks]):
+        c = report.build_circuit(order, "synth-model")
+        drawn = {n["head"]: report.node_role(n) for n in c["nodes"]}
+        assert drawn.pop("L2H3") == drawn.pop("L3H1") == "induction"
+        assert set(drawn.values()) == {"sink"} and len(drawn) == 24 - 1 - 2
+        legend = {t.name for t in report.circuit_figure(c).data}
+        assert legend == {"induction (2)", "sink (21)"}
+
+
 def test_span_scores_give_global_and_local_roles(tmp_path):
     span = np.arange(24, dtype=float).reshape(4, 6)
     run = write_run(tmp_path, "fai", analysis="fai", scores={"head_span": span})
