@@ -110,8 +110,8 @@ COMMON_OPTIONS = (
 )
 
 # the one BOS policy (ModelInfo.leading_bos) of every analysis that tokenizes text or builds token ids
-PREPEND_BOS = Option("prepend_bos", bool, False, "add the model's BOS where the tokenizer puts none first "
-                     "(default: BOS exactly when the tokenizer adds it; README, Analyses)")
+PREPEND_BOS = Option("prepend_bos", bool, False, "true: add the model's BOS where the tokenizer puts none first; "
+                     "false (default): BOS exactly when the tokenizer adds it (README, Analyses)")
 
 
 # --------------------------------------------------------------------------- streaming stats
