@@ -451,6 +451,14 @@ class Analysis:
             total += self.example_work(ctx, ex)
         return total
 
+    def user_error(self, e: HeadscopeError) -> HeadscopeError:
+        """``e`` in the CLI's words: an input longer than the model's context names this analysis's
+        length option (``length_flag``). The run loop and every torchrun rank say it the same way."""
+        if isinstance(e, ContextTooLong) and self.length_flag:
+            return HeadscopeError(f"{e.n_tokens} tokens exceed the model's context of {e.max_context}: "
+                                  f"lower {self.length_flag}")
+        return e
+
     @property
     def pattern_skipped(self) -> str:
         """Why a run of this analysis stores no example pattern ("" if it does). Sequential analyses
@@ -774,9 +782,7 @@ def _execute(run: Run, resumed: bool, analysis: Analysis, ctx: RunContext, examp
         raise Interrupted(f"interrupted; {len(done)} of {len(examples)} examples saved. Continue with {hint}",
                           exit_code=143 if isinstance(e, Terminated) else 130) from None
     except HeadscopeError as e:
-        if isinstance(e, ContextTooLong) and analysis.length_flag:
-            e = HeadscopeError(f"{e.n_tokens} tokens exceed the model's context of {e.max_context}: "
-                               f"lower {analysis.length_flag}")
+        e = analysis.user_error(e)
         _mark(run, "partial", timings, t0, error=str(e))
         raise HeadscopeError(f"{e}; the {len(done)} finished examples are kept: fix this, then continue "
                              f"with {hint}") from None

@@ -137,8 +137,8 @@ class Ranks:
                 try:
                     res = analysis.process(ctx, ex)
                 except Exception as e:  # noqa: BLE001 - told to every rank below, then re-raised here
-                    error = e
-                    fail = (isinstance(e, HeadscopeError), f"{ex.id}: {e}" if isinstance(e, HeadscopeError)
+                    error = analysis.user_error(e) if isinstance(e, HeadscopeError) else e
+                    fail = (isinstance(e, HeadscopeError), f"{ex.id}: {error}" if isinstance(e, HeadscopeError)
                             else f"{type(e).__name__}: {e}")
             fails = [None] * self.world_size
             self._call(dist.all_gather_object, fails, fail)
