@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from headscope.analyses.circuit_core import attribute, circuit_metric, faithfulness_curve, top_edges_mask
+from headscope.analyses.circuit_core import (attribute, circuit_metric, faithfulness_curve, node_faithfulness_curve,
+                                            node_scores, top_edges_mask, top_nodes_mask)
 from headscope.probe.graph import Batch, CircuitGraph
 
 V, H, D = 48, 4, 64
@@ -83,4 +84,15 @@ def test_planted_induction_circuit_is_found():
 
     # the circuit's faithfulness, checked by exact patching of everything but its edges
     full, empty, circ = circuit_metric(g, batches, [None, g.empty_mask(), top_edges_mask(g, scores, size)])
+    assert (circ - empty) / (full - empty) >= 0.9
+
+    # greedy by node: heads / MLPs added in order of summed |edge score| until faithfulness 0.9
+    n_nodes = len(g.upstream) - 1
+    nodes = node_faithfulness_curve(g, batches, scores, sizes=list(range(1, n_nodes + 1)), n_random=10, seed=0)
+    k = next(k for k, f in zip(nodes["units"], nodes["faithfulness"]) if f >= 0.9)
+    order = torch.argsort(node_scores(g, scores)[1:], descending=True, stable=True)[:k] + 1
+    found = {g.upstream[int(u)] for u in order}
+    assert found == {f"a0.h{p}", f"a1.h{i}"}, (found, nodes)
+    assert nodes["random_mean"][k - 1] < 0.5, nodes  # not the max: 1 in 45 random pairs of the 10 nodes is the circuit
+    full, empty, circ = circuit_metric(g, batches, [None, g.empty_mask(), top_nodes_mask(g, scores, k)])
     assert (circ - empty) / (full - empty) >= 0.9
