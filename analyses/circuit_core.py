@@ -11,8 +11,8 @@ summed over positions and averaged over prompts. One engine (``attribute``); EAP
 Gradients come from ``CircuitGraph.forward``: plain torch attention, forward and backward.
 
 Memory per batch (``CircuitGraph.attribution_bytes``): the clean-minus-corrupted node outputs
-(n_up x B x T x d_model floats; two such tensors while the corrupted run is computed), a
-checkpointed autograd graph linear in B x T, and one layer's [B, H, T, T] attention at a time.
+(n_up x B x T x d_model floats, one buffer), a checkpointed autograd graph linear in B x T, and
+one layer's [B, H, T, T] attention at a time.
 Each score contribution is added in a gradient hook as backward reaches its target, so no
 per-target gradient is kept.
 

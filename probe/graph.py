@@ -180,14 +180,13 @@ class CircuitGraph(GraphLayout):
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run the graph; returns (logits [B, T, V] fp32, node outputs [n_up, B, T, D] or None).
 
-        ``subtract_from`` (without grad): node outputs [n_up, B, T, D] of another run, from which
-        this run's are subtracted in place as they are computed; returned instead of the outputs
-        (attribution's clean-minus-corrupted difference without a second buffer).
-
         ``mask`` [n_up, n_targets] (None = every edge): edges with mask 1 carry this run's
         activations, the rest ``corrupt``'s (node outputs [n_up, B, T, D] of the corrupted run,
         required when ``mask`` is not None). Fractional masks interpolate. ``embeds`` replaces the
-        embedding of ``ids`` (EAP-IG interpolates it).
+        embedding of ``ids`` (EAP-IG interpolates it). ``subtract_from`` (unpatched, without grad):
+        node outputs [n_up, B, T, D] of another run, from which this run's are subtracted in place
+        as they are computed, returned instead of the outputs (attribution's clean-minus-corrupted
+        difference without a second buffer).
 
         Attribution (``on_input``, grad enabled, ``mask`` None): per target group the forward calls
         ``on_input(first_target, t, to_input)`` with a tensor ``t`` of its autograd graph and a map
@@ -196,7 +195,7 @@ class CircuitGraph(GraphLayout):
         kept. A head's q/k/v group tensors are its projections' outputs [B, H, T, d_head] (the map
         goes back through W^T and the RMSNorm's Jacobian, written out); an MLP's or ``logits``'
         is its input [B, T, D]. Each layer's attention and MLP run under activation checkpointing,
-        so the autograd graph keeps ~8 d_model floats per token and layer, and the [B, H, T, T]
+        so the autograd graph keeps ~10 d_model floats per token and layer, and the [B, H, T, T]
         attention of one layer at a time (``attribution_bytes``).
         """
         if embeds is None:
@@ -211,14 +210,15 @@ class CircuitGraph(GraphLayout):
                                  f"{self.model_type!r} model; circuit graphs attend over the full prefix")
         H, G = self.n_heads, self.n_heads // self.n_kv_heads
         dev = embeds.device
-        lean = on_input is not None and torch.is_grad_enabled()
-        # node outputs in upstream order, each [B, T, D]; written into one buffer when returned without grad
         if subtract_from is not None and (torch.is_grad_enabled() or mask is not None):
             raise HeadscopeError("subtract_from needs an unpatched forward without grad")
+        lean = on_input is not None and torch.is_grad_enabled()
+        # node outputs in upstream order, each [B, T, D]; written into one buffer when returned without grad
         buf = torch.empty(len(self.upstream), B, T, D, device=dev) if keep_outputs and not torch.is_grad_enabled() \
             else None
         outs: list[torch.Tensor] = []
-        track = keep_outputs or mask is not None  # a patched forward reads earlier outputs
+        # per-node outputs are needed when returned, subtracted, or read by a patched forward
+        track = keep_outputs or mask is not None or subtract_from is not None
 
         def emit(t: torch.Tensor) -> None:
             if subtract_from is not None:
@@ -328,7 +328,8 @@ class CircuitGraph(GraphLayout):
         The clean-minus-corrupted node outputs (n_up floats per token and d_model), the
         checkpointed autograd graph (~10 d_model floats per token and layer), the logits with their
         gradient, one layer's attention recomputed in backward (~3 [B, H, T, T] tensors) and MLP,
-        and one hook's map. Measured RSS growth on SmolLM2 is ~1.3x this (benchmarks/README.md).
+        and one hook's map. Measured on SmolLM2 at 1024 tokens, the peak above the loaded model is
+        1.6x this (benchmarks/README.md): an underestimate, fit to refuse batches far too large.
         """
         D, L, H = self.d_model, self.n_layers, self.n_heads
         d_ff = getattr(self.layers[0].mlp, "intermediate_size", 4 * D)
