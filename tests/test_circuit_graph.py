@@ -239,12 +239,14 @@ def test_eap_and_eap_ig_rank_edges_like_exact_single_edge_patching():
     (``anisotropic_llama``), shrink the swap but do not remove it.
     Measured over init seeds 0-9 (this model, these prompts): |score| Spearman EAP 0.865-0.975 (three
     seeds below 0.9, mean 0.94), EAP-IG 0.973-0.990 (>= EAP on nine of ten); signed, same edges: EAP
-    0.857-0.987, EAP-IG 0.966-0.997; EAP signed over all 110 edges 0.885-0.969. So the issue's
+    0.857-0.987, EAP-IG 0.966-0.997; EAP signed over all 110 edges 0.885-0.969; |score| over the
+    edges that do not start at ``input`` EAP 0.958-0.994 (which places the misses). So the issue's
     "EAP >= 0.9 on every model" does not hold for a first-order method on random-init models; EAP-IG
-    does hold it. Asserted: EAP-IG >= 0.95 per seed, EAP >= 0.85 per seed and >= 0.9 on average,
-    EAP-IG >= EAP on average. The circuit search ranks by |score|, so this is the ranking that matters.
+    does hold it. Asserted: EAP-IG >= 0.95 per seed, EAP >= 0.85 per seed, >= 0.9 on average and
+    >= 0.9 per seed without the input edges, EAP-IG >= EAP on average. The circuit search ranks by
+    |score|, so this is the ranking that matters.
     """
-    s_eap, s_ig = [], []
+    s_eap, s_ig, s_inner = [], [], []
     for seed in (10, 11, 12):
         g = CircuitGraph(anisotropic_llama(seed))
         batches = []
@@ -268,9 +270,12 @@ def test_eap_and_eap_ig_rank_edges_like_exact_single_edge_patching():
         eap = attribute(g, batches, steps=0)
         ig = attribute(g, batches, steps=5)
         assert float(eap[~g.valid].abs().max()) == 0.0
-        s_eap.append(spearman(np.abs([float(eap[u, d]) for u, d in edges])[above], np.abs(exact[above])))
+        a_eap = np.abs([float(eap[u, d]) for u, d in edges])
+        s_eap.append(spearman(a_eap[above], np.abs(exact[above])))
         s_ig.append(spearman(np.abs([float(ig[u, d]) for u, d in edges])[above], np.abs(exact[above])))
-    assert min(s_ig) >= 0.95 and min(s_eap) >= 0.85, (s_eap, s_ig)
+        inner = above & np.array([u != g.up_index["input"] for u, _ in edges])
+        s_inner.append(spearman(a_eap[inner], np.abs(exact[inner])))
+    assert min(s_ig) >= 0.95 and min(s_eap) >= 0.85 and min(s_inner) >= 0.9, (s_eap, s_ig, s_inner)
     assert np.mean(s_eap) >= 0.9 and np.mean(s_ig) >= np.mean(s_eap), (s_eap, s_ig)
 
 
