@@ -39,6 +39,7 @@ def attribute(graph: CircuitGraph, batches: Sequence[Batch], *, steps: int = 0,
 
     ``steps=0``: EAP (gradient at the clean input). ``steps=k >= 1``: EAP-IG with k
     interpolation points on the input embeddings (k + 2 forwards and k backwards per batch).
+    ``metric`` reads the logits at ``batch.last`` only: it gets them as [B, 1, V] (``Batch.at_last``).
     """
     if steps < 0:
         raise HeadscopeError(f"steps must be >= 0 (0 = EAP), got {steps}")
@@ -50,8 +51,8 @@ def attribute(graph: CircuitGraph, batches: Sequence[Batch], *, steps: int = 0,
     alphas = [1.0] if steps == 0 else [(k + 0.5) / steps for k in range(steps)]
     for batch in batches:
         with torch.no_grad():
-            _, diff = graph.forward(batch.clean)
-            _, diff = graph.forward(batch.corrupt, subtract_from=diff)  # [n_up, B, T, D] clean - corrupted
+            _, diff = graph.forward(batch.clean, last=batch.last)  # then [n_up, B, T, D] clean - corrupted:
+            _, diff = graph.forward(batch.corrupt, subtract_from=diff, last=batch.last)
             emb0 = graph.base.embed_tokens(batch.corrupt)  # [B, T, D] corrupted input embeddings
         weight = batch.clean.shape[0] / n_rows / len(alphas)
 
@@ -60,14 +61,15 @@ def attribute(graph: CircuitGraph, batches: Sequence[Batch], *, steps: int = 0,
 
             def add(grad: torch.Tensor) -> None:  # as backward reaches t; the gradient is then dropped
                 g = to_input(grad)  # [B, T, n, D]
-                scores[:nu, d0:d0 + g.shape[2]] += weight * torch.einsum("ubtd,btnd->un", diff[:nu], g).double()
+                s = torch.einsum("ubtd,btnd->un", diff[:nu], g)  # [nu, n]
+                scores[:nu, d0:d0 + g.shape[2]] += weight * s.double().to(scores.device)
             t.register_hook(add)
 
         for a in alphas:
             emb = (emb0 + a * diff[0]).requires_grad_()  # [B, T, D] input embeddings
             with torch.enable_grad():
-                logits, _ = graph.forward(embeds=emb, on_input=on_input, keep_outputs=False)
-                torch.autograd.grad(metric(logits, batch), emb)  # runs the hooks; no parameter gradients
+                logits, _ = graph.forward(embeds=emb, on_input=on_input, keep_outputs=False, last=batch.last)
+                torch.autograd.grad(metric(logits, batch.at_last()), emb)  # runs the hooks; no parameter gradients
     return scores
 
 
@@ -77,7 +79,8 @@ eap_ig = functools.partial(attribute, steps=5)
 
 def circuit_metric(graph: CircuitGraph, batches: Sequence[Batch], masks: Iterable[torch.Tensor | None],
                    metric=logit_diff_metric) -> list[float]:
-    """The metric (row-weighted mean over ``batches``) of each mask (None = full model) in one pass.
+    """The metric (row-weighted mean over ``batches``) of each mask (None = full model) in one pass;
+    ``metric`` reads the logits at ``batch.last`` only, as ``attribute``'s does.
 
     The corrupted node outputs are computed once per batch and reused for every mask.
     """
@@ -86,10 +89,10 @@ def circuit_metric(graph: CircuitGraph, batches: Sequence[Batch], masks: Iterabl
     n_rows = sum(b.clean.shape[0] for b in batches)
     with torch.no_grad():
         for batch in batches:
-            _, corrupt = graph.forward(batch.corrupt)
+            _, corrupt = graph.forward(batch.corrupt, last=batch.last)
             for i, m in enumerate(masks):
-                logits, _ = graph.forward(batch.clean, mask=m, corrupt=corrupt, keep_outputs=False)
-                totals[i] += float(metric(logits, batch)) * batch.clean.shape[0] / n_rows
+                logits, _ = graph.forward(batch.clean, mask=m, corrupt=corrupt, keep_outputs=False, last=batch.last)
+                totals[i] += float(metric(logits, batch.at_last())) * batch.clean.shape[0] / n_rows
     return totals.tolist()
 
 

@@ -176,9 +176,13 @@ class CircuitGraph(GraphLayout):
     def forward(self, ids: torch.Tensor | None = None, *, embeds: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, corrupt: torch.Tensor | None = None,
                 on_input: Callable[[int, torch.Tensor, Callable], None] | None = None,
-                keep_outputs: bool = True, subtract_from: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                keep_outputs: bool = True, subtract_from: torch.Tensor | None = None,
+                last: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run the graph; returns (logits [B, T, V] fp32, node outputs [n_up, B, T, D] or None).
+
+        ``last`` [B]: the logits of one position per row only, [B, 1, V] (attribution reads no
+        other; at long context and large vocabularies the full logits and their gradient cost
+        more than the rest of the autograd graph).
 
         ``mask`` [n_up, n_targets] (None = every edge): edges with mask 1 carry this run's
         activations, the rest ``corrupt``'s (node outputs [n_up, B, T, D] of the corrupted run,
@@ -302,7 +306,9 @@ class CircuitGraph(GraphLayout):
             out_m = run(lambda x, layer=layer: layer.mlp(layer.post_attention_layernorm(x)), xm)
             emit(out_m)
             resid = resid + out_m
-        xf = inputs(len(self.targets) - 1, 1)[:, :, 0]
+        xf = inputs(len(self.targets) - 1, 1)[:, :, 0]  # [B, T, D]
+        if last is not None:
+            xf = xf[torch.arange(B, device=dev), last.to(dev)][:, None]  # [B, 1, D]
         logits = self.model.lm_head(self.base.norm(xf))
         if subtract_from is not None:
             return logits, subtract_from
@@ -326,14 +332,14 @@ class CircuitGraph(GraphLayout):
         """Estimated peak bytes of ``attribute`` on a [B, T] batch, model weights excluded.
 
         The clean-minus-corrupted node outputs (n_up floats per token and d_model), the
-        checkpointed autograd graph (~10 d_model floats per token and layer), the logits with their
-        gradient, one layer's attention recomputed in backward (~3 [B, H, T, T] tensors) and MLP,
+        checkpointed autograd graph (~10 d_model floats per token and layer), the last position's
+        logits with their gradient, one layer's attention recomputed in backward (~3 [B, H, T, T] tensors) and MLP,
         and one hook's map. Measured on SmolLM2 at 1024 tokens, the peak above the loaded model is
         1.6x this (benchmarks/README.md): an underestimate, fit to refuse batches far too large.
         """
         D, L, H = self.d_model, self.n_layers, self.n_heads
         d_ff = getattr(self.layers[0].mlp, "intermediate_size", 4 * D)
-        floats = (len(self.upstream) * B * T * D + 10 * L * B * T * D + 3 * B * T * self.model.lm_head.out_features
+        floats = (len(self.upstream) * B * T * D + 10 * L * B * T * D + 3 * B * self.model.lm_head.out_features
                   + 3 * B * H * T * T + 4 * B * T * d_ff + 2 * B * T * H * D)
         return 4 * floats
 
@@ -376,6 +382,10 @@ class Batch:
 
     def to(self, device) -> "Batch":
         return Batch(*(t.to(device) for t in (self.clean, self.corrupt, self.last, self.answer, self.wrong)))
+
+    def at_last(self) -> "Batch":
+        """This batch for logits of the last real tokens only ([B, 1, V], ``forward(last=...)``)."""
+        return Batch(self.clean, self.corrupt, torch.zeros_like(self.last), self.answer, self.wrong)
 
 
 def logit_diff_metric(logits: torch.Tensor, batch: Batch) -> torch.Tensor:

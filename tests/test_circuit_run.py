@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from headscope.analyses.base import run_analysis
-from headscope.analyses.circuit_core import circuit_metric, node_faithfulness_curve, top_edges_mask, top_nodes_mask
+from headscope.analyses.circuit_core import circuit_metric, top_edges_mask, top_nodes_mask
 from headscope.analyses.circuit_export import from_eapig, to_dot, to_eapig
 from headscope.errors import HeadscopeError
 from headscope.probe import Probe, load_model
@@ -145,7 +145,7 @@ def test_node_circuits_hold_the_edges_between_the_top_nodes():
                 "input->a1.h0<v>", "a0.h1->a1.h0<q>", "a0.h1->a1.h0<k>", "a0.h1->a1.h0<v>", "input->logits",
                 "a0.h1->logits", "a1.h0->logits"]
     assert torch.equal(top_nodes_mask(layout, scores, 2), layout.mask_from_edges(expected))
-    three = top_nodes_mask(layout, scores, 3)  # + m0, which reads input, a0.h0 (out) and a0.h1
+    three = top_nodes_mask(layout, scores, 3)  # + m0; it reads input, a0.h0 (not kept) and a0.h1
     assert torch.equal(three - top_nodes_mask(layout, scores, 2),
                        layout.mask_from_edges(["input->m0", "a0.h1->m0", "m0->a1.h0<q>", "m0->a1.h0<k>",
                                                "m0->a1.h0<v>", "m0->logits"]))
