@@ -110,6 +110,10 @@ def test_full_and_empty_circuits_are_the_clean_and_corrupted_models():
         full, _ = g.forward(b.clean, mask=g.full_mask(), corrupt=corrupt)
         empty, _ = g.forward(b.clean, mask=g.empty_mask(), corrupt=corrupt)
     torch.testing.assert_close(logits, hf_clean, atol=1e-5, rtol=0)
+    last = torch.tensor([3, 8, 5])  # logits of one position per row only
+    with torch.no_grad():
+        at_last, _ = g.forward(b.clean, last=last)
+    torch.testing.assert_close(at_last[:, 0], hf_clean[torch.arange(3), last], atol=1e-5, rtol=0)
     torch.testing.assert_close(full, hf_clean, atol=1e-5, rtol=0)
     torch.testing.assert_close(empty, hf_corrupt, atol=1e-5, rtol=0)
     m = circuit_metric(g, [b], [None, g.empty_mask()])
