@@ -335,7 +335,8 @@ class CircuitGraph(GraphLayout):
         checkpointed autograd graph (~10 d_model floats per token and layer), the last position's
         logits with their gradient, one layer's attention recomputed in backward (~3 [B, H, T, T] tensors) and MLP,
         and one hook's map. Measured on SmolLM2 at 1024 tokens, the peak above the loaded model is
-        1.6x this (benchmarks/README.md): an underestimate, fit to refuse batches far too large.
+        2x this (benchmarks/README.md: touched weights, allocator): an underestimate, fit to refuse
+        batches far too large.
         """
         D, L, H = self.d_model, self.n_layers, self.n_heads
         d_ff = getattr(self.layers[0].mlp, "intermediate_size", 4 * D)
