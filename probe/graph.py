@@ -181,8 +181,8 @@ class CircuitGraph(GraphLayout):
         """Run the graph; returns (logits [B, T, V] fp32, node outputs [n_up, B, T, D] or None).
 
         ``last`` [B]: the logits of one position per row only, [B, 1, V] (attribution reads no
-        other; at long context and large vocabularies the full logits and their gradient cost
-        more than the rest of the autograd graph).
+        other; on SmolLM2 the full logits with their gradient cost about as much per token as the
+        rest of the autograd graph, and more with larger vocabularies).
 
         ``mask`` [n_up, n_targets] (None = every edge): edges with mask 1 carry this run's
         activations, the rest ``corrupt``'s (node outputs [n_up, B, T, D] of the corrupted run,
