@@ -3,7 +3,9 @@
 Each example is one batch of clean/corrupted pairs (``--batch_size`` pairs); its edge scores are
 averaged over batches. ``finalize`` draws the faithfulness curve of the top-n circuits against
 random circuits of the same size (on every pair), picks the smallest circuit that reaches
-``--target`` faithfulness, and stores:
+``--target`` faithfulness (``--search greedy-node``: circuits of whole heads / MLPs, added in
+order of their summed |edge score|; the curve's sizes are then node counts, stored as
+``curve["units"]``, with the circuits' edge counts as ``curve["sizes"]``), and stores:
 
 - ``arrays.npz``: ``edge_scores`` [n_up, n_targets] (EAP-IG's index layout, see
   ``headscope.probe.graph``) and ``circuit`` (0/1, the chosen circuit);
@@ -22,8 +24,10 @@ from headscope.data.circuit_tasks import TASKS, batches_of, induction_pairs, loa
 from headscope.errors import HeadscopeError
 from headscope.probe.graph import CircuitGraph
 
-from .base import PREPEND_BOS, Analysis, Example, ExampleOutput, Finalized, Option, ScoreMeta, register
-from .circuit_core import attribute, faithfulness_curve, minimal_circuit, prune_dangling, size_grid, top_edges_mask
+from .base import (PREPEND_BOS, Analysis, Example, ExampleOutput, Finalized, Option, ScoreMeta, check_memory,
+                   register)
+from .circuit_core import (attribute, faithfulness_curve, minimal_circuit, node_faithfulness_curve, node_scores,
+                           prune_dangling, size_grid, top_edges_mask, top_nodes_mask)
 
 N_SUMMARY_EDGES = 40
 
@@ -60,6 +64,8 @@ class CircuitAnalysis(Analysis):
         Option("method", str, "eap-ig", "attribution method", ("eap", "eap-ig")),
         Option("ig_steps", int, 5, "EAP-IG interpolation steps"),
         Option("target", float, 0.8, "faithfulness the minimal circuit must reach"),
+        Option("search", str, "topn", "circuit search: top-n edges by |score|, or whole heads / MLPs by "
+               "summed |edge score| (greedy-node)", ("topn", "greedy-node")),
         Option("n_random", int, 2, "random circuits per size for the baseline"),
         Option("curve_points", int, 10, "circuit sizes on the faithfulness curve (log-spaced)"),
         Option("seq_len", int, 10, "induction: length of the random block"),
@@ -70,8 +76,10 @@ class CircuitAnalysis(Analysis):
         if ctx.options["method"] == "eap-ig" and ctx.options["ig_steps"] < 1:
             raise HeadscopeError(f"--ig-steps must be >= 1 for eap-ig, got {ctx.options['ig_steps']}")
         pairs = task_pairs(ctx)
-        graph_of(ctx)  # an unsupported model fails before the run is written
+        g = graph_of(ctx)  # an unsupported model, or a batch beyond memory, fails before the run is written
         bs = max(1, ctx.options["batch_size"])
+        check_memory(g.attribution_bytes(min(bs, len(pairs)), max((len(p.clean) for p in pairs), default=0)),
+                     "--batch-size")
         for i in range(0, len(pairs), bs):
             yield Example(id=f"batch{i // bs:04d}", data=(i, min(i + bs, len(pairs))))
 
@@ -96,21 +104,25 @@ class CircuitAnalysis(Analysis):
         if o["limit"] is not None:
             pairs = pairs[:o["limit"] * max(1, o["batch_size"])]
         batches = batches_of(pairs, max(1, o["batch_size"]))
-        sizes = size_grid(g.n_edges, o["curve_points"])
-        curve = faithfulness_curve(g, batches, scores, sizes, n_random=o["n_random"], seed=ctx.seed)
+        by_node = o["search"] == "greedy-node"
+        curve_of, select = ((node_faithfulness_curve, top_nodes_mask) if by_node
+                            else (faithfulness_curve, top_edges_mask))
+        sizes = size_grid(len(g.upstream) - 1 if by_node else g.n_edges, o["curve_points"])
+        curve = curve_of(g, batches, scores, sizes, n_random=o["n_random"], seed=ctx.seed)
         n_min = minimal_circuit(curve, o["target"])
-        chosen = top_edges_mask(g, scores, n_min if n_min is not None else sizes[-1])
-        chosen = prune_dangling(g, chosen)
+        selected = select(g, scores, n_min if n_min is not None else sizes[-1])
+        chosen = prune_dangling(g, selected)
         in_graph = chosen.bool()
         L, H = g.n_layers, g.n_heads
         mass = np.zeros((L, H))
         member = np.zeros((L, H))
         absd = scores.abs()
+        per_node = node_scores(g, scores)
         for l in range(L):
             for h in range(H):
                 u = g.up_index[f"a{l}.h{h}"]
                 tgts = [g.target_index[f"a{l}.h{h}<{c}>"] for c in "qkv"]
-                mass[l, h] = float(absd[u].sum() + absd[:, tgts].sum())
+                mass[l, h] = float(per_node[u])
                 member[l, h] = float(in_graph[u].any() or in_graph[:, tgts].any())
         order = torch.argsort(torch.where(in_graph, absd, torch.tensor(-1.0, dtype=absd.dtype)).flatten(),
                               descending=True)[:int(in_graph.sum())]
@@ -124,7 +136,9 @@ class CircuitAnalysis(Analysis):
             "n_pairs": len(pairs), "n_edges_total": g.n_edges,
             "metric": "logit difference (answer - wrong), last token",
             "clean_metric": curve["clean"], "corrupted_metric": curve["corrupted"],
-            "curve": curve, "target_faithfulness": o["target"], "minimal_circuit_edges": n_min,
+            "curve": curve, "target_faithfulness": o["target"], "search": o["search"],
+            "minimal_circuit_edges": int(selected.sum()) if n_min is not None else None,
+            "minimal_circuit_nodes": n_min if by_node else None,
             "circuit_edges": int(in_graph.sum()), "circuit_heads": heads, "top_circuit_edges": edges,
             "example_pairs": examples,
         }

@@ -10,8 +10,11 @@ corrupted activation instead of the clean one, to first order:
 summed over positions and averaged over prompts. One engine (``attribute``); EAP is ``steps=0``.
 Gradients come from ``CircuitGraph.forward``: plain torch attention, forward and backward.
 
-Memory per batch: the clean and corrupted node outputs (2 x n_up x B x T x d_model floats) plus
-one forward's autograd graph; ``batch_size`` bounds it. Long prompts: lower the batch size.
+Memory per batch (``CircuitGraph.attribution_bytes``): the clean-minus-corrupted node outputs
+(n_up x B x T x d_model floats, one buffer), a checkpointed autograd graph linear in B x T, and
+one layer's [B, H, T, T] attention at a time.
+Each score contribution is added in a gradient hook as backward reaches its target, so no
+per-target gradient is kept.
 
 Faithfulness of a circuit C: (M(C) - M(empty)) / (M(full) - M(empty)), where M(C) is the metric of
 the clean input with every edge outside C patched from the corrupted input. M(empty) is the
@@ -36,6 +39,7 @@ def attribute(graph: CircuitGraph, batches: Sequence[Batch], *, steps: int = 0,
 
     ``steps=0``: EAP (gradient at the clean input). ``steps=k >= 1``: EAP-IG with k
     interpolation points on the input embeddings (k + 2 forwards and k backwards per batch).
+    ``metric`` reads the logits at ``batch.last`` only: it gets them as [B, 1, V] (``Batch.at_last``).
     """
     if steps < 0:
         raise HeadscopeError(f"steps must be >= 0 (0 = EAP), got {steps}")
@@ -47,25 +51,25 @@ def attribute(graph: CircuitGraph, batches: Sequence[Batch], *, steps: int = 0,
     alphas = [1.0] if steps == 0 else [(k + 0.5) / steps for k in range(steps)]
     for batch in batches:
         with torch.no_grad():
-            _, clean = graph.forward(batch.clean)
-            _, corrupt = graph.forward(batch.corrupt)
-            diff = clean - corrupt  # [n_up, B, T, D]
+            _, diff = graph.forward(batch.clean, last=batch.last)  # then [n_up, B, T, D] clean - corrupted:
+            _, diff = graph.forward(batch.corrupt, subtract_from=diff, last=batch.last)
+            emb0 = graph.base.embed_tokens(batch.corrupt)  # [B, T, D] corrupted input embeddings
         weight = batch.clean.shape[0] / n_rows / len(alphas)
+
+        def on_input(d0: int, t: torch.Tensor, to_input: Callable) -> None:
+            nu = int(n_in[d0])
+
+            def add(grad: torch.Tensor) -> None:  # as backward reaches t; the gradient is then dropped
+                g = to_input(grad)  # [B, T, n, D]
+                s = torch.einsum("ubtd,btnd->un", diff[:nu], g)  # [nu, n]
+                scores[:nu, d0:d0 + g.shape[2]] += weight * s.double().to(scores.device)
+            t.register_hook(add)
+
         for a in alphas:
-            emb = corrupt[0] + a * diff[0]  # [B, T, D] input embeddings
-            groups: list[tuple[int, list, Callable]] = []
+            emb = (emb0 + a * diff[0]).requires_grad_()  # [B, T, D] input embeddings
             with torch.enable_grad():
-                logits, _ = graph.forward(embeds=emb, on_input=lambda d0, ls, f: groups.append((d0, ls, f)),
-                                          keep_outputs=False)
-                grads = torch.autograd.grad(metric(logits, batch), [x for _, ls, _ in groups for x in ls])
-            i = 0
-            with torch.no_grad():
-                for d0, ls, to_input in groups:
-                    g = to_input(grads[i:i + len(ls)])  # [B, T, n, D]
-                    i += len(ls)
-                    nu = int(n_in[d0])
-                    s = torch.einsum("ubtd,btnd->un", diff[:nu], g)  # [n_up, n]
-                    scores[:nu, d0:d0 + g.shape[2]] += weight * s.double()
+                logits, _ = graph.forward(embeds=emb, on_input=on_input, keep_outputs=False, last=batch.last)
+                torch.autograd.grad(metric(logits, batch.at_last()), emb)  # runs the hooks; no parameter gradients
     return scores
 
 
@@ -75,7 +79,8 @@ eap_ig = functools.partial(attribute, steps=5)
 
 def circuit_metric(graph: CircuitGraph, batches: Sequence[Batch], masks: Iterable[torch.Tensor | None],
                    metric=logit_diff_metric) -> list[float]:
-    """The metric (row-weighted mean over ``batches``) of each mask (None = full model) in one pass.
+    """The metric (row-weighted mean over ``batches``) of each mask (None = full model) in one pass;
+    ``metric`` reads the logits at ``batch.last`` only, as ``attribute``'s does.
 
     The corrupted node outputs are computed once per batch and reused for every mask.
     """
@@ -84,10 +89,10 @@ def circuit_metric(graph: CircuitGraph, batches: Sequence[Batch], masks: Iterabl
     n_rows = sum(b.clean.shape[0] for b in batches)
     with torch.no_grad():
         for batch in batches:
-            _, corrupt = graph.forward(batch.corrupt)
+            _, corrupt = graph.forward(batch.corrupt, last=batch.last)
             for i, m in enumerate(masks):
-                logits, _ = graph.forward(batch.clean, mask=m, corrupt=corrupt, keep_outputs=False)
-                totals[i] += float(metric(logits, batch)) * batch.clean.shape[0] / n_rows
+                logits, _ = graph.forward(batch.clean, mask=m, corrupt=corrupt, keep_outputs=False, last=batch.last)
+                totals[i] += float(metric(logits, batch.at_last())) * batch.clean.shape[0] / n_rows
     return totals.tolist()
 
 
@@ -110,7 +115,7 @@ def prune_dangling(graph: GraphLayout, mask: torch.Tensor) -> torch.Tensor:
     """
     m = (mask > 0) & graph.valid
     n_up = len(graph.upstream)
-    node_of_target = [graph.up_index.get(t.split("<")[0]) for t in graph.targets]  # target -> upstream node
+    node_of_target = graph.node_of_target
     # backward: which upstream nodes feed (transitively) into logits
     alive_out = torch.zeros(n_up, dtype=torch.bool)
     alive_tgt = torch.zeros(len(graph.targets), dtype=torch.bool)
@@ -132,23 +137,64 @@ def prune_dangling(graph: GraphLayout, mask: torch.Tensor) -> torch.Tensor:
     return keep.float()
 
 
-def faithfulness_curve(graph: CircuitGraph, batches: Sequence[Batch], scores: torch.Tensor,
-                       sizes: Sequence[int], n_random: int = 3, seed: int = 0,
-                       metric=logit_diff_metric) -> dict:
-    """Faithfulness of the top-n circuits and of random circuits of the same sizes.
+def node_scores(graph: GraphLayout, scores: torch.Tensor) -> torch.Tensor:
+    """[n_up] float64: each node's summed |score| over its out-edges and its input edges (a head's
+    q, k and v); ``input``'s is its out-edges only."""
+    absd = torch.where(graph.valid, scores.abs(), torch.zeros((), dtype=scores.dtype)).double()
+    total = absd.sum(1)  # [n_up] out-edges
+    for d, node in enumerate(graph.node_of_target):
+        if node is not None:
+            total[node] += absd[:, d].sum()
+    return total
 
-    Returns ``{"sizes", "faithfulness", "random_mean", "random_max", "clean", "corrupted"}``; the
-    random circuits are uniform draws of n edges of the graph (``seed``).
+
+def nodes_mask(graph: GraphLayout, nodes: torch.Tensor) -> torch.Tensor:
+    """[n_up, n_targets] 0/1 mask of every edge between kept nodes (``nodes`` [n_up] bool), with
+    ``input`` and ``logits`` always kept."""
+    keep = nodes.clone()
+    keep[0] = True
+    into = torch.tensor([True if n is None else bool(keep[n]) for n in graph.node_of_target])
+    return (graph.valid & keep[:, None] & into[None, :]).float()
+
+
+def top_nodes_mask(graph: GraphLayout, scores: torch.Tensor, n: int) -> torch.Tensor:
+    """The circuit of the n heads / MLPs of largest ``node_scores`` (ties by node order)."""
+    ns = node_scores(graph, scores)
+    ns[0] = -1.0  # input is always in
+    keep = torch.zeros(len(graph.upstream), dtype=torch.bool)
+    keep[torch.argsort(ns, descending=True, stable=True)[:n]] = True
+    return nodes_mask(graph, keep)
+
+
+def random_edges_mask(graph: GraphLayout, n: int, gen: torch.Generator) -> torch.Tensor:
+    """n edges of the graph drawn uniformly."""
+    edges = graph.valid.flatten().nonzero()[:, 0]
+    m = torch.zeros(graph.valid.numel())
+    m[edges[torch.randperm(len(edges), generator=gen)[:n]]] = 1.0
+    return m.view(graph.valid.shape)
+
+
+def random_nodes_mask(graph: GraphLayout, n: int, gen: torch.Generator) -> torch.Tensor:
+    """The circuit of n heads / MLPs drawn uniformly."""
+    keep = torch.zeros(len(graph.upstream), dtype=torch.bool)
+    keep[1 + torch.randperm(len(graph.upstream) - 1, generator=gen)[:n]] = True
+    return nodes_mask(graph, keep)
+
+
+def search_curve(graph: CircuitGraph, batches: Sequence[Batch], scores: torch.Tensor, sizes: Sequence[int], *,
+                 select: Callable, draw: Callable, n_random: int = 3, seed: int = 0,
+                 metric=logit_diff_metric) -> dict:
+    """Faithfulness of the circuits ``select(graph, scores, n)`` and of ``n_random`` random ones
+    ``draw(graph, n, generator)`` for each n in ``sizes`` (the search's unit: edges or nodes).
+
+    Returns ``{"units", "sizes", "faithfulness", "random_mean", "random_max", "clean", "corrupted"}``:
+    ``units`` are the given sizes, ``sizes`` the edge counts of the selected circuits (what the
+    report plots). Raises when clean and corrupted give the same metric.
     """
     g = torch.Generator().manual_seed(seed)
-    edges = graph.valid.flatten().nonzero()[:, 0]
-    masks: list[torch.Tensor | None] = [None, graph.empty_mask()]
-    masks += [top_edges_mask(graph, scores, n) for n in sizes]
-    for n in sizes:
-        for _ in range(n_random):
-            m = torch.zeros(graph.valid.numel())
-            m[edges[torch.randperm(len(edges), generator=g)[:n]]] = 1.0
-            masks.append(m.view(graph.valid.shape))
+    tops = [select(graph, scores, n) for n in sizes]
+    masks: list[torch.Tensor | None] = [None, graph.empty_mask()] + tops
+    masks += [draw(graph, n, g) for n in sizes for _ in range(n_random)]
     vals = circuit_metric(graph, batches, masks, metric)
     clean, corrupted = vals[0], vals[1]
     denom = clean - corrupted
@@ -157,14 +203,21 @@ def faithfulness_curve(graph: CircuitGraph, batches: Sequence[Batch], scores: to
                              "(choose corrupted prompts that change the answer)")
     f = [(v - corrupted) / denom for v in vals[2:]]
     top, rnd = f[:len(sizes)], np.array(f[len(sizes):]).reshape(len(sizes), n_random) if n_random else None
-    return {"sizes": list(map(int, sizes)), "faithfulness": top, "clean": clean, "corrupted": corrupted,
+    return {"units": list(map(int, sizes)), "sizes": [int(m.sum()) for m in tops], "faithfulness": top,
+            "clean": clean, "corrupted": corrupted,
             "random_mean": rnd.mean(1).tolist() if rnd is not None else [],
             "random_max": rnd.max(1).tolist() if rnd is not None else []}
 
 
+# top-n edges by |score|; or whole nodes (heads, MLPs) in order of node_scores, adding one node at a time
+faithfulness_curve = functools.partial(search_curve, select=top_edges_mask, draw=random_edges_mask)
+node_faithfulness_curve = functools.partial(search_curve, select=top_nodes_mask, draw=random_nodes_mask)
+
+
 def minimal_circuit(curve: dict, target: float) -> int | None:
-    """The smallest size on the curve whose faithfulness reaches ``target`` (None if none does)."""
-    for n, f in zip(curve["sizes"], curve["faithfulness"]):
+    """The smallest size on the curve (in its search's unit) whose faithfulness reaches ``target``
+    (None if none does)."""
+    for n, f in zip(curve["units"], curve["faithfulness"]):
         if f >= target:
             return n
     return None

@@ -46,7 +46,8 @@ def attribution_memory(model: str, B: int, T: int) -> None:
     t0 = time.time()
     attribute(g, [Batch(clean, corrupt, torch.full((B,), T - 1), clean[:, 0], clean[:, 1])], steps=1)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-    print(f"B={B} T={T}: {time.time() - t0:.1f} s, peak RSS {peak:.2f} GB (model loaded: {before:.2f} GB)")
+    print(f"B={B} T={T}: {time.time() - t0:.1f} s, peak RSS {peak:.2f} GB (model loaded: {before:.2f} GB; "
+          f"estimate of attribution's own: {g.attribution_bytes(B, T) / 1e9:.2f} GB)")
 
 
 def main() -> None:

@@ -33,8 +33,9 @@ norms, the rotary embedding and the MLP modules of the model), with plain torch 
 float32 (masked softmax over [B, H, T, T]). Autograd flows through it, so EAP / EAP-IG gradients
 come from the same code that patches. It does not switch the model's attention implementation and
 does not touch the probe's kernels, so ``Probe.capture`` / ``intervene`` keep working on the same
-model between calls. The price is the quadratic attention matrix: a batch costs
-~ (B * H * T^2 + n_nodes * B * T * d_model) floats, so long prompts need small batches.
+model between calls. The price is the attention matrix: a forward holds one layer's
+[B, H, T, T] at a time (attribution recomputes it per layer in backward, under activation
+checkpointing), plus the node outputs, n_nodes * B * T * d_model floats, when they are kept.
 
 Families: Llama, Mistral, Qwen2 and Qwen3 (pre-norm, RoPE, separate q/k/v projections; Qwen3's
 q/k norms are applied per head). Other families (GPT-2's fused c_attn and learned positions,
@@ -49,6 +50,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from headscope.errors import HeadscopeError
 
@@ -71,6 +73,7 @@ class GraphLayout:
 
     ``upstream``: names of nodes with an output (``input``, heads, MLPs) in forward order.
     ``targets``: names of node inputs (``a{L}.h{H}<q|k|v>``, ``m{L}``, ``logits``) in forward order.
+    ``node_of_target``: the upstream index of each target's node (None for ``logits``).
     ``valid``: [n_up, n_targets] bool, True where an edge exists. Edge masks and scores are
     [n_up, n_targets] tensors; entries outside ``valid`` are ignored (and kept 0). The index layout
     is EAP-IG's (forward / backward indices), so matrices carry over unchanged.
@@ -84,6 +87,7 @@ class GraphLayout:
                         [f"a{l}.h{h}<{c}>" for c in QKV for h in range(H)] + [f"m{l}"]] + ["logits"]
         self.up_index = {n: i for i, n in enumerate(self.upstream)}
         self.target_index = {n: i for i, n in enumerate(self.targets)}
+        self.node_of_target = [self.up_index.get(t.split("<")[0]) for t in self.targets]  # None for logits
         valid = torch.zeros(len(self.upstream), len(self.targets), dtype=torch.bool)
         for l in range(L):
             a0 = self.target_index[f"a{l}.h0<q>"]
@@ -171,19 +175,32 @@ class CircuitGraph(GraphLayout):
     # -- the forward ---------------------------------------------------------------------------
     def forward(self, ids: torch.Tensor | None = None, *, embeds: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, corrupt: torch.Tensor | None = None,
-                on_input: Callable[[int, list, Callable], None] | None = None,
-                keep_outputs: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+                on_input: Callable[[int, torch.Tensor, Callable], None] | None = None,
+                keep_outputs: bool = True, subtract_from: torch.Tensor | None = None,
+                last: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run the graph; returns (logits [B, T, V] fp32, node outputs [n_up, B, T, D] or None).
+
+        ``last`` [B]: the logits of one position per row only, [B, 1, V] (attribution reads no
+        other; on SmolLM2 the full logits with their gradient cost about as much per token as the
+        rest of the autograd graph, and more with larger vocabularies).
 
         ``mask`` [n_up, n_targets] (None = every edge): edges with mask 1 carry this run's
         activations, the rest ``corrupt``'s (node outputs [n_up, B, T, D] of the corrupted run,
         required when ``mask`` is not None). Fractional masks interpolate. ``embeds`` replaces the
-        embedding of ``ids`` (EAP-IG interpolates it). ``on_input(first_target, leaves, to_input)`` gets, per
-        target group (when grad is enabled and ``mask`` is None), zero leaves added inside the forward
-        and a function mapping their gradients to the gradients with respect to the group's inputs,
-        [B, T, n, D]. A head's q/k/v leaves sit after the projections ([B, H, T, d_head]), so the
-        autograd graph stays the size of a plain forward (memory ~ B x T, not B x T x 3H); the map
-        back goes through W^T and the RMSNorm's Jacobian, written out.
+        embedding of ``ids`` (EAP-IG interpolates it). ``subtract_from`` (unpatched, without grad):
+        node outputs [n_up, B, T, D] of another run, from which this run's are subtracted in place
+        as they are computed, returned instead of the outputs (attribution's clean-minus-corrupted
+        difference without a second buffer).
+
+        Attribution (``on_input``, grad enabled, ``mask`` None): per target group the forward calls
+        ``on_input(first_target, t, to_input)`` with a tensor ``t`` of its autograd graph and a map
+        from d metric / d t to d metric / d (the group's inputs) [B, T, n, D]; the caller hooks
+        ``t`` (``Tensor.register_hook``) and uses each gradient as backward produces it, so none is
+        kept. A head's q/k/v group tensors are its projections' outputs [B, H, T, d_head] (the map
+        goes back through W^T and the RMSNorm's Jacobian, written out); an MLP's or ``logits``'
+        is its input [B, T, D]. Each layer's attention and MLP run under activation checkpointing,
+        so the autograd graph keeps ~10 d_model floats per token and layer, and the [B, H, T, T]
+        attention of one layer at a time (``attribution_bytes``).
         """
         if embeds is None:
             embeds = self.base.embed_tokens(ids)
@@ -197,12 +214,32 @@ class CircuitGraph(GraphLayout):
                                  f"{self.model_type!r} model; circuit graphs attend over the full prefix")
         H, G = self.n_heads, self.n_heads // self.n_kv_heads
         dev = embeds.device
-        outs = [embeds]  # node outputs in upstream order, each [B, T, D]
+        if subtract_from is not None and (torch.is_grad_enabled() or mask is not None):
+            raise HeadscopeError("subtract_from needs an unpatched forward without grad")
+        lean = on_input is not None and torch.is_grad_enabled()
+        # node outputs in upstream order, each [B, T, D]; written into one buffer when returned without grad
+        buf = torch.empty(len(self.upstream), B, T, D, device=dev) if keep_outputs and not torch.is_grad_enabled() \
+            else None
+        outs: list[torch.Tensor] = []
+        # per-node outputs are needed when returned, subtracted, or read by a patched forward
+        track = keep_outputs or mask is not None or subtract_from is not None
+
+        def emit(t: torch.Tensor) -> None:
+            if subtract_from is not None:
+                subtract_from[len(outs)] -= t
+                outs.append(subtract_from[len(outs)])  # len(outs) indexes the next node
+                return
+            if buf is not None:
+                buf[len(outs)] = t
+                t = buf[len(outs)]
+            if track:
+                outs.append(t)
+
+        emit(embeds)
         resid = embeds  # sum of outs: every target's input when no edge is patched
         positions = torch.arange(T, device=dev)[None].expand(B, T)
         cos, sin = self.base.rotary_emb(embeds, positions)
         cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, dh]
-        causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
         if mask is not None:
             valid = self.valid.to(dev).float()
             mask = mask.to(dev) * valid
@@ -216,10 +253,10 @@ class CircuitGraph(GraphLayout):
             Patched: corrupted residual + the clean-minus-corrupted outputs of the kept edges, or the
             clean residual minus those of the cut edges, whichever touches fewer upstream nodes.
             """
-            n_up = len(outs)
             if mask is None:
                 x = resid[:, :, None].expand(B, T, n, D)
             else:
+                n_up = len(outs)
                 keep = mask[:n_up, d0:d0 + n]  # [n_up, n]
                 cut = valid[:n_up, d0:d0 + n] - keep
                 rows_k, rows_c = keep.any(1).nonzero()[:, 0], cut.any(1).nonzero()[:, 0]
@@ -230,57 +267,93 @@ class CircuitGraph(GraphLayout):
                     diff = torch.stack([outs[i] for i in rows.tolist()]) - corrupt[rows]  # [r, B, T, D]
                     x = x + sign * torch.einsum("rn,rbtd->btnd", w[rows], diff)
             x = x + bias
-            if on_input is not None and torch.is_grad_enabled() and n == 1:
-                probe = torch.zeros(x.shape, device=dev, requires_grad=True)  # d metric / d probe = d metric / d x
-                on_input(d0, [probe], lambda grads: grads[0])
-                x = x + probe
+            if lean and n == 1:
+                on_input(d0, x, lambda g: g)
             return x
 
-        lean = on_input is not None and mask is None and torch.is_grad_enabled()
+        def run(fn, *args):
+            return checkpoint(fn, *args, use_reentrant=False) if lean else fn(*args)
+
         for l, layer in enumerate(self.layers):
             at = layer.self_attn
             heads = (torch.arange(H, device=dev), kv, kv)
             projs = (at.q_proj, at.k_proj, at.v_proj)
             d0 = self.target_index[f"a{l}.h0<q>"]
-            if lean:  # every target reads resid: one norm, zero leaves after the projections
+            if mask is None:  # every target reads resid: one norm; attribution's hooks sit after the projections
                 x_in = resid + bias  # [B, T, D]
                 xn = layer.input_layernorm(x_in)  # [B, T, D], shared by every head
-                qkv = [self._project(p, xn, hs) for p, hs in zip(projs, heads)]  # 3 x [B, H, T, dh]
-                leaves = [torch.zeros(t.shape, device=dev, requires_grad=True) for t in qkv]
-                on_input(d0, leaves, functools.partial(self._input_grads, layer.input_layernorm, x_in.detach(),
-                                                       projs, heads))
-                q, k, v = (t + p for t, p in zip(qkv, leaves))
+                q, k, v = (self._project(p, xn, hs) for p, hs in zip(projs, heads))  # [B, H, T, dh] each
+                if lean:
+                    for i, (t, p, hs) in enumerate(zip((q, k, v), projs, heads)):
+                        on_input(d0 + i * H, t, functools.partial(self._input_grads, layer.input_layernorm,
+                                                                  x_in.detach(), p, hs))
             else:
                 x = layer.input_layernorm(inputs(d0, 3 * H))
                 q, k, v = (self._project(p, x[:, :, i * H:(i + 1) * H], hs)  # [B, H, T, dh] each
                            for i, (p, hs) in enumerate(zip(projs, heads)))
-            if getattr(at, "q_norm", None) is not None:
-                q, k = at.q_norm(q), at.k_norm(k)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            scores = (q @ k.transpose(-1, -2)) * at.scaling  # [B, H, T, T]
-            z = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v  # [B, H, T, dh]
+            z = run(functools.partial(self._attend, at), q, k, v, cos, sin)  # [B, H, T, dh]
             w_o = at.o_proj.weight.view(D, H, self.d_head)  # [D, H, dh]
-            result = torch.einsum("bhte,dhe->hbtd", z, w_o)  # [H, B, T, D]
-            outs += list(result)
-            resid = resid + result.sum(0)
+            if track:
+                result = torch.einsum("bhte,dhe->hbtd", z, w_o)  # [H, B, T, D]
+                for r in result:
+                    emit(r)
+                resid = resid + result.sum(0)
+            else:
+                resid = resid + torch.einsum("bhte,dhe->btd", z, w_o)
             if at.o_proj.bias is not None:
                 bias = bias + at.o_proj.bias
             xm = inputs(self.target_index[f"m{l}"], 1)[:, :, 0]  # [B, T, D]
-            outs.append(layer.mlp(layer.post_attention_layernorm(xm)))
-            resid = resid + outs[-1]
-        xf = inputs(len(self.targets) - 1, 1)[:, :, 0]
+            out_m = run(lambda x, layer=layer: layer.mlp(layer.post_attention_layernorm(x)), xm)
+            emit(out_m)
+            resid = resid + out_m
+        xf = inputs(len(self.targets) - 1, 1)[:, :, 0]  # [B, T, D]
+        if last is not None:
+            xf = xf[torch.arange(B, device=dev), last.to(dev)][:, None]  # [B, 1, D]
         logits = self.model.lm_head(self.base.norm(xf))
-        return logits, (torch.stack(outs) if keep_outputs else None)
+        if subtract_from is not None:
+            return logits, subtract_from
+        if not keep_outputs:
+            return logits, None
+        return logits, (buf if buf is not None else torch.stack(outs))
 
-    def _input_grads(self, norm: nn.Module, x: torch.Tensor, projs, heads, grads) -> torch.Tensor:
-        """d metric / d (each head's q, k, v input) [B, T, 3H, D] from the leaves' grads [B, H, T, dh].
+    def _attend(self, at: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> torch.Tensor:
+        """Causal attention of q, k, v [B, H, T, dh] (q/k norms, RoPE) -> z [B, H, T, dh]."""
+        if getattr(at, "q_norm", None) is not None:
+            q, k = at.q_norm(q), at.k_norm(k)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        T = q.shape[2]
+        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        scores = (q @ k.transpose(-1, -2)) * at.scaling  # [B, H, T, T]
+        return scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v
+
+    def attribution_bytes(self, B: int, T: int) -> int:
+        """Estimated peak bytes of ``attribute`` on a [B, T] batch, model weights excluded.
+
+        The clean-minus-corrupted node outputs (n_up floats per token and d_model), the
+        checkpointed autograd graph (~10 d_model floats per token and layer), the last position's
+        logits with their gradient, one layer's attention recomputed in backward (~3 [B, H, T, T] tensors) and MLP,
+        and one hook's map. Measured on SmolLM2 at 1024 tokens, the peak above the loaded model is
+        2x this (benchmarks/README.md: touched weights, allocator): an underestimate, fit to refuse
+        batches far too large.
+        """
+        D, L, H = self.d_model, self.n_layers, self.n_heads
+        d_ff = getattr(self.layers[0].mlp, "intermediate_size", 4 * D)
+        floats = (len(self.upstream) * B * T * D + 10 * L * B * T * D + 3 * B * self.model.lm_head.out_features
+                  + 3 * B * H * T * T + 4 * B * T * d_ff + 2 * B * T * H * D)
+        return 4 * floats
+
+    def _input_grads(self, norm: nn.Module, x: torch.Tensor, proj: nn.Linear, heads: torch.Tensor,
+                     grad: torch.Tensor) -> torch.Tensor:
+        """d metric / d (each head's input of one projection) [B, T, H, D] from d metric / d its
+        output [B, H, T, dh].
 
         Through W^T, then the RMSNorm y = w x r, r = (mean(x^2) + eps)^(-1/2), whose Jacobian
         transposed is dx = r (w g) - r^3 / D x sum(x w g).
         """
-        gy = torch.cat([torch.einsum("bhte,hed->bthd", g, p.weight.view(-1, self.d_head, self.d_model)[hs])
-                        for g, p, hs in zip(grads, projs, heads)], 2) * norm.weight  # [B, T, 3H, D]
+        w = proj.weight.view(-1, self.d_head, self.d_model)[heads]  # [H, dh, D]
+        gy = torch.einsum("bhte,hed->bthd", grad, w) * norm.weight  # [B, T, H, D]
         x = x[:, :, None]  # [B, T, 1, D]
         r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
         return r * gy - r.pow(3) / self.d_model * x * (x * gy).sum(-1, keepdim=True)
@@ -310,6 +383,10 @@ class Batch:
 
     def to(self, device) -> "Batch":
         return Batch(*(t.to(device) for t in (self.clean, self.corrupt, self.last, self.answer, self.wrong)))
+
+    def at_last(self) -> "Batch":
+        """This batch for logits of the last real tokens only ([B, 1, V], ``forward(last=...)``)."""
+        return Batch(self.clean, self.corrupt, torch.zeros_like(self.last), self.answer, self.wrong)
 
 
 def logit_diff_metric(logits: torch.Tensor, batch: Batch) -> torch.Tensor:

@@ -110,6 +110,10 @@ def test_full_and_empty_circuits_are_the_clean_and_corrupted_models():
         full, _ = g.forward(b.clean, mask=g.full_mask(), corrupt=corrupt)
         empty, _ = g.forward(b.clean, mask=g.empty_mask(), corrupt=corrupt)
     torch.testing.assert_close(logits, hf_clean, atol=1e-5, rtol=0)
+    last = torch.tensor([3, 8, 5])  # logits of one position per row only
+    with torch.no_grad():
+        at_last, _ = g.forward(b.clean, last=last)
+    torch.testing.assert_close(at_last[:, 0], hf_clean[torch.arange(3), last], atol=1e-5, rtol=0)
     torch.testing.assert_close(full, hf_clean, atol=1e-5, rtol=0)
     torch.testing.assert_close(empty, hf_corrupt, atol=1e-5, rtol=0)
     m = circuit_metric(g, [b], [None, g.empty_mask()])
@@ -182,31 +186,36 @@ def spearman(a, b):
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def test_eap_is_the_derivative_of_the_patched_metric_in_each_edge_weight():
-    """EAP's score of an edge = d metric / d (edge's mask weight) at the clean run: central differences."""
-    model = tiny_llama(seed=3)
-    g = CircuitGraph(model)
+@pytest.mark.parametrize("seed", [3, 5])
+def test_eap_is_the_derivative_of_the_patched_metric_in_every_edge_weight(seed):
+    """EAP's score of *every* edge (q, k, v, MLP, logits inputs) = d metric / d (edge's mask weight) at
+    the clean run, by central differences of exact patching: no sign or indexing slip in the q/k/v
+    target gradients (k and v gradients flow through other queries' attention)."""
+    g = CircuitGraph(tiny_llama(seed=seed))
     b = pair(B=4, seed=11)
     scores = attribute(g, [b], steps=0)
     edges = g.edges()
-    for i in torch.randperm(len(edges), generator=torch.Generator().manual_seed(0))[:6].tolist():
-        u, d = edges[i]
-        masks = []
-        for a in (1 - 2e-2, 1 + 2e-2):
+    masks = []
+    for u, d in edges:
+        for a in (1 - 1e-2, 1 + 1e-2):
             m = g.full_mask()
             m[u, d] = a
             masks.append(m)
-        lo, hi = circuit_metric(g, [b], masks)
-        assert float(scores[u, d]) == pytest.approx((hi - lo) / 4e-2, abs=2e-4, rel=2e-2), g.edge_name(u, d)
+    lo, hi = np.array(circuit_metric(g, [b], masks)).reshape(-1, 2).T
+    fd = (hi - lo) / 2e-2
+    eap = np.array([float(scores[u, d]) for u, d in edges])
+    assert np.abs(fd).max() > 1e-2  # the edges matter
+    for c in ("<q>", "<k>", "<v>", "m", "logits"):
+        sel = [i for i, (_, d) in enumerate(edges) if g.targets[d].endswith(c) or g.targets[d].startswith(c)]
+        assert sel, c
+        np.testing.assert_allclose(eap[sel], fd[sel], atol=1e-4, rtol=2e-2, err_msg=c)
 
 
-def test_eap_and_eap_ig_rank_edges_like_exact_single_edge_patching():
-    """Spearman over all 110 edges of a random-init 2-layer GQA Llama, one corrupted token per prompt.
-
-    Measured over init seeds 3-7 (this config): EAP 0.79-0.91, EAP-IG (5 steps) 0.84-0.99. EAP is a
-    first-order estimate, so on random models it is not >= 0.9 for every seed; seed 4 is pinned.
-    """
-    torch.manual_seed(4)
+def anisotropic_llama(seed):
+    """The random-init 2-layer GQA Llama, with token embeddings that share a common direction as
+    trained models' do: the mean embedding's norm is 0.6 of a token's (SmolLM2-135M measures 0.61,
+    mean pairwise cosine 0.35; fully random embeddings have ~0)."""
+    torch.manual_seed(seed)
     cfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
                       num_hidden_layers=2, vocab_size=VOCAB, max_position_embeddings=64)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
@@ -215,31 +224,63 @@ def test_eap_and_eap_ig_rank_edges_like_exact_single_edge_patching():
             layer.self_attn.o_proj.weight.mul_(4)
             layer.mlp.down_proj.weight.mul_(4)
         model.lm_head.weight.mul_(10)
-    g = CircuitGraph(model)
-    batches = []
-    for seed in (11, 12):
-        gen = torch.Generator().manual_seed(seed)
-        clean = torch.randint(VOCAB, (4, 9), generator=gen)
-        corrupt = clean.clone()
-        corrupt[:, 3] = torch.randint(VOCAB, (4,), generator=gen)
-        batches.append(Batch(clean, corrupt, torch.full((4,), 8), torch.randint(VOCAB, (4,), generator=gen),
-                             torch.randint(VOCAB, (4,), generator=gen)))
-    edges = g.edges()
-    masks = [None]
-    for u, d in edges:
-        m = g.full_mask()
-        m[u, d] = 0.0
-        masks.append(m)
-    vals = circuit_metric(g, batches, masks)
-    exact = np.array([vals[0] - v for v in vals[1:]])  # metric drop when the edge is corrupted
-    assert np.abs(exact).max() > 1e-2
-    eap = attribute(g, batches, steps=0)
-    ig = attribute(g, batches, steps=5)
-    s_eap = spearman(np.array([float(eap[u, d]) for u, d in edges]), exact)
-    s_ig = spearman(np.array([float(ig[u, d]) for u, d in edges]), exact)
-    assert s_eap >= 0.9, s_eap
-    assert s_ig >= s_eap, (s_ig, s_eap)
-    assert float(eap[~g.valid].abs().max()) == 0.0
+        emb = model.model.embed_tokens.weight  # [V, D]
+        mean = torch.randn(emb.shape[1])
+        emb.add_(mean / mean.norm() * 0.6 * emb.norm(dim=1).mean())
+    return model
+
+
+def test_eap_and_eap_ig_rank_edges_like_exact_single_edge_patching():
+    """Spearman of |score| against |exact single-edge patching| over the edges whose exact effect is
+    above float noise (> 1e-4; ~60 of 110), one corrupted token per prompt, logit difference, on
+    three init seeds (10-12) that were not among those measured below.
+
+    EAP's gradients are exact (the test above); its misses are the edges input -> a0.h*<v> (then
+    input -> a1.h*<v>): corrupting a token swaps the whole layer-0 residual at that position, and
+    the RMSNorm's x / |x| is far from linear over that swap (its Jacobian drops the change along the
+    clean direction), so EAP can get such an edge's size off by 2x, and its sign wrong where the
+    exact effect is small. Embeddings that share a direction, as trained models' do
+    (``anisotropic_llama``), shrink the swap but do not remove it.
+    Measured over init seeds 0-9 (this model, these prompts): |score| Spearman EAP 0.865-0.975 (three
+    seeds below 0.9, mean 0.94), EAP-IG 0.973-0.990 (>= EAP on nine of ten); signed, same edges: EAP
+    0.857-0.987, EAP-IG 0.966-0.997; EAP signed over all 110 edges 0.885-0.969; |score| over the
+    edges that do not start at ``input`` EAP 0.958-0.994 (which places the misses). So the issue's
+    "EAP >= 0.9 on every model" does not hold for a first-order method on random-init models; EAP-IG
+    does hold it. Asserted: EAP-IG >= 0.95 per seed, EAP >= 0.85 per seed, >= 0.9 on average and
+    >= 0.9 per seed without the input edges, EAP-IG >= EAP on average. The circuit search ranks by
+    |score|, so this is the ranking that matters.
+    """
+    s_eap, s_ig, s_inner = [], [], []
+    for seed in (10, 11, 12):
+        g = CircuitGraph(anisotropic_llama(seed))
+        batches = []
+        for s in (11, 12):
+            gen = torch.Generator().manual_seed(s)
+            clean = torch.randint(VOCAB, (4, 9), generator=gen)
+            corrupt = clean.clone()
+            corrupt[:, 3] = torch.randint(VOCAB, (4,), generator=gen)
+            batches.append(Batch(clean, corrupt, torch.full((4,), 8), torch.randint(VOCAB, (4,), generator=gen),
+                                 torch.randint(VOCAB, (4,), generator=gen)))
+        edges = g.edges()
+        masks = [None]
+        for u, d in edges:
+            m = g.full_mask()
+            m[u, d] = 0.0
+            masks.append(m)
+        vals = circuit_metric(g, batches, masks)
+        exact = np.array([vals[0] - v for v in vals[1:]])  # metric drop when the edge is corrupted
+        above = np.abs(exact) > 1e-4
+        assert above.sum() > 30 and np.abs(exact).max() > 1e-2
+        eap = attribute(g, batches, steps=0)
+        ig = attribute(g, batches, steps=5)
+        assert float(eap[~g.valid].abs().max()) == 0.0
+        a_eap = np.abs([float(eap[u, d]) for u, d in edges])
+        s_eap.append(spearman(a_eap[above], np.abs(exact[above])))
+        s_ig.append(spearman(np.abs([float(ig[u, d]) for u, d in edges])[above], np.abs(exact[above])))
+        inner = above & np.array([u != g.up_index["input"] for u, _ in edges])
+        s_inner.append(spearman(a_eap[inner], np.abs(exact[inner])))
+    assert min(s_ig) >= 0.95 and min(s_eap) >= 0.85 and min(s_inner) >= 0.9, (s_eap, s_ig, s_inner)
+    assert np.mean(s_eap) >= 0.9 and np.mean(s_ig) >= np.mean(s_eap), (s_eap, s_ig)
 
 
 @pytest.mark.slow
@@ -265,3 +306,24 @@ def test_smollm2_graph_is_the_model_and_patching_one_k_edge_is_local(smollm2):
     assert (outs[h0] - clean_out[h0]).abs().max() > 1e-3
     torch.testing.assert_close(outs[h1], clean_out[h1], atol=1e-5, rtol=0)  # shares h0's KV head (3 per group)
     torch.testing.assert_close(outs[h3], clean_out[h3], atol=1e-5, rtol=0)
+
+
+def test_attribution_keeps_an_autograd_graph_linear_in_context_length():
+    """What attribution's autograd graph saves for backward (outside the checkpointed layers, which
+    recompute their attention) grows linearly in T: doubling T at most doubles it. Without the
+    per-layer checkpointing the [B, H, T, T] attention tensors were saved too (ratio ~3 here)."""
+    g = CircuitGraph(tiny_llama(seed=2))
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    totals = []
+    for T in (32, 64):
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            scores = attribute(g, [pair(B=2, T=T, seed=3)], steps=0)
+        assert scores.abs().max() > 0
+        totals.append(sum(saved))
+    assert totals[1] <= 2.1 * totals[0], totals

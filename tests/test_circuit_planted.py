@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from headscope.analyses.circuit_core import attribute, circuit_metric, faithfulness_curve, top_edges_mask
+from headscope.analyses.circuit_core import (attribute, circuit_metric, faithfulness_curve, node_faithfulness_curve,
+                                            node_scores, top_edges_mask, top_nodes_mask)
 from headscope.probe.graph import Batch, CircuitGraph
 
 V, H, D = 48, 4, 64
@@ -53,7 +54,9 @@ def induction_batch(B, n, seed):
 @pytest.mark.slow  # ~30 s of training on one core (benchmarks/README.md); no timing asserted here
 def test_planted_induction_circuit_is_found():
     """The k-edge is found by |score|: EAP and EAP-IG both give it the wrong *sign* here (exact drop
-    +9.1, EAP -0.3, EAP-IG -2.4 in one run), the first-order failure at a saturated softmax."""
+    +9.1, EAP -0.34, EAP-IG -2.4 in one run), the first-order failure at a saturated softmax: the
+    metric vs the edge's weight m is 2.55, 8.84, 11.67, 11.66 at m = 0, 0.5, 0.98, 1, and EAP equals
+    its slope at m = 1 (asserted below), so this is no sign bug."""
     model = train_planted()
     # roles from HF eager attention: previous-token head in layer 0, induction head in layer 1
     n = 8
@@ -71,6 +74,16 @@ def test_planted_induction_circuit_is_found():
     batches = [induction_batch(16, n, seed=1), induction_batch(16, 6, seed=2)]
     scores = attribute(g, batches, steps=5)
     k_edge = g.up_index[f"a0.h{p}"], g.target_index[f"a1.h{i}<k>"]
+    # EAP's score of the k-edge is the metric's slope in the edge's weight at the clean run (exact
+    # patching): saturated there, so it is small, while cutting the edge drops the metric a lot
+    masks = [None]
+    for a in (0.0, 0.98, 1.02):
+        m = g.full_mask()
+        m[k_edge] = a
+        masks.append(m)
+    full, cut, lo, hi = circuit_metric(g, batches, masks)
+    assert float(attribute(g, batches, steps=0)[k_edge]) == pytest.approx((hi - lo) / 0.04, abs=2e-3, rel=2e-2)
+    assert full - cut > 10 * abs(hi - lo) / 0.04
     n_small = g.n_edges // 10  # under 10% of the edges
     top = top_edges_mask(g, scores, n_small)
     assert top[k_edge] == 1.0, "the previous-token -> induction k-edge is among the top edges"
@@ -83,4 +96,15 @@ def test_planted_induction_circuit_is_found():
 
     # the circuit's faithfulness, checked by exact patching of everything but its edges
     full, empty, circ = circuit_metric(g, batches, [None, g.empty_mask(), top_edges_mask(g, scores, size)])
+    assert (circ - empty) / (full - empty) >= 0.9
+
+    # greedy by node: heads / MLPs added in order of summed |edge score| until faithfulness 0.9
+    n_nodes = len(g.upstream) - 1
+    nodes = node_faithfulness_curve(g, batches, scores, sizes=list(range(1, n_nodes + 1)), n_random=10, seed=0)
+    k = next(k for k, f in zip(nodes["units"], nodes["faithfulness"]) if f >= 0.9)
+    order = torch.argsort(node_scores(g, scores)[1:], descending=True, stable=True)[:k] + 1
+    found = {g.upstream[int(u)] for u in order}
+    assert found == {f"a0.h{p}", f"a1.h{i}"}, (found, nodes)
+    assert nodes["random_mean"][k - 1] < 0.5, nodes  # not the max: 1 in 45 random pairs of the 10 nodes is the circuit
+    full, empty, circ = circuit_metric(g, batches, [None, g.empty_mask(), top_nodes_mask(g, scores, k)])
     assert (circ - empty) / (full - empty) >= 0.9

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from headscope.analyses.base import run_analysis
-from headscope.analyses.circuit_core import top_edges_mask
+from headscope.analyses.circuit_core import circuit_metric, top_edges_mask, top_nodes_mask
 from headscope.analyses.circuit_export import from_eapig, to_dot, to_eapig
 from headscope.errors import HeadscopeError
 from headscope.probe import Probe, load_model
@@ -85,6 +85,14 @@ def test_circuit_run_metrics_match_hf_and_report_renders(tiny, tmp_path):
     assert (tmp_path / "r_files").is_dir() and "circuit graph" in md.read_text()
 
 
+def test_a_batch_beyond_memory_is_refused_before_the_run(tiny, tmp_path):
+    """100,000-token prompts: the [H, T, T] attention of one layer alone is hundreds of GB."""
+    with pytest.raises(HeadscopeError, match="--batch-size"):
+        run_analysis("circuit", lm=tiny, probe=Probe(tiny), out=tmp_path / "run", progress=False,
+                     options={"task": "induction", "n_examples": 1, "seq_len": 50_000})
+    assert not (tmp_path / "run").exists()
+
+
 def test_user_jsonl_pairs(tiny, tmp_path):
     data = tmp_path / "pairs.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in [
@@ -124,6 +132,48 @@ def test_dashboard_circuit_page_sizes_and_patterns(model_env, tiny_model_dir):
     no_errors(at)
     layer, head = heads[0][1:].split(".h")
     assert any(c["layout"]["title"]["text"].startswith(f"L{layer}H{head} on ") for c in charts(at))
+
+
+def test_node_circuits_hold_the_edges_between_the_top_nodes():
+    """Node scores by hand: a1.h0 has |score| 5 on one out-edge, a0.h1 3 on one in-edge, the MLPs
+    0.5 and 0.25; the top-2 node circuit is every edge among input, a0.h1, a1.h0 and logits."""
+    layout = GraphLayout(2, 2, 1)
+    scores = torch.zeros(layout.valid.shape, dtype=torch.float64)
+    for name, v in [("a1.h0->logits", 5.0), ("input->a0.h1<v>", -3.0), ("m0->logits", 0.5), ("m1->logits", -0.25)]:
+        scores[layout.parse_edge(name)] = v
+    expected = ["input->a0.h1<q>", "input->a0.h1<k>", "input->a0.h1<v>", "input->a1.h0<q>", "input->a1.h0<k>",
+                "input->a1.h0<v>", "a0.h1->a1.h0<q>", "a0.h1->a1.h0<k>", "a0.h1->a1.h0<v>", "input->logits",
+                "a0.h1->logits", "a1.h0->logits"]
+    assert torch.equal(top_nodes_mask(layout, scores, 2), layout.mask_from_edges(expected))
+    three = top_nodes_mask(layout, scores, 3)  # + m0; it reads input, a0.h0 (not kept) and a0.h1
+    assert torch.equal(three - top_nodes_mask(layout, scores, 2),
+                       layout.mask_from_edges(["input->m0", "a0.h1->m0", "m0->a1.h0<q>", "m0->a1.h0<k>",
+                                               "m0->a1.h0<v>", "m0->logits"]))
+
+
+def test_greedy_node_search_run(tiny, tmp_path):
+    """``--search greedy-node``: the curve is over node counts, its circuits' metrics are exact
+    patching of the top-k node circuits, and the stored circuit lies within the chosen nodes."""
+    run = run_analysis("circuit", lm=tiny, probe=Probe(tiny), out=tmp_path / "run", progress=False,
+                       options={"task": "induction", "n_examples": 4, "batch_size": 4, "ig_steps": 2,
+                                "curve_points": 4, "seq_len": 6, "search": "greedy-node", "target": 0.5})
+    s = run.meta["summary"]
+    cv = s["curve"]
+    layout = GraphLayout(2, 4, 2)
+    assert cv["units"][-1] == len(layout.upstream) - 1 and cv["units"] == sorted(set(cv["units"]))
+    scores = torch.from_numpy(run.arrays()["edge_scores"])
+    from headscope.analyses.base import RunContext
+    from headscope.analyses.circuit import graph_of, task_pairs
+    from headscope.data.circuit_tasks import batches_of
+    ctx = RunContext(lm=tiny, probe=None, options={**run.meta["config"]}, data_path=None)
+    g = graph_of(ctx)
+    tops = [top_nodes_mask(g, scores, k) for k in cv["units"]]
+    assert cv["sizes"] == [int(m.sum()) for m in tops]
+    full, empty, *vals = circuit_metric(g, batches_of(task_pairs(ctx), 4), [None, g.empty_mask()] + tops)
+    np.testing.assert_allclose(cv["faithfulness"], [(v - empty) / (full - empty) for v in vals], atol=1e-6)
+    k = s["minimal_circuit_nodes"]
+    assert k is not None and s["minimal_circuit_edges"] == int(top_nodes_mask(g, scores, k).sum())
+    assert not (run.arrays()["circuit"] > top_nodes_mask(g, scores, k).numpy()).any()
 
 
 def test_prune_dangling_keeps_only_paths_from_input_to_logits():
