@@ -27,7 +27,8 @@ from headscope.errors import HeadscopeError
 from headscope.heads import top_labels
 from headscope.kernels import StatsSpec
 
-from .base import Analysis, Example, ExampleOutput, Finalized, Option, ScoreMeta, check_memory, register
+from .base import (Analysis, Example, ExampleOutput, Finalized, Option, ScoreMeta, check_memory, forward_memory,
+                   register)
 
 
 def repeated_tokens(vocab_size: int, n: int, seed: int, bos: int | None, exclude: set[int]) -> torch.Tensor:
@@ -101,17 +102,36 @@ class InductionAnalysis(Analysis):
         bos = ctx.info.bos_token_id if ctx.options["prepend_bos"] else None
         exclude = set(getattr(tok, "all_special_ids", []) or [])
         ids = repeated_tokens(ctx.info.vocab_size, n, ex.data, bos, exclude)
+        return self._scored(ctx, ids)[0]
+
+    def process_batch(self, ctx, examples):
+        """One forward for all ``examples``: every sequence is (BOS) + 2n tokens, so they stack
+        without padding. The ids are ``inputs`` (``process``'s own, no forward)."""
+        return self._scored(ctx, torch.cat([torch.as_tensor(self.inputs(ctx, ex)) for ex in examples]))
+
+    def example_memory(self, ctx, ex):
+        """The captured pattern dominates: [L, H, T, T] float32 twice (the capture and its stacked
+        copy), plus full logits [T, vocab] and the forward's activations (``forward_memory``)."""
+        T = self.inputs(ctx, ex).shape[-1]
+        return 2 * 4 * ctx.info.n_layers * ctx.info.n_heads * T * T + forward_memory(ctx, T, logits=T)
+
+    def _scored(self, ctx, ids: torch.Tensor) -> list[ExampleOutput]:
+        """Outputs of the rows of ``ids`` [B, T] (each (BOS) + r + r), from one captured forward."""
+        n = ctx.options["seq_len"]
         T = ids.shape[1]
+        offset = T - 2 * n                                       # 1 with BOS, else 0
         with ctx.probe.capture(stats=StatsSpec(pattern_rows=(0, T)), activations=["logits"]) as cap:
             ctx.probe.forward(ids)
-        pattern = torch.stack([cap.stats[l]["pattern"][0] for l in range(ctx.info.n_layers)])  # [L, H, T, T]
-        offset = 1 if bos is not None else 0
-        scores = (tl_detection_scores(pattern, ids) if ctx.options["scale"] == "transformerlens"
-                  else diagonal_scores(pattern, n, offset))
-        logits = cap.acts["logits"][0]  # [T, vocab]
-        pred = logits[offset + n - 1: T - 1].argmax(-1)
-        acc = float((pred == ids[0, offset + n:]).float().mean())
-        return ExampleOutput(arrays=scores, details={"second_half_accuracy": acc})
+        outs = []
+        for b in range(ids.shape[0]):
+            pattern = torch.stack([cap.stats[l]["pattern"][b] for l in range(ctx.info.n_layers)])  # [L, H, T, T]
+            scores = (tl_detection_scores(pattern, ids[b:b + 1]) if ctx.options["scale"] == "transformerlens"
+                      else diagonal_scores(pattern, n, offset))
+            logits = cap.acts["logits"][b]  # [T, vocab]
+            pred = logits[offset + n - 1: T - 1].argmax(-1)
+            acc = float((pred == ids[b, offset + n:]).float().mean())
+            outs.append(ExampleOutput(arrays=scores, details={"second_half_accuracy": acc}))
+        return outs
 
     def finalize(self, ctx, agg, records):
         scores = {k: agg[k].mean for k in ("previous_token", "duplicate_token", "induction")}
