@@ -6,9 +6,11 @@ An analysis declares typed options and implements three steps::
     process(ctx, example)    -> ExampleOutput (per-(layer, head) arrays to average + details)
     finalize(ctx, agg)       -> Finalized (scores [L, H] or [L, H_kv], summary, big arrays)
 
-The runner streams examples with a progress bar, folds each output into ``RunningMean``
-accumulators, appends the example's details to ``examples.jsonl`` and checkpoints after each
-example, so ``--resume`` continues exactly where a crash stopped.
+The runner streams examples with a progress bar, ``--batch-size`` at a time where the analysis
+overrides ``process_batch`` (one forward for several examples), folds each output into
+``RunningMean`` accumulators in example order, appends the example's details to
+``examples.jsonl`` and checkpoints after each batch, so ``--resume`` continues exactly where a
+crash stopped.
 """
 from __future__ import annotations
 
@@ -458,10 +460,15 @@ class Analysis:
 
     def estimate(self, ctx: RunContext, examples: list[Example]) -> Work:
         """The whole run's model work, before any forward: the examples' work plus any one-time
-        work (override to add it). Costs tokenizing and ``inputs`` per example, no model call."""
+        work (override to add it). Costs tokenizing and ``inputs`` per example, no model call.
+        With ``process_batch``, the examples of one batch with the same work (one length) share
+        their forwards, as ``induction`` and ``sinks`` batch them."""
+        per = ctx.options["batch_size"] if self.batches_examples() else 1
         total = Work()
-        for ex in examples:
-            total += self.example_work(ctx, ex)
+        for i in range(0, len(examples), per):
+            works = [self.example_work(ctx, ex) for ex in examples[i:i + per]]
+            shared = {(w.forwards, w.tokens) for w in works}
+            total += Work(sum(f for f, _ in shared), sum(w.tokens for w in works), sum(w.generated for w in works))
         return total
 
     @classmethod
@@ -518,9 +525,9 @@ def forward_memory(ctx: RunContext, n_tokens: int, logits: int) -> int:
 def batch_plan(analysis: "Analysis", ctx: RunContext, examples: list[Example], requested: int | None) -> dict:
     """``--batch-size`` (``requested``; None = auto) resolved for this run: ``{"batch_size",
     "requested", "per_forward", ...}`` (run.json's ``batching`` entry; ``per_forward``: examples
-    the run loop hands ``process_batch`` at once). An integer is kept. ``auto`` is 1 for an analysis that processes one
-    example per forward (ships/gships/circuit read the option as their own rows / pairs, 1 as
-    before), else ``MEMORY_FRACTION`` of ``available_memory`` divided by the largest
+    the run loop hands ``process_batch`` at once). An integer is kept. ``auto`` is 1 for an
+    analysis that processes one example per forward (ships/gships/circuit read the option as
+    their own rows / pairs, 1 as before), else ``MEMORY_FRACTION`` of ``available_memory`` divided by the largest
     ``example_memory`` of ``examples``, within 1..1024 and at most the examples there are; 1
     where free memory cannot be read. The estimate is rough (``forward_memory``): an allocator's
     fragmentation or another process's growth can still exhaust memory; pass an integer then."""
@@ -639,7 +646,7 @@ def run_analysis(name: str, model="smollm2-135m", *, data: str | Path | None = N
             probe = Probe(lm)
         analysis, ctx, examples, plan = _prepared(cls, opts, lm, probe, data, log)
         if ranks is not None:   # every rank takes the same number per round: the smallest any chose
-            plan = ranks.agree(plan)
+            plan = ranks.agree(plan, len(examples))
             ctx.options["batch_size"] = plan["batch_size"]
         if on_estimate is not None and writer:
             try:   # an analysis whose examples make no model call (a toy, a stand-in) has no estimate

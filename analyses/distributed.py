@@ -81,13 +81,18 @@ class Ranks:
             dist.destroy_process_group()
 
     # ------------------------------------------------------------------------ the two roles
-    def agree(self, plan: dict) -> dict:
+    def agree(self, plan: dict, n_examples: int) -> dict:
         """The batch plan every rank uses: the one with the smallest ``batch_size`` (auto may pick
-        another size where a rank has less free memory; the rounds need one size)."""
+        another size where a rank has less free memory; the rounds need one size). An auto size
+        is at most each rank's share of the ``n_examples``, so that every rank gets work."""
         from torch import distributed as dist
         plans = [None] * self.world_size
         self._call(dist.all_gather_object, plans, plan)
-        return min(plans, key=lambda p: p["batch_size"])
+        plan = min(plans, key=lambda p: p["batch_size"])
+        if plan["requested"] == "auto":
+            share = max(-(-n_examples // self.world_size), 1)
+            plan = {**plan, "batch_size": min(plan["batch_size"], share), "per_forward": min(plan["per_forward"], share)}
+        return plan
 
     def lead(self, analysis, ctx, todo: list, agg: Aggregator, done: list, run, *, per: int, bar,
              on_progress) -> Aggregator:

@@ -85,13 +85,16 @@ def tiny(tmp_path_factory):
 
 
 def test_two_ranks_equal_one_process_tiny_model(tiny, tmp_path):
-    """5 examples over 2 ranks (an uneven last round): scores, records and order as one process."""
+    """5 examples over 2 ranks (an uneven last round), one and two examples per forward: scores,
+    records and order as one process with one per forward."""
     args = ["induction", "--model", tiny, "--n-examples", 5, "--seq-len", 6, "--seed", 11]
-    _score(args + ["--out", tmp_path / "one"], cwd=tmp_path)
-    _score(args + ["--out", tmp_path / "two"], ranks=2, cwd=tmp_path)
-    assert_same_run(tmp_path / "one", tmp_path / "two")
-    shards = json.loads((tmp_path / "two" / "run.json").read_text())["shards"]
-    assert shards[0]["world_size"] == 2 and shards[0]["start"] == 0
+    _score(args + ["--out", tmp_path / "one", "--batch-size", 1], cwd=tmp_path)
+    for b in (1, 2):
+        _score(args + ["--out", tmp_path / f"two{b}", "--batch-size", b], ranks=2, cwd=tmp_path)
+        assert_same_run(tmp_path / "one", tmp_path / f"two{b}")
+        meta = json.loads((tmp_path / f"two{b}" / "run.json").read_text())
+        assert meta["shards"][0]["world_size"] == 2 and meta["shards"][0]["start"] == 0
+        assert meta["batching"][0]["per_forward"] == b
     assert not (tmp_path / "one" / "shards").exists()
 
 
