@@ -334,8 +334,8 @@ def test_new_run_page_asks_before_a_long_run(model_env, monkeypatch):
     at.button[0].click()
     at.run()
     no_errors(at)
-    # 2 sequences of BOS + 2 x 6 tokens, one forward each
-    assert any("estimated time ~" in w.value and "(2 forwards, 26 tokens" in w.value for w in at.warning)
+    # 2 sequences of BOS + 2 x 6 tokens, one batched forward (--batch-size auto)
+    assert any("estimated time ~" in w.value and "(1 forwards, 26 tokens" in w.value for w in at.warning)
     assert {p.name for p in root.iterdir() if p.name.startswith("induction-")} - before == set()
     at.button(key="nr_confirm").click()
     at.run()

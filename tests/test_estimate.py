@@ -133,7 +133,8 @@ def test_cli_prints_estimate_before_the_run(tiny, tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     first = out.splitlines()[0]
-    assert first.startswith("estimated time ~") and "on this machine (2 forwards, 22 tokens" in first
+    # 2 sequences of BOS + 2 x 5 tokens in one batched forward (--batch-size auto)
+    assert first.startswith("estimated time ~") and "on this machine (1 forwards, 22 tokens" in first
     assert json.loads((tmp_path / "r" / "run.json").read_text())["status"] == "complete"
 
 
