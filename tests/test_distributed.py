@@ -153,13 +153,14 @@ def _rank_pid(launcher: int, rank: int) -> int | None:
 
 @pytest.mark.slow
 def test_killed_rank_resumed_with_one_process_equals_uninterrupted(smollm2, tmp_path):
-    """SIGKILL rank 1 once a few examples are written; --resume with 1 process completes the run
-    and it equals the uninterrupted single-process run (no example lost, none counted twice)."""
+    """SIGKILL rank 1 once a few examples are written (2 per rank per round); --resume with 1
+    process (auto batch size) completes the run and it equals the uninterrupted single-process run
+    (no example lost, none counted twice)."""
     flags = ["--n-examples", 12, "--seq-len", 12, "--seed", 5]
     _reference("induction", flags, smollm2, tmp_path / "ref")
     args = ["induction", "--model", "smollm2-135m", *flags]
     out = tmp_path / "cut"
-    proc = _score(args + ["--out", out], ranks=2, cwd=tmp_path, wait=False)
+    proc = _score(args + ["--out", out, "--batch-size", 2], ranks=2, cwd=tmp_path, wait=False)
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
@@ -181,6 +182,7 @@ def test_killed_rank_resumed_with_one_process_equals_uninterrupted(smollm2, tmp_
     assert_same_run(tmp_path / "ref", out)
     meta, _ = _load(out)
     assert [s["world_size"] for s in meta["shards"]] == [2, 1]
+    assert meta["batching"][0]["per_forward"] == 2 and meta["batching"][1]["requested"] == "auto"
 
 
 # ------------------------------------------------------------------------ --device-map (probe/placement.py)
