@@ -491,6 +491,9 @@ class Analysis:
 
 
 MEMORY_FRACTION = 0.5   # of the free memory a run may plan to use (the rest: other processes, allocator slack)
+# On CPU a batch past about a thousand tokens only adds memory traffic: benchmarks/bench_batch.py
+# (smollm2, 1 thread) peaks at 4-8 induction sequences of 129 tokens and 8-16 sinks inputs of 64.
+CPU_TOKENS_PER_FORWARD = 1024
 
 
 def available_memory(device="cpu") -> int | None:
@@ -510,16 +513,18 @@ def available_memory(device="cpu") -> int | None:
 
 
 def forward_memory(ctx: RunContext, n_tokens: int, logits: int) -> int:
-    """Rough bytes a forward holds per batch beyond the weights, for ``n_tokens`` tokens and
-    ``logits`` positions of logits: one layer's transient tensors at a time (residual, norm,
-    q/k/v/o about 7 x d_model, the MLP's gate/up/activation 3 x its width) in the model dtype, and
-    float32 logits (``vocab`` each). The attention scores are not per example: the chunked
-    kernels bound their buffer (~32 MB) whatever the batch. Long-vocab models are dominated by
-    logits unless the analysis keeps only the last position's."""
+    """Bytes a forward holds per example beyond the weights, for ``n_tokens`` tokens and
+    ``logits`` positions of logits: a layer's transient tensors (residual, norms, q/k/v/o and
+    their rotated copies, hooks' copies: ~24 x d_model; the MLP's gate/up/activation/product:
+    4 x its width) in the model dtype, and float32 logits twice (the model's output and the
+    capture's or caller's copy). Sized from peak RSS on smollm2 (``benchmarks/bench_batch.py``).
+    The attention scores are not per example: the chunked kernels bound their buffer (~32 MB)
+    whatever the batch. Long-vocab models are dominated by logits unless the analysis keeps only
+    the last position's."""
     info = ctx.info
     width = getattr(getattr(ctx.lm.model, "config", None), "intermediate_size", None) or 4 * info.d_model
     elem = getattr(getattr(ctx.lm.model, "dtype", None), "itemsize", 4)
-    return n_tokens * (7 * info.d_model + 3 * width) * elem + logits * info.vocab_size * 4
+    return n_tokens * (24 * info.d_model + 4 * width) * elem + 2 * logits * info.vocab_size * 4
 
 
 def batch_plan(analysis: "Analysis", ctx: RunContext, examples: list[Example], requested: int | None) -> dict:
@@ -529,8 +534,10 @@ def batch_plan(analysis: "Analysis", ctx: RunContext, examples: list[Example], r
     analysis that processes one example per forward (ships/gships/circuit read the option as
     their own rows / pairs, 1 as before), else ``MEMORY_FRACTION`` of ``available_memory`` divided by the largest
     ``example_memory`` of ``examples``, within 1..1024 and at most the examples there are; 1
-    where free memory cannot be read. The estimate is rough (``forward_memory``): an allocator's
-    fragmentation or another process's growth can still exhaust memory; pass an integer then."""
+    where free memory cannot be read. On the CPU also at most ``CPU_TOKENS_PER_FORWARD`` tokens
+    per forward (by ``example_work``), where larger batches are slower. The estimate is rough
+    (``forward_memory``, within 0.8-1.2x of measured peaks): an allocator's fragmentation or
+    another process's growth can still exhaust memory; pass an integer then."""
     batches = analysis.batches_examples()
     if requested is not None or not batches:
         size = requested or 1
@@ -538,8 +545,12 @@ def batch_plan(analysis: "Analysis", ctx: RunContext, examples: list[Example], r
     avail = available_memory(ctx.probe.device)
     need = max(analysis.example_memory(ctx, ex) for ex in examples)
     size = 1 if avail is None else int(min(max(avail * MEMORY_FRACTION // max(need, 1), 1), 1024, len(examples)))
-    return {"batch_size": size, "requested": "auto", "per_forward": size, "example_bytes": int(need),
-            "available_bytes": avail, "fraction": MEMORY_FRACTION}
+    plan = {"requested": "auto", "example_bytes": int(need), "available_bytes": avail, "fraction": MEMORY_FRACTION}
+    if str(ctx.probe.device) == "cpu":
+        tokens = max(analysis.example_work(ctx, ex).tokens for ex in examples)
+        size = min(size, max(int(CPU_TOKENS_PER_FORWARD // max(tokens, 1)), 1))
+        plan["cpu_tokens_per_forward"] = CPU_TOKENS_PER_FORWARD
+    return {"batch_size": size, "per_forward": size, **plan}
 
 
 def check_memory(n_bytes: int, flag: str) -> None:

@@ -110,10 +110,11 @@ class InductionAnalysis(Analysis):
         return self._scored(ctx, torch.cat([torch.as_tensor(self.inputs(ctx, ex)) for ex in examples]))
 
     def example_memory(self, ctx, ex):
-        """The captured pattern dominates: [L, H, T, T] float32 twice (the capture and its stacked
-        copy), plus full logits [T, vocab] and the forward's activations (``forward_memory``)."""
+        """The captured pattern dominates: [L, H, T, T] float32 three times (the kernel's rows,
+        the capture's concatenation, the stacked copy), plus full logits [T, vocab] and the
+        forward's activations (``forward_memory``)."""
         T = self.inputs(ctx, ex).shape[-1]
-        return 2 * 4 * ctx.info.n_layers * ctx.info.n_heads * T * T + forward_memory(ctx, T, logits=T)
+        return 3 * 4 * ctx.info.n_layers * ctx.info.n_heads * T * T + forward_memory(ctx, T, logits=T)
 
     def _scored(self, ctx, ids: torch.Tensor) -> list[ExampleOutput]:
         """Outputs of the rows of ``ids`` [B, T] (each (BOS) + r + r), from one captured forward."""

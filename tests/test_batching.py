@@ -64,9 +64,10 @@ def test_induction_batched_equals_unbatched_and_eager(bos_llama, tmp_path):
     """5 sequences in batches of 2 (an uneven last batch) and auto: the records and scores of one
     per forward, and the diagonal means of HF eager maps computed by loops."""
     lm, n, N, seed = bos_llama, 7, 5, _seed()
-    one = _run(lm, "induction", tmp_path, "one", n_examples=N, seq_len=n, seed=seed, batch_size=1)
-    two = _run(lm, "induction", tmp_path, "two", n_examples=N, seq_len=n, seed=seed, batch_size=2)
-    auto = _run(lm, "induction", tmp_path, "auto", n_examples=N, seq_len=n, seed=seed)
+    opts = dict(n_examples=N, seq_len=n, seed=seed, prepend_bos=True)
+    one = _run(lm, "induction", tmp_path, "one", batch_size=1, **opts)
+    two = _run(lm, "induction", tmp_path, "two", batch_size=2, **opts)
+    auto = _run(lm, "induction", tmp_path, "auto", **opts)
     assert two.meta["batching"][0]["per_forward"] == 2 and auto.meta["batching"][0]["per_forward"] == N
     assert_same(one, two)
     assert_same(one, auto)
@@ -127,10 +128,20 @@ def test_auto_batch_size_follows_available_memory(free, want, bos_llama, tmp_pat
     """auto = floor(half the free memory / the largest example's bytes), within 1..examples."""
     monkeypatch.setattr(base, "available_memory", lambda device: free)
     monkeypatch.setattr(InductionAnalysis, "example_memory", lambda self, ctx, ex: 10_000)
+    monkeypatch.setattr(base, "CPU_TOKENS_PER_FORWARD", 10**9)
     run = _run(bos_llama, "induction", tmp_path, "r", n_examples=6, seq_len=3)
     plan = run.meta["batching"][0]
     assert plan["batch_size"] == plan["per_forward"] == run.meta["config"]["batch_size"] == want
     assert plan["requested"] == "auto"
+
+
+def test_auto_batch_size_on_cpu_caps_tokens_per_forward(bos_llama, tmp_path, monkeypatch):
+    """Plenty of memory, a cap of 20 tokens per forward: sequences of BOS + 2 x 3 = 7 tokens go 2 at a time."""
+    monkeypatch.setattr(base, "available_memory", lambda device: 10**12)
+    monkeypatch.setattr(base, "CPU_TOKENS_PER_FORWARD", 20)
+    run = _run(bos_llama, "induction", tmp_path, "r", n_examples=5, seq_len=3, prepend_bos=True)
+    assert run.meta["batching"][0]["per_forward"] == 2
+    assert len(run.examples()) == 5
 
 
 @pytest.mark.parametrize("name, opts", [("induction", {"n_examples": 1, "seq_len": 5}),
