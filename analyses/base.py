@@ -533,7 +533,7 @@ def batch_plan(analysis: "Analysis", ctx: RunContext, examples: list[Example], r
     the run loop hands ``process_batch`` at once). An integer is kept. ``auto`` is 1 for an
     analysis that processes one example per forward (ships/gships/circuit read the option as
     their own rows / pairs, 1 as before), else ``MEMORY_FRACTION`` of ``available_memory`` divided by the largest
-    ``example_memory`` of ``examples``, within 1..1024 and at most the examples there are; 1
+    ``example_memory`` of ``examples``, within 1..1024, ``evened`` over the examples; 1
     where free memory cannot be read. On the CPU also at most ``CPU_TOKENS_PER_FORWARD`` tokens
     per forward (by ``example_work``), where larger batches are slower. The estimate is rough
     (``forward_memory``, within 0.8-1.2x of measured peaks): an allocator's fragmentation or
@@ -550,7 +550,16 @@ def batch_plan(analysis: "Analysis", ctx: RunContext, examples: list[Example], r
         tokens = max(analysis.example_work(ctx, ex).tokens for ex in examples)
         size = min(size, max(int(CPU_TOKENS_PER_FORWARD // max(tokens, 1)), 1))
         plan["cpu_tokens_per_forward"] = CPU_TOKENS_PER_FORWARD
+    size = evened(len(examples), size)
     return {"batch_size": size, "per_forward": size, **plan}
+
+
+def evened(n: int, size: int, ways: int = 1) -> int:
+    """The smallest batch size that processes ``n`` examples in as many rounds of ``ways``
+    batches of ``size`` as ``size`` itself needs: 24 by 7 (7, 7, 7, 3) become 6 (6, 6, 6, 6), so
+    no rank waits through a round on a short last batch."""
+    rounds = -(-n // (ways * size))
+    return max(-(-n // (ways * rounds)), 1)
 
 
 def check_memory(n_bytes: int, flag: str) -> None:

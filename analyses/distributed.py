@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from headscope.errors import HeadscopeError
 
-from .base import Aggregator, example_record, processed
+from .base import Aggregator, evened, example_record, processed
 
 
 def init_from_env(device: str = "cpu") -> "Ranks | None":
@@ -84,14 +84,14 @@ class Ranks:
     def agree(self, plan: dict, n_examples: int) -> dict:
         """The batch plan every rank uses: the one with the smallest ``batch_size`` (auto may pick
         another size where a rank has less free memory; the rounds need one size). An auto size
-        is at most each rank's share of the ``n_examples``, so that every rank gets work."""
+        is ``evened`` over the ranks' rounds of the ``n_examples``, so every rank gets work."""
         from torch import distributed as dist
         plans = [None] * self.world_size
         self._call(dist.all_gather_object, plans, plan)
         plan = min(plans, key=lambda p: p["batch_size"])
-        if plan["requested"] == "auto":
-            share = max(-(-n_examples // self.world_size), 1)
-            plan = {**plan, "batch_size": min(plan["batch_size"], share), "per_forward": min(plan["per_forward"], share)}
+        if plan["requested"] == "auto" and plan["per_forward"] > 1:
+            size = evened(n_examples, plan["per_forward"], self.world_size)
+            plan = {**plan, "batch_size": size, "per_forward": size}
         return plan
 
     def lead(self, analysis, ctx, todo: list, agg: Aggregator, done: list, run, *, per: int, bar,

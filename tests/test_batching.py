@@ -135,6 +135,13 @@ def test_auto_batch_size_follows_available_memory(free, want, bos_llama, tmp_pat
     assert plan["requested"] == "auto"
 
 
+@pytest.mark.parametrize("n, size, ways, want", [(24, 7, 1, 6), (24, 7, 2, 6), (24, 12, 2, 12), (5, 4, 1, 3),
+                                                  (5, 5, 2, 3), (1, 8, 2, 1), (10, 3, 1, 3)])
+def test_evened_batch_sizes_by_hand(n, size, ways, want):
+    """Rounds of ``ways`` batches: as few rounds as ``size`` needs, the batches as even as they go."""
+    assert base.evened(n, size, ways) == want
+
+
 def test_auto_batch_size_on_cpu_caps_tokens_per_forward(bos_llama, tmp_path, monkeypatch):
     """Plenty of memory, a cap of 20 tokens per forward: sequences of BOS + 2 x 3 = 7 tokens go 2 at a time."""
     monkeypatch.setattr(base, "available_memory", lambda device: 10**12)
