@@ -50,7 +50,8 @@ from headscope.errors import HeadscopeError
 from headscope.heads import top_labels
 from headscope.kernels import StatsSpec
 
-from .base import Analysis, Example, ExampleOutput, Finalized, Option, ScoreMeta, forward_memory, register
+from .base import (Analysis, Example, ExampleOutput, Finalized, Option, ScoreMeta, Work, forward_memory,
+                   register)
 from .datasets import data_examples, encode_record, shipped_data
 
 DEFAULT_DATA = "natural_texts.jsonl"
@@ -288,6 +289,11 @@ class SinksAnalysis(Analysis):
         T = 1 if isinstance(ids, ExampleOutput) else len(ids)
         info = ctx.info
         return 2 * 4 * (info.n_layers + 1) * T * info.d_model + forward_memory(ctx, T, logits=1)
+
+    def example_work(self, ctx, ex):
+        """One forward of the truncated input; none for an input that is skipped."""
+        ids, _ = self._ids(ctx, ex)
+        return Work() if isinstance(ids, ExampleOutput) else Work.forward(1, len(ids))
 
     def _ids(self, ctx, ex) -> tuple[list[int] | ExampleOutput, bool]:
         """(token ids truncated to --T, chat?) of one input, or (its skip output, False)."""
