@@ -3,8 +3,8 @@
 Each row is one ``headscope score`` run of the same examples: 1 process (``python -m
 headscope``) or ``torchrun --standalone --nproc-per-node N -m headscope`` (gloo on CPU), with
 ``--batch-size`` 1 or ``auto`` (examples per forward; the size auto chose, per rank, is read back
-from ``run.json`` ``batching``), every process with ``OMP_NUM_THREADS`` threads (1 by default). Examples/s uses the run loop's time as
-rank 0 records it (``run.json`` ``timings.run_s``: processing, reductions and writes, not the
+from ``run.json`` ``batching``), every process with ``OMP_NUM_THREADS`` threads (1 by default).
+Examples/s uses the run loop's time as rank 0 records it (``run.json`` ``timings.run_s``: processing, reductions and writes, not the
 model load), and wall time covers the whole command (interpreter start and model load included:
 each rank loads its own copy of the model). The runs must agree (scores within fp32 tolerance),
 else the benchmark stops. On a GPU machine pass ``--device cuda``: each rank then takes
