@@ -6,9 +6,11 @@ An analysis declares typed options and implements three steps::
     process(ctx, example)    -> ExampleOutput (per-(layer, head) arrays to average + details)
     finalize(ctx, agg)       -> Finalized (scores [L, H] or [L, H_kv], summary, big arrays)
 
-The runner streams examples with a progress bar, folds each output into ``RunningMean``
-accumulators, appends the example's details to ``examples.jsonl`` and checkpoints after each
-example, so ``--resume`` continues exactly where a crash stopped.
+The runner streams examples with a progress bar, ``--batch-size`` at a time where the analysis
+overrides ``process_batch`` (one forward for several examples), folds each output into
+``RunningMean`` accumulators in example order, appends the example's details to
+``examples.jsonl`` and checkpoints after each batch, so ``--resume`` continues exactly where a
+crash stopped.
 """
 from __future__ import annotations
 
@@ -53,6 +55,7 @@ class Option:
     max: float | None = None
     pattern: str | None = None
     cli_only: bool = False
+    auto: bool = False   # "auto" (and None) is accepted: the run chooses the value (``--batch-size``)
 
     @property
     def flag(self) -> str:
@@ -66,7 +69,7 @@ class Option:
     def parse(self, value, label: str | None = None):
         """``value`` (a string from the CLI, or a widget value) as ``type``, range-checked."""
         where = label or self.flag
-        if value is None:
+        if value is None or (self.auto and isinstance(value, str) and value.strip().lower() == "auto"):
             return self.default
         if self.type is bool and isinstance(value, str):
             v = value.lower()
@@ -106,7 +109,10 @@ COMMON_OPTIONS = (
     Option("offload_dir", str, None, "folder for what --device-map puts on 'disk' (those layers' weights are "
                                      "read from the model's safetensors when they run, never held in RAM)",
            cli_only=True),
-    Option("batch_size", int, 1, "examples per forward pass where the analysis batches", min=1, max=1024),
+    Option("batch_size", int, None, "examples per forward where the analysis batches them (induction, sinks); "
+                                    "auto (default): as many as fit in half the free memory by the analysis's "
+                                    "per-example estimate; ships/gships/circuit read it as rows per sweep / pairs "
+                                    "per example (auto = 1 there)", min=1, max=1024, auto=True),
 )
 
 # the one BOS policy (ModelInfo.leading_bos) of every analysis that tokenizes text or builds token ids
@@ -421,6 +427,29 @@ class Analysis:
     def finalize(self, ctx: RunContext, agg: Aggregator, records: list[dict]) -> Finalized:
         raise NotImplementedError
 
+    def process_batch(self, ctx: RunContext, examples: list[Example]) -> list[ExampleOutput]:
+        """The outputs of ``examples`` in order, as ``process`` gives them one by one (the default).
+
+        Override where several examples can share one forward (equal lengths, or padding every
+        statistic ignores); the run loop then hands over ``--batch-size`` examples at a time. An
+        override must return exactly one output per example, equal to ``process``'s up to float
+        rounding: the runner folds and records them as if processed singly."""
+        return [self.process(ctx, ex) for ex in examples]
+
+    @classmethod
+    def batches_examples(cls) -> bool:
+        """True if the analysis overrides ``process_batch`` (``--batch-size`` examples per forward)."""
+        return cls.process_batch is not Analysis.process_batch
+
+    def example_memory(self, ctx: RunContext, ex: Example) -> int:
+        """Bytes one example adds to a batched forward: the forward's activations for its tokens
+        plus every position's logits (``forward_memory``). Override to add what ``process``
+        captures (patterns, activations); the auto ``--batch-size`` divides free memory by the
+        largest of these. Default: tokens of ``inputs(ctx, ex)``."""
+        ids = self.inputs(ctx, ex)                                   # [T] or [B, T]
+        n_tokens = int(np.prod(ids.shape if hasattr(ids, "shape") else np.shape(ids)))
+        return forward_memory(ctx, n_tokens, logits=n_tokens)
+
     def inputs(self, ctx: RunContext, ex: Example):
         """The token ids this analysis feeds the model first for ``ex`` ([T] or [B, T]).
 
@@ -445,10 +474,15 @@ class Analysis:
 
     def estimate(self, ctx: RunContext, examples: list[Example]) -> Work:
         """The whole run's model work, before any forward: the examples' work plus any one-time
-        work (override to add it). Costs tokenizing and ``inputs`` per example, no model call."""
+        work (override to add it). Costs tokenizing and ``inputs`` per example, no model call.
+        With ``process_batch``, the examples of one batch with the same work (one length) share
+        their forwards, as ``induction`` and ``sinks`` batch them."""
+        per = ctx.options["batch_size"] if self.batches_examples() else 1
         total = Work()
-        for ex in examples:
-            total += self.example_work(ctx, ex)
+        for i in range(0, len(examples), per):
+            works = [self.example_work(ctx, ex) for ex in examples[i:i + per]]
+            shared = {(w.forwards, w.tokens) for w in works}
+            total += Work(sum(f for f, _ in shared), sum(w.tokens for w in works), sum(w.generated for w in works))
         return total
 
     def user_error(self, e: HeadscopeError) -> HeadscopeError:
@@ -545,15 +579,85 @@ def example_pattern(analysis: "Analysis", ctx: RunContext, examples: list[Exampl
             "tokens": [tok.decode([int(i)]) for i in ids] if T <= 2048 else None}, rows
 
 
-def check_memory(n_bytes: int, flag: str) -> None:
-    """Refuse a run whose per-example buffer alone exceeds half the memory available now
-    (Linux ``MemAvailable``; unchecked where it cannot be read)."""
+MEMORY_FRACTION = 0.5   # of the free memory a run may plan to use (the rest: other processes, allocator slack)
+# On CPU a batch past about a thousand tokens only adds memory traffic: benchmarks/bench_batch.py
+# (smollm2, 1 thread) peaks at 4-8 induction sequences of 129 tokens and 8-16 sinks inputs of 64.
+CPU_TOKENS_PER_FORWARD = 1024
+
+
+def available_memory(device="cpu") -> int | None:
+    """Bytes free now on ``device``: ``torch.cuda.mem_get_info`` on CUDA, Linux ``MemAvailable``
+    for the CPU; None where it cannot be read (mps, another OS)."""
+    dev = str(device)
+    if dev.startswith("cuda"):
+        import torch
+        return int(torch.cuda.mem_get_info(torch.device(dev))[0])
+    if dev != "cpu":
+        return None
     try:
         with open("/proc/meminfo") as f:
-            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError):
+        return None
+
+
+def forward_memory(ctx: RunContext, n_tokens: int, logits: int) -> int:
+    """Bytes a forward holds per example beyond the weights, for ``n_tokens`` tokens and
+    ``logits`` positions of logits: a layer's transient tensors (residual, norms, q/k/v/o and
+    their rotated copies, hooks' copies: ~24 x d_model; the MLP's gate/up/activation/product:
+    4 x its width) in the model dtype, and float32 logits twice (the model's output and the
+    capture's or caller's copy). Sized from peak RSS on smollm2 (``benchmarks/bench_batch.py``).
+    The attention scores are not per example: the chunked kernels bound their buffer (~32 MB)
+    whatever the batch. Long-vocab models are dominated by logits unless the analysis keeps only
+    the last position's."""
+    info = ctx.info
+    width = getattr(getattr(ctx.lm.model, "config", None), "intermediate_size", None) or 4 * info.d_model
+    elem = getattr(getattr(ctx.lm.model, "dtype", None), "itemsize", 4)
+    return n_tokens * (24 * info.d_model + 4 * width) * elem + 2 * logits * info.vocab_size * 4
+
+
+def batch_plan(analysis: "Analysis", ctx: RunContext, examples: list[Example], requested: int | None) -> dict:
+    """``--batch-size`` (``requested``; None = auto) resolved for this run: ``{"batch_size",
+    "requested", "per_forward", ...}`` (run.json's ``batching`` entry; ``per_forward``: examples
+    the run loop hands ``process_batch`` at once). An integer is kept. ``auto`` is 1 for an
+    analysis that processes one example per forward (ships/gships/circuit read the option as
+    their own rows / pairs, 1 as before), else ``MEMORY_FRACTION`` of ``available_memory`` divided by the largest
+    ``example_memory`` of ``examples``, within 1..1024, ``evened`` over the examples; 1
+    where free memory cannot be read. On the CPU also at most ``CPU_TOKENS_PER_FORWARD`` tokens
+    per forward (by ``example_work``), where larger batches are slower. The estimate is rough
+    (``forward_memory``, within 0.8-1.2x of measured peaks): an allocator's fragmentation or
+    another process's growth can still exhaust memory; pass an integer then."""
+    batches = analysis.batches_examples()
+    if requested is not None or not batches:
+        size = requested or 1
+        return {"batch_size": size, "requested": requested or "auto", "per_forward": size if batches else 1}
+    avail = available_memory(ctx.probe.device)
+    need = max(analysis.example_memory(ctx, ex) for ex in examples)
+    size = 1 if avail is None else int(min(max(avail * MEMORY_FRACTION // max(need, 1), 1), 1024, len(examples)))
+    plan = {"requested": "auto", "example_bytes": int(need), "available_bytes": avail, "fraction": MEMORY_FRACTION}
+    if str(ctx.probe.device) == "cpu":
+        tokens = max(analysis.example_work(ctx, ex).tokens for ex in examples)
+        size = min(size, max(int(CPU_TOKENS_PER_FORWARD // max(tokens, 1)), 1))
+        plan["cpu_tokens_per_forward"] = CPU_TOKENS_PER_FORWARD
+    size = evened(len(examples), size)
+    return {"batch_size": size, "per_forward": size, **plan}
+
+
+def evened(n: int, size: int, ways: int = 1) -> int:
+    """The smallest batch size that processes ``n`` examples in as many rounds of ``ways``
+    batches of ``size`` as ``size`` itself needs: 24 by 7 (7, 7, 7, 3) become 6 (6, 6, 6, 6), so
+    no rank waits through a round on a short last batch."""
+    rounds = -(-n // (ways * size))
+    return max(-(-n // (ways * rounds)), 1)
+
+
+def check_memory(n_bytes: int, flag: str) -> None:
+    """Refuse a run whose per-example buffer alone exceeds ``MEMORY_FRACTION`` of the memory
+    available now (``available_memory`` of the CPU; unchecked where it cannot be read)."""
+    avail = available_memory("cpu")
+    if avail is None:
         return
-    if n_bytes > avail // 2:
+    if n_bytes > avail * MEMORY_FRACTION:
         raise HeadscopeError(f"{flag}: needs about {n_bytes / 2**30:.1f} GiB per example, more than half the "
                              f"{avail / 2**30:.1f} GiB available; choose a smaller {flag}")
 
@@ -652,7 +756,10 @@ def run_analysis(name: str, model="smollm2-135m", *, data: str | Path | None = N
         if probe is None:
             from headscope.probe import Probe
             probe = Probe(lm)
-        analysis, ctx, examples = _prepared(cls, opts, lm, probe, data, log)
+        analysis, ctx, examples, plan = _prepared(cls, opts, lm, probe, data, log)
+        if ranks is not None:   # every rank takes the same number per round: the smallest any chose
+            plan = ranks.agree(plan, len(examples))
+            ctx.options["batch_size"] = plan["batch_size"]
         if on_estimate is not None and writer:
             try:   # an analysis whose examples make no model call (a toy, a stand-in) has no estimate
                 work = analysis.estimate(ctx, examples) + analysis.pattern_work(ctx, examples)
@@ -666,17 +773,17 @@ def run_analysis(name: str, model="smollm2-135m", *, data: str | Path | None = N
             "analysis": name,
             "created": _dt.datetime.now().isoformat(timespec="seconds"),
             "model": _model_meta(lm),
-            "config": {**opts, "data": str(data) if data else None},
+            "config": {**ctx.options, "data": str(data) if data else None},   # batch_size as resolved
             "inputs": {"data_sha256": _data_sha256(Path(data)) if data else None,
                        "weights": _weights_identity(lm), "n_planned": len(examples)},
             "versions": versions(),
             "placement": placement,
         }
         if not writer:
-            ranks.follow(analysis, ctx, examples, planned)
+            ranks.follow(analysis, ctx, examples, planned, per=plan["per_forward"])
             return None
         run, resumed = create_run(out, meta, resume=resume, planned=planned)
-        return _execute(run, resumed, analysis, ctx, examples, planned, progress=progress, log=log,
+        return _execute(run, resumed, analysis, ctx, examples, planned, plan=plan, progress=progress, log=log,
                         on_progress=on_progress, ranks=ranks)
 
 
@@ -697,17 +804,24 @@ def validate_request(name: str, data, options: dict | None, gui: bool = False) -
     return cls, opts
 
 
-def _prepared(cls: type[Analysis], opts: dict, lm, probe, data, log) -> tuple[Analysis, RunContext, list[Example]]:
-    """The analysis, its context and its (limited) examples: everything before the first forward."""
+def _prepared(cls: type[Analysis], opts: dict, lm, probe, data, log
+              ) -> tuple[Analysis, RunContext, list[Example], dict]:
+    """The analysis, its context, its (limited) examples and its ``batch_plan``: everything before
+    the first forward. ``ctx.options["batch_size"]`` is the resolved size; an analysis that does
+    not batch examples sees 1 for auto already in ``examples`` (circuit sizes its examples by it)."""
     analysis = cls()
     analysis.check(opts, lm.info)
-    ctx = RunContext(lm=lm, probe=probe, options=opts, data_path=Path(data) if data else None, log=log)
+    batches = cls.batches_examples()
+    options = {**opts, "batch_size": opts["batch_size"] or (None if batches else 1)}
+    ctx = RunContext(lm=lm, probe=probe, options=options, data_path=Path(data) if data else None, log=log)
     examples = list(analysis.examples(ctx))  # validates the data before any write
     if opts["limit"] is not None:
         examples = examples[: opts["limit"]]
     if not examples:
         raise HeadscopeError(f"{cls.name}: no examples to process (empty dataset?)")
-    return analysis, ctx, examples
+    plan = batch_plan(analysis, ctx, examples, requested=opts["batch_size"])
+    ctx.options["batch_size"] = plan["batch_size"]
+    return analysis, ctx, examples, plan
 
 
 def estimate_run(name: str, lm, probe, *, data: str | Path | None = None,
@@ -716,15 +830,17 @@ def estimate_run(name: str, lm, probe, *, data: str | Path | None = None,
     running it or writing anything: what the dashboard shows before it launches a run. Raises the
     HeadscopeError the run itself would raise for bad options or data."""
     cls, opts = validate_request(name, data, options)
-    analysis, ctx, examples = _prepared(cls, opts, lm, probe, data, log=lambda msg: None)
+    analysis, ctx, examples, _ = _prepared(cls, opts, lm, probe, data, log=lambda msg: None)
     work = analysis.estimate(ctx, examples) + analysis.pattern_work(ctx, examples)
     return work, calibrate(lm, probe).seconds(work)
 
 
 def _execute(run: Run, resumed: bool, analysis: Analysis, ctx: RunContext, examples: list[Example],
-             planned: list[tuple[str, str]], *, progress: bool, log, on_progress, ranks=None) -> Run:
-    """The run loop: process, fold, append, checkpoint per example (with ``ranks``: per round of
-    one example per rank, ``Ranks.lead``); then finalize and publish."""
+             planned: list[tuple[str, str]], *, plan: dict, progress: bool, log, on_progress, ranks=None) -> Run:
+    """The run loop: ``process_batch`` on ``plan["per_forward"]`` examples at a time, fold and
+    append in example order, checkpoint per batch (with ``ranks``: per round of one batch per
+    rank, ``Ranks.lead``); then finalize and publish. The finished examples stay a prefix of the
+    list whatever the batch size, so a resume may use another one."""
     state, done = run.load_checkpoint() if resumed else ({}, [])
     agg = Aggregator.from_state(state)
     timings = run.meta.setdefault("timings", {})
@@ -733,25 +849,28 @@ def _execute(run: Run, resumed: bool, analysis: Analysis, ctx: RunContext, examp
     hint = f"--resume --out {run.path}"
     if resumed:
         log(f"resuming {run.path}: {len(done)} done, {len(todo)} to go")
+    run.meta.setdefault("batching", []).append({"start": len(done), **plan})   # per segment (start, resumes)
     if ranks is not None or "shards" in run.meta:   # which process did which examples, per segment
         run.meta.setdefault("shards", []).append(
             {"start": len(done), **(ranks.describe() if ranks is not None else {"world_size": 1})})
-        run.save_meta()
+    run.save_meta()
     try:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(examples), initial=len(done), desc=analysis.name, unit="ex", disable=not progress)
+        per = plan["per_forward"]
         if ranks is not None:
-            agg = ranks.lead(analysis, ctx, todo, agg, done, run, bar=bar, on_progress=on_progress)
+            agg = ranks.lead(analysis, ctx, todo, agg, done, run, per=per, bar=bar, on_progress=on_progress)
         else:
-            for ex, key in todo:
-                res = analysis.process(ctx, ex)
-                if not res.skip:
-                    for k, v in res.arrays.items():
-                        agg.add(k, v)
-                run.append_example({"id": ex.id, "skip": res.skip, **res.details})
-                done.append(key)
+            for i in range(0, len(todo), per):
+                chunk = todo[i:i + per]
+                for (ex, key), res in zip(chunk, processed(analysis, ctx, [ex for ex, _ in chunk])):
+                    if not res.skip:
+                        for k, v in res.arrays.items():
+                            agg.add(k, v)
+                    run.append_example(example_record(ex, res))
+                    done.append(key)
                 run.save_checkpoint(agg.state(), done)
-                bar.update()
+                bar.update(len(chunk))
                 if on_progress:
                     on_progress(len(done), len(examples))
         bar.close()
@@ -797,6 +916,19 @@ def _execute(run: Run, resumed: bool, analysis: Analysis, ctx: RunContext, examp
         _mark(run, "failed", timings, t0, error=f"{type(e).__name__}: {e}", trace=traceback.format_exc())
         raise
     return run
+
+
+def processed(analysis: Analysis, ctx: RunContext, examples: list[Example]) -> list[ExampleOutput]:
+    """``analysis.process_batch`` with its one-output-per-example contract checked."""
+    outs = analysis.process_batch(ctx, examples)
+    if len(outs) != len(examples):
+        raise RuntimeError(f"{analysis.name}.process_batch returned {len(outs)} outputs for {len(examples)} examples")
+    return outs
+
+
+def example_record(ex: Example, res: ExampleOutput) -> dict:
+    """The line ``examples.jsonl`` stores for one processed example."""
+    return {"id": ex.id, "skip": res.skip, **res.details}
 
 
 class AllSkipped(Exception):

@@ -2,8 +2,10 @@
 
 ``torchrun --nproc-per-node N -m headscope score ...`` starts N copies of the CLI; each finds its
 rank in the environment (``init_from_env``) and runs the same analysis on the same example list.
-The examples still to do are dealt out in rounds: in round ``j`` rank ``r`` processes example
-``start + j * N + r`` (``start``: examples a resumed run already has). After each round
+The examples still to do are dealt out in rounds of ``b`` (the run's batch size, ``base.batch_plan``;
+the smallest any rank chose, ``Ranks.agree``) per rank: in round ``j`` rank ``r`` processes examples
+``start + (j * N + r) * b`` up to ``b`` further (``start``: examples a resumed run already has),
+with one ``process_batch`` call. After each round
 
 - every rank learns whether any rank failed (``all_gather_object``), so all stop together;
 - rank 0 gathers the round's example records (``gather_object``) and appends them to
@@ -34,7 +36,7 @@ from dataclasses import dataclass
 
 from headscope.errors import HeadscopeError
 
-from .base import Aggregator
+from .base import Aggregator, evened, example_record, processed
 
 
 def init_from_env(device: str = "cpu") -> "Ranks | None":
@@ -70,7 +72,8 @@ class Ranks:
 
     def describe(self) -> dict:
         return {"world_size": self.world_size, "backend": self.backend,
-                "sharding": "round-robin: example start + i was processed by rank i % world_size"}
+                "sharding": "round-robin by batches: example start + i was processed by rank "
+                            "(i // per_forward) % world_size (per_forward: run.json batching, same start)"}
 
     def close(self) -> None:
         from torch import distributed as dist
@@ -78,14 +81,28 @@ class Ranks:
             dist.destroy_process_group()
 
     # ------------------------------------------------------------------------ the two roles
-    def lead(self, analysis, ctx, todo: list, agg: Aggregator, done: list, run, *, bar, on_progress) -> Aggregator:
+    def agree(self, plan: dict, n_examples: int) -> dict:
+        """The batch plan every rank uses: the one with the smallest ``batch_size`` (auto may pick
+        another size where a rank has less free memory; the rounds need one size). An auto size
+        is ``evened`` over the ranks' rounds of the ``n_examples``, so every rank gets work."""
+        from torch import distributed as dist
+        plans = [None] * self.world_size
+        self._call(dist.all_gather_object, plans, plan)
+        plan = min(plans, key=lambda p: p["batch_size"])
+        if plan["requested"] == "auto" and plan["per_forward"] > 1:
+            size = evened(n_examples, plan["per_forward"], self.world_size)
+            plan = {**plan, "batch_size": size, "per_forward": size}
+        return plan
+
+    def lead(self, analysis, ctx, todo: list, agg: Aggregator, done: list, run, *, per: int, bar,
+             on_progress) -> Aggregator:
         """Rank 0: process its share, write each round's records in order and checkpoint the merged
         state; returns the merged Aggregator (``agg`` holds the resumed examples' statistics)."""
         base = agg
         total = len(done) + len(todo)
         self._start([key for _, key in todo], len(done))
         merged = base
-        for chunk, records, reduced in self._rounds(analysis, ctx, todo):
+        for chunk, records, reduced in self._rounds(analysis, ctx, todo, per):
             merged = Aggregator()
             merged.merge(base)
             merged.merge(reduced)
@@ -98,10 +115,10 @@ class Ranks:
                 on_progress(len(done), total)
         return merged
 
-    def follow(self, analysis, ctx, examples: list, planned: list[tuple[str, str]]) -> None:
+    def follow(self, analysis, ctx, examples: list, planned: list[tuple[str, str]], *, per: int) -> None:
         """Ranks > 0: process their share of the examples rank 0 has not finished; write nothing."""
         n_done = self._start(planned, None)
-        for _ in self._rounds(analysis, ctx, list(zip(examples, planned))[n_done:]):
+        for _ in self._rounds(analysis, ctx, list(zip(examples, planned))[n_done:], per):
             pass
 
     # ------------------------------------------------------------------------ collectives
@@ -123,22 +140,23 @@ class Ranks:
                                  f"must be the same on every host)")
         return n_done
 
-    def _rounds(self, analysis, ctx, todo: list):
-        """Process ``todo`` one example per rank per round. Yields, on rank 0, (the round's
-        (example, (digest, id)) pairs, their records in order, the statistics summed over every rank's
-        examples so far); on other ranks None."""
+    def _rounds(self, analysis, ctx, todo: list, per: int):
+        """Process ``todo`` in rounds of ``per`` examples per rank (rank r takes the round's r-th
+        slice of ``per``). Yields, on rank 0, (the round's (example, (digest, id)) pairs, their
+        records in order, the statistics summed over every rank's examples so far); elsewhere None."""
         from torch import distributed as dist
         own = Aggregator()   # the examples this rank processed
-        for start in range(0, len(todo), self.world_size):
-            chunk = todo[start:start + self.world_size]
-            res, fail, error = None, None, None
-            if self.rank < len(chunk):
-                ex = chunk[self.rank][0]
+        for start in range(0, len(todo), self.world_size * per):
+            chunk = todo[start:start + self.world_size * per]
+            mine = [ex for ex, _ in chunk[self.rank * per:(self.rank + 1) * per]]
+            outs, fail, error = [], None, None
+            if mine:
                 try:
-                    res = analysis.process(ctx, ex)
+                    outs = processed(analysis, ctx, mine)
                 except Exception as e:  # noqa: BLE001 - told to every rank below, then re-raised here
                     error = analysis.user_error(e) if isinstance(e, HeadscopeError) else e
-                    fail = (isinstance(e, HeadscopeError), f"{ex.id}: {error}" if isinstance(e, HeadscopeError)
+                    where = mine[0].id if len(mine) == 1 else f"{mine[0].id}..{mine[-1].id}"
+                    fail = (isinstance(e, HeadscopeError), f"{where}: {error}" if isinstance(e, HeadscopeError)
                             else f"{type(e).__name__}: {e}")
             fails = [None] * self.world_size
             self._call(dist.all_gather_object, fails, fail)
@@ -148,16 +166,15 @@ class Ranks:
                 if f is not None:
                     user, msg = f
                     raise (HeadscopeError if user else RuntimeError)(f"rank {r}: {msg}")
-            record = None
-            if res is not None:
+            for res in outs:
                 if not res.skip:
                     for k, v in res.arrays.items():
                         own.add(k, v)
-                record = {"id": chunk[self.rank][0].id, "skip": res.skip, **res.details}
-            records = [None] * self.world_size if self.rank == 0 else None
-            self._call(dist.gather_object, record, records, dst=0)
+            records = [example_record(ex, res) for ex, res in zip(mine, outs)]
+            every = [None] * self.world_size if self.rank == 0 else None
+            self._call(dist.gather_object, records, every, dst=0)
             reduced = self._reduce(own)
-            yield (chunk, records[: len(chunk)], reduced) if self.rank == 0 else None
+            yield (chunk, [rec for recs in every for rec in recs], reduced) if self.rank == 0 else None
 
     def _reduce(self, agg: Aggregator) -> Aggregator | None:
         """Every rank's statistics onto rank 0 (None elsewhere): one ``gather_object`` of each rank's

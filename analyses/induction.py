@@ -31,7 +31,7 @@ from headscope.heads import top_labels
 from headscope.kernels import StatsSpec
 
 from .base import (PREPEND_BOS, Analysis, Example, ExampleOutput, Finalized, Option, ScoreMeta, check_memory,
-                   register)
+                   forward_memory, register)
 
 
 # a head has the role (reports, head-role map) when at least this share of its attention, over the
@@ -112,17 +112,37 @@ class InductionAnalysis(Analysis):
         bos = ctx.info.leading_bos(ctx.options["prepend_bos"])
         exclude = set(getattr(tok, "all_special_ids", []) or [])
         ids = repeated_tokens(ctx.info.vocab_size, n, ex.data, bos, exclude)
+        return self._scored(ctx, ids)[0]
+
+    def process_batch(self, ctx, examples):
+        """One forward for all ``examples``: every sequence is (BOS) + 2n tokens, so they stack
+        without padding. The ids are ``inputs`` (``process``'s own, no forward)."""
+        return self._scored(ctx, torch.cat([torch.as_tensor(self.inputs(ctx, ex)) for ex in examples]))
+
+    def example_memory(self, ctx, ex):
+        """The captured pattern dominates: [L, H, T, T] float32 three times (the kernel's rows,
+        the capture's concatenation, the stacked copy), plus full logits [T, vocab] and the
+        forward's activations (``forward_memory``)."""
+        T = self.inputs(ctx, ex).shape[-1]
+        return 3 * 4 * ctx.info.n_layers * ctx.info.n_heads * T * T + forward_memory(ctx, T, logits=T)
+
+    def _scored(self, ctx, ids: torch.Tensor) -> list[ExampleOutput]:
+        """Outputs of the rows of ``ids`` [B, T] (each (BOS) + r + r), from one captured forward."""
+        n = ctx.options["seq_len"]
         T = ids.shape[1]
+        offset = T - 2 * n                                       # 1 with BOS, else 0
         with ctx.probe.capture(stats=StatsSpec(pattern_rows=(0, T)), activations=["logits"]) as cap:
             ctx.probe.forward(ids)
-        pattern = torch.stack([cap.stats[l]["pattern"][0] for l in range(ctx.info.n_layers)])  # [L, H, T, T]
-        offset = 1 if bos is not None else 0
-        scores = (tl_detection_scores(pattern, ids) if ctx.options["scale"] == "transformerlens"
-                  else diagonal_scores(pattern, n, offset))
-        logits = cap.acts["logits"][0]  # [T, vocab]
-        pred = logits[offset + n - 1: T - 1].argmax(-1)
-        acc = float((pred == ids[0, offset + n:]).float().mean())
-        return ExampleOutput(arrays=scores, details={"second_half_accuracy": acc})
+        outs = []
+        for b in range(ids.shape[0]):
+            pattern = torch.stack([cap.stats[l]["pattern"][b] for l in range(ctx.info.n_layers)])  # [L, H, T, T]
+            scores = (tl_detection_scores(pattern, ids[b:b + 1]) if ctx.options["scale"] == "transformerlens"
+                      else diagonal_scores(pattern, n, offset))
+            logits = cap.acts["logits"][b]  # [T, vocab]
+            pred = logits[offset + n - 1: T - 1].argmax(-1)
+            acc = float((pred == ids[b, offset + n:]).float().mean())
+            outs.append(ExampleOutput(arrays=scores, details={"second_half_accuracy": acc}))
+        return outs
 
     def finalize(self, ctx, agg, records):
         scores = {k: agg[k].mean for k in ("previous_token", "duplicate_token", "induction")}

@@ -27,6 +27,11 @@ GQA: scores are per query head. Top-k comes from the probe's streaming attention
 as the reference's zeroed query) on the top-K heads of a ``retrieval`` run, during decoding only
 (the KV cache comes from the unmasked prefill), against K random heads drawn from the heads
 *outside* the top max(K) set (the reference meant to exclude its top 100 but excluded nothing).
+
+Both process one instance per forward (no ``process_batch``; ``--batch-size`` auto is 1): the
+greedy decode stops per instance at EOS or a stop string and the prompts differ in length, so a
+batch would need left padding, per-row stopping and top-k statistics that skip padded keys at
+every step, which ``probe.generate`` does not do (docs/SCALE.md).
 """
 from __future__ import annotations
 

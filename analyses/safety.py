@@ -369,6 +369,13 @@ def last_logits(probe, ids: Sequence[int], ops: Sequence = ()) -> torch.Tensor:
         return probe.forward(torch.tensor([list(ids)]), logits_to_keep=1).logits[0, -1].float()
 
 
+def given_rows(o: dict) -> int | None:
+    """``--batch-size`` read as rows per batched forward / head sweep when given above 1; None
+    (auto, which these analyses resolve to 1, or 1 itself) lets the caller pick its default."""
+    b = o["batch_size"]
+    return b if b is not None and b > 1 else None
+
+
 def ships_scores(probe, ids: Sequence[int], kind: str = "uniform", epsilon: float = 1e-5,
                  batch_size: int | None = None, heads: Sequence[tuple[int, int]] | None = None) -> np.ndarray:
     """Ships of every query head (or of ``heads``; NaN elsewhere) for one prompt: [L, H] of
@@ -479,7 +486,7 @@ class _SafetyBase(Analysis):
         return prompts
 
     def _batch(self, ctx) -> int:
-        return ctx.options["batch_size"] if ctx.options["batch_size"] > 1 else 32
+        return given_rows(ctx.options) or 32
 
     def _ops(self, ctx, heads) -> list:
         return ablations(heads, ctx.options["ablation"], ctx.options["epsilon"])
@@ -572,8 +579,8 @@ class ShipsAnalysis(_SafetyBase):
 
     def process(self, ctx, ex):
         p, o = ex.data, ctx.options
-        bs = o["batch_size"] if o["batch_size"] > 1 else None
-        scores = ships_scores(ctx.probe, p["ids"], kind=o["ablation"], epsilon=o["epsilon"], batch_size=bs)
+        scores = ships_scores(ctx.probe, p["ids"], kind=o["ablation"], epsilon=o["epsilon"],
+                              batch_size=given_rows(o))
         top = top_heads(scores, o["top_k"])
         onehot = np.zeros_like(scores)
         onehot[top[0][0], top[0][1]] = 1.0
@@ -596,7 +603,7 @@ class ShipsAnalysis(_SafetyBase):
         from headscope.probe import sweep_copies
         p, o, info = ex.data, ctx.options, ctx.info
         P = len(p["ids"])
-        copies = o["batch_size"] if o["batch_size"] > 1 else sweep_copies(P, info.n_heads)
+        copies = given_rows(o) or sweep_copies(P, info.n_heads)
         work = Work.forward(1, P) + Work.sweep(info.n_layers, info.n_heads, 1, P, copies)
         if o["refusal_metrics"]:
             work += self._refusal_work(ctx, p) * (3 if o["random_control"] else 2)

@@ -51,7 +51,8 @@ from headscope.errors import HeadscopeError
 from headscope.heads import top_labels
 from headscope.kernels import StatsSpec
 
-from .base import PREPEND_BOS, Analysis, Example, ExampleOutput, Finalized, Option, ScoreMeta, register
+from .base import (PREPEND_BOS, Analysis, Example, ExampleOutput, Finalized, Option, ScoreMeta, Work,
+                   forward_memory, register)
 from .datasets import data_examples, encode_record, shipped_data
 
 DEFAULT_DATA = "natural_texts.jsonl"
@@ -67,15 +68,15 @@ def column_means(col_mass: torch.Tensor, col_count: torch.Tensor) -> torch.Tenso
     return torch.where(cnt > 0, col_mass.double() / cnt.clamp_min(1), torch.zeros((), dtype=torch.float64))
 
 
-def captured_alpha(stats: dict[int, dict[str, torch.Tensor]], n_layers: int
+def captured_alpha(stats: dict[int, dict[str, torch.Tensor]], n_layers: int, row: int = 0
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(alpha [L, H, T] float64, col_mass [L, H, T], col_count [L, T]) of batch row 0 of a capture's stats.
+    """(alpha [L, H, T] float64, col_mass [L, H, T], col_count [L, T]) of batch row ``row`` of a capture's stats.
 
     Each layer is divided by its own ``col_count``: on sliding-window models (Gemma 2/3) the
     global layers' keys are seen by more queries than the windowed ones', so one layer's count
     for all would misstate alpha beyond the window. Used by ``sinks`` and the dashboard alike."""
-    col_mass = torch.stack([stats[l]["col_mass"][0] for l in range(n_layers)])     # [L, H, T]
-    col_count = torch.stack([stats[l]["col_count"][0] for l in range(n_layers)])   # [L, T]
+    col_mass = torch.stack([stats[l]["col_mass"][row] for l in range(n_layers)])     # [L, H, T]
+    col_count = torch.stack([stats[l]["col_count"][row] for l in range(n_layers)])   # [L, T]
     return column_means(col_mass, col_count), col_mass, col_count
 
 
@@ -212,11 +213,11 @@ def _encode(ctx, ex: Example, kind: str, T: int) -> tuple[list[int], bool]:
     return ([bos] + ids[:-1] if bos is not None else ids), False
 
 
-def _resid(cap, L: int, final_norm_last: bool) -> torch.Tensor:
-    """[L, T, D] residual after each layer (last = final-norm output if asked)."""
-    hs = [cap.acts[f"blocks.{l}.hook_resid_post"][0] for l in range(L)]
+def _resid(cap, L: int, final_norm_last: bool, row: int = 0) -> torch.Tensor:
+    """[L, T, D] residual of batch row ``row`` after each layer (last = final-norm output if asked)."""
+    hs = [cap.acts[f"blocks.{l}.hook_resid_post"][row] for l in range(L)]
     if final_norm_last:
-        hs[-1] = cap.acts["ln_final.hook_normalized"][0]
+        hs[-1] = cap.acts["ln_final.hook_normalized"][row]
     return torch.stack(hs)
 
 
@@ -257,20 +258,62 @@ class SinksAnalysis(Analysis):
         return _inputs(ctx, o["input"])
 
     def process(self, ctx, ex):
-        o, info = ctx.options, ctx.info
-        T, k, L = o["T"], o["k"], info.n_layers
-        ids, chat = _encode(ctx, ex, o["input"], T)
+        return self.process_batch(ctx, [ex])[0]
+
+    def process_batch(self, ctx, examples):
+        """Inputs of one length share a forward: random and repeated inputs, and data with --T > 0
+        (truncated to T, shorter ones skipped), are all T long, so a batch is one forward. With
+        --T 0 on data the lengths differ; each length gets its own forward instead of left padding,
+        since the statistics index positions of the unpadded input (key k, the primary sink's
+        candidates 0..2, sink tokens by position) and padded keys would enter ``col_count``."""
+        o = ctx.options
+        outs: list[ExampleOutput | None] = [None] * len(examples)
+        by_length: dict[int, list[tuple[int, list[int], bool]]] = {}
+        for i, ex in enumerate(examples):
+            ids, chat = self._ids(ctx, ex)
+            if isinstance(ids, ExampleOutput):
+                outs[i] = ids
+            else:
+                by_length.setdefault(len(ids), []).append((i, ids, chat))
+        acts = ["blocks.*.hook_resid_post"] + (["ln_final.hook_normalized"] if o["final_norm_last"] else [])
+        for rows in by_length.values():
+            with ctx.probe.capture(stats=StatsSpec(col_mass=True), activations=acts) as cap:
+                ctx.probe.forward(torch.tensor([ids for _, ids, _ in rows]), logits_to_keep=1)
+            for b, (i, ids, chat) in enumerate(rows):
+                outs[i] = self._scored(ctx, cap, b, ids, chat)
+        return outs
+
+    def example_memory(self, ctx, ex):
+        """The captured residual stream dominates: (L + 1) x T x d_model float32 per input, twice
+        (the capture and ``_resid``'s stack), plus the forward (``forward_memory``, last logits only)."""
+        ids, _ = self._ids(ctx, ex)
+        T = 1 if isinstance(ids, ExampleOutput) else len(ids)
+        info = ctx.info
+        return 2 * 4 * (info.n_layers + 1) * T * info.d_model + forward_memory(ctx, T, logits=1)
+
+    def example_work(self, ctx, ex):
+        """One forward of the truncated input; none for an input that is skipped."""
+        ids, _ = self._ids(ctx, ex)
+        return Work() if isinstance(ids, ExampleOutput) else Work.forward(1, len(ids))
+
+    def _ids(self, ctx, ex) -> tuple[list[int] | ExampleOutput, bool]:
+        """(token ids truncated to --T, chat?) of one input, or (its skip output, False)."""
+        T, k = ctx.options["T"], ctx.options["k"]
+        ids, chat = _encode(ctx, ex, ctx.options["input"], T)
         if T and len(ids) < T:
             return ExampleOutput(skip=True, details={"skip_reason": f"{len(ids)} tokens < T = {T}",
-                                                     "n_tokens": len(ids)})
+                                                     "n_tokens": len(ids)}), False
         ids = ids[:T] if T else ids
-        n = len(ids)
-        if k >= n:
-            return ExampleOutput(skip=True, details={"skip_reason": f"{n} tokens <= k = {k}", "n_tokens": n})
-        acts = ["blocks.*.hook_resid_post"] + (["ln_final.hook_normalized"] if o["final_norm_last"] else [])
-        with ctx.probe.capture(stats=StatsSpec(col_mass=True), activations=acts) as cap:
-            ctx.probe.forward(torch.tensor([ids]), logits_to_keep=1)
-        alpha, col_mass, col_count = captured_alpha(cap.stats, L)                    # [L, H, n] float64
+        if k >= len(ids):
+            return ExampleOutput(skip=True, details={"skip_reason": f"{len(ids)} tokens <= k = {k}",
+                                                     "n_tokens": len(ids)}), False
+        return ids, chat
+
+    def _scored(self, ctx, cap, row: int, ids: list[int], chat: bool) -> ExampleOutput:
+        """The output of one input, batch row ``row`` of the capture ``cap``."""
+        o, info = ctx.options, ctx.info
+        T, k, L, n = o["T"], o["k"], info.n_layers, len(ids)
+        alpha, col_mass, col_count = captured_alpha(cap.stats, L, row)                # [L, H, n] float64
         alpha_k = alpha[..., k]
         # sink tokens and dormant heads
         full_count = col_count.max(0).values
@@ -279,9 +322,9 @@ class SinksAnalysis(Analysis):
         # ACT
         n_act, first_not_bos, act_where = act_detect(alpha, o["act_threshold"])
         # secondary sinks
-        resid = _resid(cap, L, o["final_norm_last"])
+        resid = _resid(cap, L, o["final_norm_last"], row)
         primary, (start, end), found = detect_secondary(resid, [0, 1, 2] if chat else [0, 1], o["cos_threshold"])
-        del resid, cap
+        del resid
         tok = ctx.lm.tokenizer
         mean_alpha = alpha.mean(1)                                                   # [L, n] head-averaged
         found_list = []

@@ -334,8 +334,9 @@ def test_new_run_page_asks_before_a_long_run(model_env, monkeypatch):
     at.button[0].click()
     at.run()
     no_errors(at)
-    # 2 sequences of 2 x 6 tokens (the tokenizer adds no BOS), one forward each, + the example pattern's
-    assert any("estimated time ~" in w.value and "(3 forwards, 36 tokens" in w.value for w in at.warning)
+    # 2 sequences of 2 x 6 tokens (the tokenizer adds no BOS) in one batched forward (--batch-size auto),
+    # then the example pattern's forward of one sequence
+    assert any("estimated time ~" in w.value and "(2 forwards, 36 tokens" in w.value for w in at.warning)
     assert {p.name for p in root.iterdir() if p.name.startswith("induction-")} - before == set()
     at.button(key="nr_confirm").click()
     at.run()

@@ -85,13 +85,16 @@ def tiny(tmp_path_factory):
 
 
 def test_two_ranks_equal_one_process_tiny_model(tiny, tmp_path):
-    """5 examples over 2 ranks (an uneven last round): scores, records and order as one process."""
+    """5 examples over 2 ranks (an uneven last round), one and two examples per forward: scores,
+    records and order as one process with one per forward."""
     args = ["induction", "--model", tiny, "--n-examples", 5, "--seq-len", 6, "--seed", 11]
-    _score(args + ["--out", tmp_path / "one"], cwd=tmp_path)
-    _score(args + ["--out", tmp_path / "two"], ranks=2, cwd=tmp_path)
-    assert_same_run(tmp_path / "one", tmp_path / "two")
-    shards = json.loads((tmp_path / "two" / "run.json").read_text())["shards"]
-    assert shards[0]["world_size"] == 2 and shards[0]["start"] == 0
+    _score(args + ["--out", tmp_path / "one", "--batch-size", 1], cwd=tmp_path)
+    for b in (1, 2):
+        _score(args + ["--out", tmp_path / f"two{b}", "--batch-size", b], ranks=2, cwd=tmp_path)
+        assert_same_run(tmp_path / "one", tmp_path / f"two{b}")
+        meta = json.loads((tmp_path / f"two{b}" / "run.json").read_text())
+        assert meta["shards"][0]["world_size"] == 2 and meta["shards"][0]["start"] == 0
+        assert meta["batching"][0]["per_forward"] == b
     assert not (tmp_path / "one" / "shards").exists()
 
 
@@ -150,13 +153,14 @@ def _rank_pid(launcher: int, rank: int) -> int | None:
 
 @pytest.mark.slow
 def test_killed_rank_resumed_with_one_process_equals_uninterrupted(smollm2, tmp_path):
-    """SIGKILL rank 1 once a few examples are written; --resume with 1 process completes the run
-    and it equals the uninterrupted single-process run (no example lost, none counted twice)."""
+    """SIGKILL rank 1 once a few examples are written (2 per rank per round); --resume with 1
+    process (auto batch size) completes the run and it equals the uninterrupted single-process run
+    (no example lost, none counted twice)."""
     flags = ["--n-examples", 12, "--seq-len", 12, "--seed", 5]
     _reference("induction", flags, smollm2, tmp_path / "ref")
     args = ["induction", "--model", "smollm2-135m", *flags]
     out = tmp_path / "cut"
-    proc = _score(args + ["--out", out], ranks=2, cwd=tmp_path, wait=False)
+    proc = _score(args + ["--out", out, "--batch-size", 2], ranks=2, cwd=tmp_path, wait=False)
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
@@ -178,6 +182,7 @@ def test_killed_rank_resumed_with_one_process_equals_uninterrupted(smollm2, tmp_
     assert_same_run(tmp_path / "ref", out)
     meta, _ = _load(out)
     assert [s["world_size"] for s in meta["shards"]] == [2, 1]
+    assert meta["batching"][0]["per_forward"] == 2 and meta["batching"][1]["requested"] == "auto"
 
 
 # ------------------------------------------------------------------------ --device-map (probe/placement.py)

@@ -57,6 +57,7 @@ class Counter:
 @pytest.mark.parametrize("name,options,generates", [
     ("induction", {"n_examples": 3, "seq_len": 7}, False),
     ("sinks", {"input": "random", "n_examples": 3, "T": 12}, False),
+    ("sinks", {"input": "data", "T": 24}, False),   # the first text is shorter than T: skipped, no forward
     ("massive", {}, False),
     ("fai", {}, False),
     ("ships", {"limit": 2, "direction_n": 5, "gen_tokens": 4}, True),
@@ -71,7 +72,7 @@ class Counter:
 ])
 def test_estimate_matches_counted_work(tiny, tmp_path, name, options, generates):
     data = None
-    if name in ("fai", "massive"):
+    if name in ("fai", "massive") or options.get("input") == "data":
         data = tmp_path / "texts.jsonl"
         data.write_text("".join(json.dumps({"text": t}) + "\n" for t in
                                 ("a first text, short", "a second and somewhat longer text of words")))
@@ -136,7 +137,8 @@ def test_cli_prints_estimate_before_the_run(tiny, tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     first = out.splitlines()[0]
-    assert first.startswith("estimated time ~") and "on this machine (3 forwards, 30 tokens" in first   # 2 x 2 x 5, no BOS; + the example pattern
+    # 2 sequences of 2 x 5 tokens (no BOS) in one batched forward (--batch-size auto), + the example pattern's
+    assert first.startswith("estimated time ~") and "on this machine (2 forwards, 30 tokens" in first
     assert json.loads((tmp_path / "r" / "run.json").read_text())["status"] == "complete"
 
 
