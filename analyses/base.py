@@ -500,10 +500,14 @@ class Analysis:
         return self.no_pattern or (f"its examples depend on earlier ones ({self.sequential})" if self.sequential else "")
 
     def pattern_work(self, ctx: RunContext, examples: list[Example]) -> Work:
-        """The forward of ``example_pattern`` (on the first example, which is usually the one used)."""
-        if self.pattern_skipped:
-            return Work()
-        return Work.forward(1, _first_row(self.inputs(ctx, examples[0])).shape[0])
+        """The forward of ``example_pattern``: on the first example that makes a model call (a
+        skipped one makes none), which is the first used one unless an example fails mid-run."""
+        for ex in [] if self.pattern_skipped else examples:
+            try:
+                return Work.forward(1, _first_row(self.inputs(ctx, ex)).shape[0])
+            except HeadscopeError:
+                continue
+        return Work()
 
     @classmethod
     def all_options(cls) -> tuple[Option, ...]:

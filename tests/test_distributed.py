@@ -251,6 +251,30 @@ def test_model_loads_straight_into_a_device_map(tiny, tmp_path):
     _assert_same_under_placement(Probe(load_model(str(tiny))), Probe(placed))
 
 
+def test_generation_sweeps_and_patching_under_a_device_map(tiny, tmp_path):
+    """The rest of the probe across placed layers (disk offload, straight from loading): greedy
+    generation with per-step capture, the batched single-head sweep and head patching give what the
+    plain model gives."""
+    import torch
+
+    from headscope.kernels import StatsSpec
+    from headscope.probe import Probe, kl_div, load_model
+    ref = Probe(load_model(str(tiny)))
+    placed = Probe(load_model(str(tiny), device_map=json.dumps(DISK_MAP), offload_dir=tmp_path / "off"))
+    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    ids, other = torch.randint(2, 200, (1, 12), generator=g), torch.randint(2, 200, (1, 12), generator=g)
+    gens = [p.generate(ids, max_new_tokens=6, stats=StatsSpec(topk=1)) for p in (ref, placed)]
+    assert gens[0].new_tokens == gens[1].new_tokens
+    torch.testing.assert_close(gens[1].stacked("topk_prob"), gens[0].stacked("topk_prob"), rtol=1e-5, atol=1e-5)
+    clean = ref.forward(ids).logits
+    sweeps = [torch.as_tensor(p.sweep_heads(ids, metric=kl_div(clean), kind="uniform")) for p in (ref, placed)]
+    torch.testing.assert_close(sweeps[1], sweeps[0], rtol=1e-4, atol=1e-6)
+    patches = [torch.as_tensor(p.patch_sweep(ids, other, hook="blocks.*.attn.hook_z", metric=kl_div(clean)))
+               for p in (ref, placed)]
+    torch.testing.assert_close(patches[1], patches[0], rtol=1e-4, atol=1e-6)
+    assert sweeps[0].abs().max() > 0 and patches[0].abs().max() > 0
+
+
 def test_cli_device_map_with_disk_layers(tiny, tmp_path, capsys):
     """--device-map with a disk layer needs --offload-dir (exit 2 naming it); with it the run equals
     a plain run and records the placement."""
