@@ -329,20 +329,23 @@ class CircuitGraph(GraphLayout):
         return scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v
 
     def attribution_bytes(self, B: int, T: int) -> int:
-        """Estimated peak bytes of ``attribute`` on a [B, T] batch, model weights excluded.
+        """Estimated peak bytes of ``attribute`` on a [B, T] batch above the loaded model.
 
-        The clean-minus-corrupted node outputs (n_up floats per token and d_model), the
+        Counted: the clean-minus-corrupted node outputs (n_up floats per token and d_model), the
         checkpointed autograd graph (~10 d_model floats per token and layer), the last position's
-        logits with their gradient, one layer's attention recomputed in backward (~3 [B, H, T, T] tensors) and MLP,
-        and one hook's map. Measured on SmolLM2 at 1024 tokens, the peak above the loaded model is
-        2x this (benchmarks/README.md: touched weights, allocator): an underestimate, fit to refuse
-        batches far too large.
+        logits with their gradient, one layer's attention recomputed in backward (~3 [B, H, T, T]
+        tensors) and MLP, and one hook's map. Fit to the peaks measured on SmolLM2 at 256 and 1024
+        tokens (benchmarks/README.md, "circuit discovery"): 1.56x the counted bytes (backward's
+        transients, the allocator) plus about the model's own size (weights touched through the
+        memory map, per-layer weight copies of the head-wise einsums). Other models and thread
+        counts will differ: a guard for batches far too large, not a promise.
         """
         D, L, H = self.d_model, self.n_layers, self.n_heads
         d_ff = getattr(self.layers[0].mlp, "intermediate_size", 4 * D)
         floats = (len(self.upstream) * B * T * D + 10 * L * B * T * D + 3 * B * self.model.lm_head.out_features
                   + 3 * B * H * T * T + 4 * B * T * d_ff + 2 * B * T * H * D)
-        return 4 * floats
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return int(1.56 * 4 * floats + weights)
 
     def _input_grads(self, norm: nn.Module, x: torch.Tensor, proj: nn.Linear, heads: torch.Tensor,
                      grad: torch.Tensor) -> torch.Tensor:
