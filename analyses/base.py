@@ -630,10 +630,17 @@ def batch_plan(analysis: "Analysis", ctx: RunContext, examples: list[Example], r
     where free memory cannot be read. On the CPU also at most ``CPU_TOKENS_PER_FORWARD`` tokens
     per forward (by ``example_work``), where larger batches are slower. The estimate is rough
     (``forward_memory``, within 0.8-1.2x of measured peaks): an allocator's fragmentation or
-    another process's growth can still exhaust memory; pass an integer then."""
+    another process's growth can still exhaust memory; pass an integer then. An integer whose
+    estimate exceeds the fraction is kept (the user may know better) with a warning in the log."""
     batches = analysis.batches_examples()
     if requested is not None or not batches:
         size = requested or 1
+        if batches and size > 1:
+            avail = available_memory(ctx.probe.device)
+            need = size * max(analysis.example_memory(ctx, ex) for ex in examples)
+            if avail is not None and need > avail * MEMORY_FRACTION:
+                ctx.log(f"warning: --batch-size {size} needs about {need / 2**30:.1f} GiB, more than half the "
+                        f"{avail / 2**30:.1f} GiB free; if the run runs out of memory, lower it or use auto")
         return {"batch_size": size, "requested": requested or "auto", "per_forward": size if batches else 1}
     avail = available_memory(ctx.probe.device)
     need = max(analysis.example_memory(ctx, ex) for ex in examples)

@@ -135,6 +135,17 @@ def test_auto_batch_size_follows_available_memory(free, want, bos_llama, tmp_pat
     assert plan["requested"] == "auto"
 
 
+def test_a_given_batch_size_over_the_memory_estimate_is_kept_with_a_warning(bos_llama, tmp_path, monkeypatch):
+    monkeypatch.setattr(base, "available_memory", lambda device: 60_000)
+    monkeypatch.setattr(InductionAnalysis, "example_memory", lambda self, ctx, ex: 10_000)
+    said = []
+    for size, warns in ((3, False), (4, True)):   # 3 x 10 kB <= half of 60 kB < 4 x 10 kB
+        run = base.run_analysis("induction", lm=bos_llama, out=tmp_path / f"b{size}", progress=False, log=said.append,
+                                options={"n_examples": 4, "seq_len": 3, "batch_size": size})
+        assert run.meta["batching"][0]["batch_size"] == size
+        assert any(f"--batch-size {size} needs about" in m for m in said) == warns
+
+
 @pytest.mark.parametrize("n, size, ways, want", [(24, 7, 1, 6), (24, 7, 2, 6), (24, 12, 2, 12), (5, 4, 1, 3),
                                                   (5, 5, 2, 3), (1, 8, 2, 1), (10, 3, 1, 3)])
 def test_evened_batch_sizes_by_hand(n, size, ways, want):
