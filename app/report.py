@@ -35,7 +35,7 @@ from headscope.heads import ranked_heads
 
 from . import circuit_report, svg
 from .views import (Downsampled, descending_rank, downsample_pattern, head_label, heatmap_figure, parse_head,
-                    pattern_figure, run_model, scalar_summary, top_heads)
+                    pattern_figure, run_model, scalar_summary, stored_pattern_labels, top_heads)
 
 SCHEMA_ID = "headscope.report/2"
 SCHEMA_PATH = Path(__file__).with_name("report_schema.json")
@@ -180,10 +180,7 @@ def _example_pattern(run) -> dict | None:
 def pattern_view(p: dict) -> tuple[Downsampled, list[str], str]:
     """(pooled pattern, token labels, title) of a report entry's ``example_pattern``."""
     ds = Downsampled(np.array(p["mat"], dtype=np.float64), np.array(p["q_edges"]), np.array(p["k_edges"]))
-    tokens = p["tokens"] or [f"#{i}" for i in range(p["rows"][1])]   # positions when the run kept no tokens
-    title = (f"{p['head']} (top by {p['score']}, {fmt_value(p['value'])}) on example {p['example']}, "
-             f"queries {p['rows'][0]}-{p['rows'][1] - 1}")
-    return ds, tokens, title
+    return (ds, *stored_pattern_labels(p))
 
 
 def fmt_value(v, std=None) -> str:

@@ -237,8 +237,13 @@ def _arrays(run) -> None:
     name = st.selectbox("array", list(shapes), key="details_array",
                         format_func=lambda k: f"{k} {tuple(shapes[k])}")
     a = run.arrays().get(name)
+    info = run.meta.get("example_pattern") or {}
     if a is None:
         st.caption("arrays.npz is missing")
+    elif name == "example_pattern" and "rows" in info:   # the headline head on the first example
+        tokens, title = views.stored_pattern_labels(info)
+        ds = views.downsample_pattern(a, q_start=info["rows"][0])
+        _chart(views.pattern_figure(ds, tokens, q_offset=info["rows"][0], title=title), "details_array_fig")
     elif a.ndim == 1:
         _chart(views.series_figure({name: a}, title=name), "details_array_fig")
     elif a.ndim == 2 and a.shape[0] == run.meta.get("model", {}).get("n_layers"):

@@ -360,6 +360,16 @@ def downsample_pattern(pattern: np.ndarray, max_q: int = 160, max_k: int = 160, 
     return Downsampled(rows, qe, ke)
 
 
+def stored_pattern_labels(info: dict) -> tuple[list[str], str]:
+    """(token labels, title) of a run's stored example pattern (``run.json["example_pattern"]``,
+    written by ``analyses.base.example_pattern``); positions stand in for tokens a long input did
+    not keep."""
+    a, T = info["rows"]
+    tokens = info.get("tokens") or [f"#{i}" for i in range(T)]
+    value = "" if info.get("value") is None else f", {number(info['value'])}"
+    return tokens, f"{info['head']} (top by {info['score']}{value}) on example {info['example']}, queries {a}-{T - 1}"
+
+
 def pattern_stats(pattern: np.ndarray, q_start: int = 0) -> dict:
     """Summary of pattern rows ``[R, T]`` for queries ``q_start..``: mean entropy (nats), mean
     query-key distance, mean attention on key 0, and the key with the most attention in total."""

@@ -102,6 +102,24 @@ def test_runs_page_shows_stored_arrays(app_env):
                for c in charts(at))
 
 
+def test_runs_page_shows_the_stored_example_pattern(app_env):
+    """A run's stored example pattern opens as a pattern (queries x keys, token labels), not as a
+    layer x head map, whatever its number of rows."""
+    root, _ = app_env
+    rows = np.random.default_rng().dirichlet(np.ones(6), size=4)          # 4 query rows over 6 keys
+    info = {"example": "ex0", "score": "induction", "head": "L1H2", "layer": 1, "head_index": 2, "value": 0.5,
+            "rows": [2, 6], "tokens": ["a", "b", "c", "d", "e", "f"]}   # 4 rows = the synthetic model's layers
+    write_run(root, "pat", scores={"induction": np.zeros((4, 6))}, arrays={"example_pattern": rows},
+              extra={"example_pattern": info})
+    at = page("runs_page").run()
+    at.selectbox(key="details_run").select("pat").run()
+    at.selectbox(key="details_array").select("example_pattern").run()
+    no_errors(at)
+    fig = next(c for c in charts(at) if c["layout"]["title"]["text"].startswith("L1H2 (top by induction, 0.5)"))
+    np.testing.assert_allclose(arr(fig["data"][0]["z"]), rows)
+    assert fig["data"][0]["y"][0].endswith("c") and fig["data"][0]["x"][5].endswith("f")
+
+
 def test_runs_page_compare_two_runs(app_env):
     root, made = app_env
     at = page("runs_page").run()
