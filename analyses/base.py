@@ -497,7 +497,9 @@ class Analysis:
     def pattern_skipped(self) -> str:
         """Why a run of this analysis stores no example pattern ("" if it does). Sequential analyses
         do not: their ``inputs`` replays ``process``, whose state depends on the examples before."""
-        return self.no_pattern or (f"its examples depend on earlier ones ({self.sequential})" if self.sequential else "")
+        if self.no_pattern or not self.sequential:
+            return self.no_pattern
+        return f"its examples depend on earlier ones ({self.sequential})"
 
     def pattern_work(self, ctx: RunContext, examples: list[Example]) -> Work:
         """The forward of ``example_pattern``: on the first example that makes a model call (a
@@ -543,13 +545,14 @@ def example_pattern(analysis: "Analysis", ctx: RunContext, examples: list[Exampl
     """(what it shows, ``[R, T]`` attention rows) of the run's headline head on its first used example.
 
     Reports show it next to the scores, so a reader sees what the top head does on a real input
-    without a model. Headline: the first per-query-head score of ``fin``, its top head by the one
-    ranking rule (``heads.ranked_heads``, NaN last); ``Analysis.headline_score`` names another. Rows: the last ``PATTERN_ROWS`` queries of the
-    example's ``inputs`` (the ids the dashboard opens for it) over all its keys, captured for that
-    layer only (memory R x T x H floats, whatever T is). One extra forward, counted by ``pattern_work``.
-    Nothing is stored, with the reason, when the analysis says so (``pattern_skipped``), has no per-query-head
-    score, or no used example, or when the forward fails (HeadscopeError or out of memory): a view
-    never fails a finished run.
+    without a model. Headline: the first per-query-head score of ``fin`` (or
+    ``Analysis.headline_score``), its top head by the one ranking rule (``heads.ranked_heads``,
+    NaN last). Rows: the last ``PATTERN_ROWS`` queries of the example's ``inputs`` (the ids the
+    dashboard opens for it) over all its keys, captured for that layer only (memory R x T x H
+    floats, whatever T is). One extra forward, counted by ``pattern_work``. Nothing is stored, with
+    the reason, when the analysis says so (``pattern_skipped``), has no per-query-head score or no
+    used example, or when the forward fails (HeadscopeError or out of memory): a view never fails a
+    finished run.
     """
     import torch
 

@@ -229,7 +229,8 @@ class _Divergence(Analysis):
         br, n = self.branches(ctx, ex), ctx.options["max_new_tokens"]
         T, T0 = br.with_ids.shape[1], br.without_ids.shape[1]
         gen = Work.generation(T, n)
-        return gen + Work.forward(1, T + n - 1) + Work.forward(1, T0 + n - 1) + (gen if ctx.options["vhr"] else Work())
+        forwards = Work.forward(1, T + n - 1) + Work.forward(1, T0 + n - 1)
+        return gen + forwards + (gen if ctx.options["vhr"] else Work())
 
     # -- steps ---------------------------------------------------------------------------------
     def process(self, ctx, ex):
