@@ -23,11 +23,12 @@ MAX_ROWS = 256       # query rows of full attention pattern captured at once (me
 
 # --------------------------------------------------------------------------- tokens
 def encode(lm, text: str, prepend_bos: bool = False) -> list[int]:
-    """Token ids of ``text`` under the analyses' one BOS policy (``ModelInfo.leading_bos``), so what
-    Inspect shows for token 0 is comparable with ``headscope score sinks`` on the same text."""
+    """Token ids of ``text`` as the analyses encode a text record (``datasets.encode_record``: the
+    one BOS policy), so what Inspect shows for token 0 is comparable with ``headscope score sinks``."""
+    from headscope.analyses.datasets import encode_record
     if not text.strip():
         raise HeadscopeError("the prompt is empty")
-    ids = lm.info.with_bos(lm.tokenizer(text, add_special_tokens=True)["input_ids"], prepend_bos)
+    ids = encode_record({"text": text}, lm.tokenizer, prepend_bos=prepend_bos, bos_id=lm.info.bos_token_id).ids
     lm.info.check_length(len(ids))
     return ids
 

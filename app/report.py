@@ -151,11 +151,11 @@ def model_source(info: dict) -> dict:
             "n_params": info.get("n_params"), "dtype": info.get("dtype")}
 
 
-def _spread(run, name: str, shape: tuple) -> tuple[np.ndarray | None, str | None]:
+def _spread(run, arrays: dict, name: str, shape: tuple) -> tuple[np.ndarray | None, str | None]:
     """(std over examples, where it came from) for score ``name``: the run's ``<name>_std`` array,
     else the population std of the per-example values its examples.jsonl records; (None, None) when
     the run keeps neither."""
-    std = run.arrays().get(f"{name}_std")
+    std = arrays.get(f"{name}_std")
     if std is not None and std.shape == shape:
         return np.asarray(std, dtype=np.float64), "stored std array"
     per = [np.asarray(r[name], dtype=np.float64) for r in run.examples()
@@ -166,11 +166,11 @@ def _spread(run, name: str, shape: tuple) -> tuple[np.ndarray | None, str | None
     return None, None
 
 
-def _example_pattern(run) -> dict | None:
+def _example_pattern(run, arrays: dict) -> dict | None:
     """The run's stored example pattern (``analyses.base.example_pattern``), pooled to at most 48
     query x 96 key cells for display; ``{"skipped": why}`` as stored; None for runs older than it."""
     info = run.meta.get("example_pattern")
-    rows = run.arrays().get("example_pattern") if info and "skipped" not in info else None
+    rows = arrays.get("example_pattern") if info and "skipped" not in info else None
     if rows is None:
         return {"skipped": str(info["skipped"])} if info and "skipped" in info else None
     ds = downsample_pattern(rows, max_q=48, max_k=96, q_start=info["rows"][0])
@@ -206,11 +206,12 @@ def _headline(entry: dict) -> list[str]:
 
 def _run_entry(run) -> dict:
     m = run.meta
+    arrays = run.arrays()   # read arrays.npz once: every score's spread and the example pattern come from it
     scores_out = {}
     smeta = m.get("score_meta", {}) or {}
     for name, arr in run.scores().items():
         meta = smeta.get(name, {}) or {}
-        std, spread = _spread(run, name, arr.shape) if arr.ndim == 2 else (None, None)
+        std, spread = _spread(run, arrays, name, arr.shape) if arr.ndim == 2 else (None, None)
         entry = {"shape": list(arr.shape), "index": meta.get("index", "query_head"),
                  "description": meta.get("description", ""), "higher_is": meta.get("higher_is", ""),
                  "threshold": meta.get("threshold"), "values": _jsonable(arr), "std": _jsonable(std),
@@ -231,7 +232,7 @@ def _run_entry(run) -> dict:
         "n_examples": m.get("n_examples"), "n_used": m.get("n_used"),
         "error": m.get("error"), "summary": _jsonable(m.get("summary") or {}),
         "scores": scores_out, "arrays": {k: list(v) for k, v in (m.get("array_shapes") or {}).items()},
-        "example_pattern": _example_pattern(run),
+        "example_pattern": _example_pattern(run, arrays),
     }
     out["headline"] = _headline(out)
     return out

@@ -82,11 +82,6 @@ class ModelInfo:
             return None
         return self.bos_token_id
 
-    def with_bos(self, ids: list[int], prepend_bos: bool = False) -> list[int]:
-        """``ids`` (a tokenizer's output) with the policy's BOS in front when it is not there yet."""
-        bos = self.leading_bos(prepend_bos)
-        return [bos] + list(ids) if bos is not None and (not ids or ids[0] != bos) else list(ids)
-
     def check_length(self, n_tokens: int) -> None:
         """Raise HeadscopeError for an empty prompt or one longer than the model's context."""
         if n_tokens < 1:
