@@ -106,18 +106,20 @@ class InductionAnalysis(Analysis):
         for i in range(ctx.options["n_examples"]):
             yield Example(id=f"seq{i:04d}", data=ctx.seed * 100_003 + i)
 
-    def process(self, ctx, ex):
-        n = ctx.options["seq_len"]
-        tok = ctx.lm.tokenizer
+    def inputs(self, ctx, ex) -> torch.Tensor:
+        """[1, T] ids of ``ex``: (BOS) + r + r, built directly (the default would replay ``process``
+        up to its forward, and batching and memory planning ask for them per example)."""
         bos = ctx.info.leading_bos(ctx.options["prepend_bos"])
-        exclude = set(getattr(tok, "all_special_ids", []) or [])
-        ids = repeated_tokens(ctx.info.vocab_size, n, ex.data, bos, exclude)
-        return self._scored(ctx, ids)[0]
+        exclude = set(getattr(ctx.lm.tokenizer, "all_special_ids", []) or [])
+        return repeated_tokens(ctx.info.vocab_size, ctx.options["seq_len"], ex.data, bos, exclude)
+
+    def process(self, ctx, ex):
+        return self._scored(ctx, self.inputs(ctx, ex))[0]
 
     def process_batch(self, ctx, examples):
         """One forward for all ``examples``: every sequence is (BOS) + 2n tokens, so they stack
-        without padding. The ids are ``inputs`` (``process``'s own, no forward)."""
-        return self._scored(ctx, torch.cat([torch.as_tensor(self.inputs(ctx, ex)) for ex in examples]))
+        without padding."""
+        return self._scored(ctx, torch.cat([self.inputs(ctx, ex) for ex in examples]))
 
     def example_memory(self, ctx, ex):
         """The captured pattern dominates: [L, H, T, T] float32 three times (the kernel's rows,
