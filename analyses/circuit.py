@@ -13,7 +13,7 @@ order of their summed |edge score|; the curve's sizes are then node counts, stor
 - head scores [L, H]: ``edge_mass`` (sum of |score| over the head's in- and out-edges) and
   ``in_circuit`` (1 where the head is in the chosen circuit).
 
-Forward and backward run through ``CircuitGraph.forward`` (plain torch attention, float32).
+Forward and backward run through ``CircuitGraph.forward`` (torch SDPA flash attention, float32).
 """
 from __future__ import annotations
 

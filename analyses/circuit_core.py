@@ -8,11 +8,11 @@ corrupted activation instead of the clean one, to first order:
                                    embeddings corrupt + alpha (clean - corrupt), alpha = (k - 1/2) / steps
 
 summed over positions and averaged over prompts. One engine (``attribute``); EAP is ``steps=0``.
-Gradients come from ``CircuitGraph.forward``: plain torch attention, forward and backward.
+Gradients come from ``CircuitGraph.forward``: torch SDPA (flash) attention, forward and backward.
 
 Memory per batch (``CircuitGraph.attribution_bytes``): the clean-minus-corrupted node outputs
-(n_up x B x T x d_model floats, one buffer), a checkpointed autograd graph linear in B x T, and
-one layer's [B, H, T, T] attention at a time.
+(n_up x B x T x d_model floats, one buffer) and a checkpointed autograd graph, both linear in
+B x T; flash attention forms no [B, H, T, T] matrix, forward or backward.
 Each score contribution is added in a gradient hook as backward reaches its target, so no
 per-target gradient is kept.
 

@@ -27,6 +27,10 @@ run goes on, so one bad kernel does not cost the rest of the device time):
 6. model: random-init Llama with 4 layers of Llama-3-8B's shape, bf16, logits of the last
    position: HF SDPA / ``probe.capture`` with every statistic / HF eager with
    ``output_attentions=True`` (8k only), time and peak extra CUDA memory.
+7. circuit (issue 17, last so that it cannot cost the rest): ``CircuitGraph`` on CUDA, float32,
+   a random-init Llama of SmolLM2-135M's shape: the graph's logits vs HF's and EAP-IG scores vs
+   the same computation on the CPU (64 tokens), then time, peak CUDA memory and
+   ``attribution_bytes`` of one EAP-IG step (1 point) at 4k and 16k tokens.
 
 With ``OUT`` set, the log goes to ``$OUT/gpu.log`` and the numbers to ``$OUT/gpu.json``.
 """
@@ -60,6 +64,7 @@ CASE_T = 1024                        # correctness cases (float64 reference: [32
 KERNEL_T = (4096, 16384, 32768)      # the kernel table; the last one is the per-statistic length
 DECODE_T = 32768
 MODEL_T = (8192, 32768)              # eager runs at the first length only
+CIRCUIT_T = (4096, 16384)            # one EAP-IG step of a SmolLM2-shaped float32 model
 MODEL_CFG = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                  num_hidden_layers=4, vocab_size=128256, max_position_embeddings=32768, rope_theta=500000.0)
 
@@ -313,6 +318,53 @@ def model():
     RESULTS["model"] = rows
 
 
+@section
+def circuit():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from headscope.analyses.circuit_core import attribute
+    from headscope.probe.graph import Batch, CircuitGraph
+
+    cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                      num_hidden_layers=30, vocab_size=49152, max_position_embeddings=16384)
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(cfg).float().eval()
+
+    def pair(T, seed):
+        g = torch.Generator().manual_seed(seed)
+        clean = torch.randint(0, cfg.vocab_size, (1, T), generator=g)
+        corrupt = clean.clone()
+        corrupt[:, :T // 2] = torch.randint(0, cfg.vocab_size, (1, T // 2), generator=g)
+        return Batch(clean, corrupt, torch.tensor([T - 1]), clean[:, 0], clean[:, 1])
+
+    seed = int.from_bytes(os.urandom(4), "little")
+    small = pair(64, seed)
+    on_cpu = attribute(CircuitGraph(lm), [small], steps=1)
+    lm.to(DEV)
+    graph = CircuitGraph(lm)
+    on_gpu = attribute(graph, [small.to(DEV)], steps=1)
+    with torch.no_grad():
+        logits, _ = graph.forward(small.clean.to(DEV))
+        hf = lm(small.clean.to(DEV)).logits
+    rel = float((on_gpu - on_cpu).abs().max() / on_cpu.abs().max())
+    log(f"seed {seed}: graph logits vs HF {max_err(logits, hf):.2e}; EAP-IG scores CUDA vs CPU, max |diff| / "
+        f"max |score| = {rel:.2e}")
+    rows = {"logits_err": max_err(logits, hf), "scores_rel_err": rel}
+    for T in CIRCUIT_T:
+        b = pair(T, seed + 1).to(DEV)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        t0 = time.perf_counter()
+        attribute(graph, [b], steps=1)
+        torch.cuda.synchronize()
+        rows[T] = {"s": time.perf_counter() - t0, "peak_gb": (torch.cuda.max_memory_allocated() - before) / 2**30,
+                   "estimate_gb": graph.attribution_bytes(1, T) / 2**30}
+        log(f"T={T}: one EAP-IG step {rows[T]['s']:.1f} s, peak +{rows[T]['peak_gb']:.2f} GB "
+            f"(attribution_bytes {rows[T]['estimate_gb']:.2f} GB)")
+    RESULTS["circuit"] = rows
+
+
 def main() -> None:
     t0 = time.perf_counter()
     import transformers
@@ -326,7 +378,7 @@ def main() -> None:
     except Exception:  # noqa: BLE001 - logged where the run's output goes, then stop
         log(traceback.format_exc())
         raise SystemExit("preflight failed: torch's flash op call in triton_stats._flash_out_lse") from None
-    for run in (correctness, kernels, per_statistic, decoding, cold_start, model):
+    for run in (correctness, kernels, per_statistic, decoding, cold_start, model, circuit):
         run()
     RESULTS["total_s"] = time.perf_counter() - t0
     log(f"\ntotal {RESULTS['total_s']:.0f} s")

@@ -29,13 +29,18 @@ the full one the clean run (``tests/test_circuit_graph.py`` checks both, and a h
 forward with a path swapped).
 
 Which attention runs: this module is its own forward over the HF weights (``q/k/v/o_proj``, the
-norms, the rotary embedding and the MLP modules of the model), with plain torch attention in
-float32 (masked softmax over [B, H, T, T]). Autograd flows through it, so EAP / EAP-IG gradients
-come from the same code that patches. It does not switch the model's attention implementation and
-does not touch the probe's kernels, so ``Probe.capture`` / ``intervene`` keep working on the same
-model between calls. The price is the attention matrix: a forward holds one layer's
-[B, H, T, T] at a time (attribution recomputes it per layer in backward, under activation
-checkpointing), plus the node outputs, n_nodes * B * T * d_model floats, when they are kept.
+norms, the rotary embedding and the MLP modules of the model). Attention is torch's
+``scaled_dot_product_attention`` with ``is_causal``: its flash kernel on CPU,
+its memory-efficient kernel for float32 on CUDA, forward and backward, so no [B, H, T, T] matrix is
+formed and memory stays linear in T.
+Autograd flows through it, so EAP / EAP-IG gradients come from the same code that patches. It does
+not switch the model's attention implementation and does not touch the probe's kernels, so
+``Probe.capture`` / ``intervene`` keep working on the same model between calls. What grows with
+the context is the node outputs, n_nodes * B * T * d_model floats, when they are kept, and the
+checkpointed autograd graph (``attribution_bytes``).
+
+Precision: float32 models (what ``--dtype float32`` loads); others are refused, since attribution
+sums many small products (and HF's norms compute in float32 whatever the model's dtype).
 
 Families: Llama, Mistral, Qwen2 and Qwen3 (pre-norm, RoPE, separate q/k/v projections; Qwen3's
 q/k norms are applied per head). Other families (GPT-2's fused c_attn and learned positions,
@@ -50,6 +55,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from headscope.errors import HeadscopeError
@@ -199,8 +205,7 @@ class CircuitGraph(GraphLayout):
         kept. A head's q/k/v group tensors are its projections' outputs [B, H, T, d_head] (the map
         goes back through W^T and the RMSNorm's Jacobian, written out); an MLP's or ``logits``'
         is its input [B, T, D]. Each layer's attention and MLP run under activation checkpointing,
-        so the autograd graph keeps ~10 d_model floats per token and layer, and the [B, H, T, T]
-        attention of one layer at a time (``attribution_bytes``).
+        so the autograd graph keeps ~10 d_model floats per token and layer (``attribution_bytes``).
         """
         if embeds is None:
             embeds = self.base.embed_tokens(ids)
@@ -323,18 +328,15 @@ class CircuitGraph(GraphLayout):
             q, k = at.q_norm(q), at.k_norm(k)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        T = q.shape[2]
-        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-        scores = (q @ k.transpose(-1, -2)) * at.scaling  # [B, H, T, T]
-        return scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=at.scaling)
 
     def attribution_bytes(self, B: int, T: int) -> int:
         """Estimated peak bytes of ``attribute`` on a [B, T] batch above the loaded model.
 
         Counted: the clean-minus-corrupted node outputs (n_up floats per token and d_model), the
         checkpointed autograd graph (~10 d_model floats per token and layer), the last position's
-        logits with their gradient, one layer's attention recomputed in backward (~3 [B, H, T, T]
-        tensors) and MLP, and one hook's map. Fit to the peaks measured on SmolLM2 at 256 and 1024
+        logits with their gradient, one layer's MLP recomputed in backward, and one hook's map;
+        flash attention adds no [T, T] term. Fit to the peaks measured on SmolLM2 at 256-2048
         tokens (benchmarks/README.md, "circuit discovery"): 1.56x the counted bytes (backward's
         transients, the allocator) plus about the model's own size (weights touched through the
         memory map, per-layer weight copies of the head-wise einsums). Other models and thread
@@ -343,7 +345,7 @@ class CircuitGraph(GraphLayout):
         D, L, H = self.d_model, self.n_layers, self.n_heads
         d_ff = getattr(self.layers[0].mlp, "intermediate_size", 4 * D)
         floats = (len(self.upstream) * B * T * D + 10 * L * B * T * D + 3 * B * self.model.lm_head.out_features
-                  + 3 * B * H * T * T + 4 * B * T * d_ff + 2 * B * T * H * D)
+                  + 4 * B * T * d_ff + 2 * B * T * H * D)
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
         return int(1.56 * 4 * floats + weights)
 

@@ -150,6 +150,48 @@ def test_patching_an_edge_set_equals_a_hand_written_forward(removed):
     assert (ref - ref_full).abs().max() > 1e-3  # the swapped path changes the output
 
 
+def one_token_pairs(seed, rows=4, T=9):
+    """Random prompts with token 3 corrupted; the metric reads the last token (random answer/wrong)."""
+    gen = torch.Generator().manual_seed(seed)
+    clean = torch.randint(VOCAB, (rows, T), generator=gen)
+    corrupt = clean.clone()
+    corrupt[:, 3] = torch.randint(VOCAB, (rows,), generator=gen)
+    answer, wrong = (torch.randint(VOCAB, (rows,), generator=gen) for _ in range(2))
+    return Batch(clean, corrupt, torch.full((rows,), T - 1), answer, wrong)
+
+
+def single_edge_drops(g, batches):
+    """[n_edges] metric drop when each edge of ``g.edges()`` alone carries the corrupted activation."""
+    masks = [None]
+    for u, d in g.edges():
+        m = g.full_mask()
+        m[u, d] = 0.0
+        masks.append(m)
+    vals = circuit_metric(g, batches, masks)
+    return np.array([vals[0] - v for v in vals[1:]])
+
+
+def test_single_edge_patching_equals_the_float64_forward_on_every_edge():
+    """Every one of the 110 single-edge patches, as the ranking test below uses them: the float32
+    graph's metric drop equals the float64 hand-written forward's within 1e-6, so even the edges
+    whose effect is 1e-6..1e-4 are ranked by real effects, not rounding."""
+    model = anisotropic_llama(0)
+    g = CircuitGraph(model)
+    b = one_token_pairs(seed=100)
+    drop = single_edge_drops(g, [b])
+    _, ref_corrupt = reference(model, b.corrupt, {}, set())
+    rows = torch.arange(4)
+
+    def ref_metric(removed):
+        logits, _ = reference(model, b.clean, ref_corrupt, removed)
+        return float((logits[rows, 8, b.answer] - logits[rows, 8, b.wrong]).mean())
+
+    full = ref_metric(set())
+    ref = np.array([full - ref_metric({(g.upstream[u], g.targets[d])}) for u, d in g.edges()])
+    assert (np.abs(ref) < 1e-4).sum() > 20 and np.abs(ref).max() > 0.1
+    np.testing.assert_allclose(drop, ref, atol=1e-6, rtol=0)
+
+
 def test_gqa_k_edge_of_one_query_head_leaves_its_group_mate_alone():
     _, g, b, corrupt, mask = patch_setup(seed=7)
     with torch.no_grad():
@@ -231,56 +273,48 @@ def anisotropic_llama(seed):
 
 
 def test_eap_and_eap_ig_rank_edges_like_exact_single_edge_patching():
-    """Spearman of |score| against |exact single-edge patching| over the edges whose exact effect is
-    above float noise (> 1e-4; ~60 of 110), one corrupted token per prompt, logit difference, on
-    three init seeds (10-12) that were not among those measured below.
+    """Spearman of |score| against |exact single-edge patching|, one corrupted token per prompt, logit
+    difference, on three init seeds (10-12) that were not among those measured below.
 
-    EAP's gradients are exact (the test above); its misses are the edges input -> a0.h*<v> (then
-    input -> a1.h*<v>): corrupting a token swaps the whole layer-0 residual at that position, and
-    the RMSNorm's x / |x| is far from linear over that swap (its Jacobian drops the change along the
-    clean direction), so EAP can get such an edge's size off by 2x, and its sign wrong where the
-    exact effect is small. Embeddings that share a direction, as trained models' do
+    Over all 110 edges (the issue's criterion) both methods must reach 0.9. The stricter check is
+    over the ~60 edges whose exact effect is above 1e-4 (the rest are 1e-6..1e-4, or exactly 0 where
+    the corrupted token cannot reach; the test above shows they are not rounding).
+    There EAP-IG must do better than EAP. EAP's gradients are exact (the test above); its misses are
+    the edges input -> a0.h*<v> (then input -> a1.h*<v>). Corrupting a token swaps the whole layer-0
+    residual at that position, and the RMSNorm's x / |x| is far from linear over that swap (its Jacobian
+    drops the change along the clean direction), so EAP can get such an edge's size off by 2x, and its
+    sign wrong where the exact effect is small. Embeddings that share a direction, as trained models' do
     (``anisotropic_llama``), shrink the swap but do not remove it.
-    Measured over init seeds 0-9 (this model, these prompts): |score| Spearman EAP 0.865-0.975 (three
-    seeds below 0.9, mean 0.94), EAP-IG 0.973-0.990 (>= EAP on nine of ten); signed, same edges: EAP
-    0.857-0.987, EAP-IG 0.966-0.997; EAP signed over all 110 edges 0.885-0.969; |score| over the
-    edges that do not start at ``input`` EAP 0.958-0.994 (which places the misses). So the issue's
-    "EAP >= 0.9 on every model" does not hold for a first-order method on random-init models; EAP-IG
-    does hold it. Asserted: EAP-IG >= 0.95 per seed, EAP >= 0.85 per seed, >= 0.9 on average and
-    >= 0.9 per seed without the input edges, EAP-IG >= EAP on average. The circuit search ranks by
-    |score|, so this is the ranking that matters.
+
+    Measured over init seeds 0-19 with 8, 32 and 128 prompts (60 runs, prompt seeds 100+,
+    ``benchmarks/bench_eap_rank.py``): over all edges EAP 0.926-0.992 and EAP-IG 0.947-0.986, every
+    run >= 0.9 (EAP-IG is ~0.01 below EAP there: on the tiniest edges the gradient at the clean input
+    is exact to first order, the path average is not). Over the edges above 1e-4: EAP 0.872-0.985
+    (7 of 60 runs below 0.9), EAP-IG 0.914-0.995. Asserted: both >= 0.9 over all edges per seed;
+    above 1e-4, EAP-IG >= 0.9 per seed and >= EAP on average, EAP >= 0.85 per seed and >= 0.9 per
+    seed without the input edges (which places the misses).
     """
-    s_eap, s_ig, s_inner = [], [], []
+    s_all, s_eap, s_ig, s_inner = [], [], [], []
     for seed in (10, 11, 12):
         g = CircuitGraph(anisotropic_llama(seed))
-        batches = []
-        for s in (11, 12):
-            gen = torch.Generator().manual_seed(s)
-            clean = torch.randint(VOCAB, (4, 9), generator=gen)
-            corrupt = clean.clone()
-            corrupt[:, 3] = torch.randint(VOCAB, (4,), generator=gen)
-            batches.append(Batch(clean, corrupt, torch.full((4,), 8), torch.randint(VOCAB, (4,), generator=gen),
-                                 torch.randint(VOCAB, (4,), generator=gen)))
+        batches = [one_token_pairs(seed=s) for s in (11, 12)]
         edges = g.edges()
-        masks = [None]
-        for u, d in edges:
-            m = g.full_mask()
-            m[u, d] = 0.0
-            masks.append(m)
-        vals = circuit_metric(g, batches, masks)
-        exact = np.array([vals[0] - v for v in vals[1:]])  # metric drop when the edge is corrupted
-        above = np.abs(exact) > 1e-4
-        assert above.sum() > 30 and np.abs(exact).max() > 1e-2
+        exact = np.abs(single_edge_drops(g, batches))  # |metric drop| when the edge is corrupted
+        above = exact > 1e-4
+        assert above.sum() > 30 and exact.max() > 1e-2
         eap = attribute(g, batches, steps=0)
         ig = attribute(g, batches, steps=5)
         assert float(eap[~g.valid].abs().max()) == 0.0
         a_eap = np.abs([float(eap[u, d]) for u, d in edges])
-        s_eap.append(spearman(a_eap[above], np.abs(exact[above])))
-        s_ig.append(spearman(np.abs([float(ig[u, d]) for u, d in edges])[above], np.abs(exact[above])))
+        a_ig = np.abs([float(ig[u, d]) for u, d in edges])
+        s_all.append((spearman(a_eap, exact), spearman(a_ig, exact)))
+        s_eap.append(spearman(a_eap[above], exact[above]))
+        s_ig.append(spearman(a_ig[above], exact[above]))
         inner = above & np.array([u != g.up_index["input"] for u, _ in edges])
-        s_inner.append(spearman(a_eap[inner], np.abs(exact[inner])))
-    assert min(s_ig) >= 0.95 and min(s_eap) >= 0.85 and min(s_inner) >= 0.9, (s_eap, s_ig, s_inner)
-    assert np.mean(s_eap) >= 0.9 and np.mean(s_ig) >= np.mean(s_eap), (s_eap, s_ig)
+        s_inner.append(spearman(a_eap[inner], exact[inner]))
+    assert np.min(s_all) >= 0.9, s_all
+    assert min(s_ig) >= 0.9 and min(s_eap) >= 0.85 and min(s_inner) >= 0.9, (s_eap, s_ig, s_inner)
+    assert np.mean(s_ig) >= np.mean(s_eap), (s_eap, s_ig)
 
 
 @pytest.mark.slow
@@ -310,8 +344,9 @@ def test_smollm2_graph_is_the_model_and_patching_one_k_edge_is_local(smollm2):
 
 def test_attribution_keeps_an_autograd_graph_linear_in_context_length():
     """What attribution's autograd graph saves for backward (outside the checkpointed layers, which
-    recompute their attention) grows linearly in T: doubling T at most doubles it. Without the
-    per-layer checkpointing the [B, H, T, T] attention tensors were saved too (ratio ~3 here)."""
+    recompute their attention) grows linearly in T: doubling T at most doubles it. Before
+    per-layer checkpointing and flash attention the [B, H, T, T] attention tensors were saved too
+    (ratio ~3 here)."""
     g = CircuitGraph(tiny_llama(seed=2))
     saved = []
 

@@ -1,10 +1,19 @@
 """A planted circuit: a 2-layer attention-only Llama trained on CPU to continue repeated random sequences.
 
-Construction (stated, because it shapes the result): 4 heads per layer, of which heads 1-3 have
-their o_proj columns zeroed and frozen, so each layer has one working head and the model has to
-build induction from a0.h0 (previous token) and a1.h0 (induction); the MLPs have width 1, zeroed
-and frozen. The dead heads and MLPs stay in the graph (110 edges), as they would in a model where
-they do not matter. Which head does what is read from HF eager attention, not from the circuit code.
+Construction (stated, because it shapes the result): 4 heads per layer. Heads 1-3 of each layer are
+frozen at their random init, with q/k/v/o scaled 2x so that what they write is not negligible:
+untrained distractors that read and write the residual stream. Only heads 0 can learn, so the model
+has to build induction from a0.h0 (previous token) and a1.h0 (induction). The MLPs have width 1,
+zeroed and frozen ("too narrow to matter"). All of it stays in the graph (110 edges). Without the
+freeze (``freeze=False``, 1500 steps), the role spreads over the heads of each layer and the
+circuit is dense: on seed 0 even the 11 edges with the largest exact single-edge effects reach
+faithfulness 0.19 (EAP-IG's top 11: 0.30); on seed 1 no induction forms
+(``benchmarks/bench_planted.py --free``). Which head does what is read from HF eager
+attention, not from the circuit code.
+
+Over training seeds 0-5 (``benchmarks/bench_planted.py``), every seed passes the edge-level checks
+below; on seed 1 the greedy-by-node search needs a third node, the distractor a0.h1, which the
+trained heads had come to use.
 """
 import pytest
 import torch
@@ -17,7 +26,7 @@ from headscope.probe.graph import Batch, CircuitGraph
 V, H, D = 48, 4, 64
 
 
-def train_planted(steps=600, seed=0):
+def train_planted(steps=1200, seed=0, distractor_scale=2.0, freeze=True):
     torch.manual_seed(seed)
     cfg = LlamaConfig(hidden_size=D, intermediate_size=1, num_attention_heads=H, num_key_value_heads=H,
                       num_hidden_layers=2, vocab_size=V, max_position_embeddings=64, tie_word_embeddings=False)
@@ -27,9 +36,16 @@ def train_planted(steps=600, seed=0):
         for p in layer.mlp.parameters():
             p.data.zero_()
             p.requires_grad_(False)
-        w = layer.self_attn.o_proj.weight
-        w.data[:, dh:] = 0  # heads 1..3 write nothing
-        w.register_hook(lambda g: torch.cat([g[:, :dh], torch.zeros_like(g[:, dh:])], 1))
+        at = layer.self_attn
+        if not freeze:
+            continue
+        with torch.no_grad():  # heads 1..3: random, louder than the 0.02 init, never trained
+            for proj in (at.q_proj, at.k_proj, at.v_proj):
+                proj.weight[dh:] *= distractor_scale
+            at.o_proj.weight[:, dh:] *= distractor_scale
+        for proj in (at.q_proj, at.k_proj, at.v_proj):  # rows of heads 1..3: no gradient
+            proj.weight.register_hook(lambda g: torch.cat([g[:dh], torch.zeros_like(g[dh:])], 0))
+        at.o_proj.weight.register_hook(lambda g: torch.cat([g[:, :dh], torch.zeros_like(g[:, dh:])], 1))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
@@ -51,13 +67,19 @@ def induction_batch(B, n, seed):
     return Batch(clean, corrupt, torch.full((B,), 2 * n - 2), r[:, -1], r2[:, -1])
 
 
-@pytest.mark.slow  # ~30 s of training on one core (benchmarks/README.md); no timing asserted here
+@pytest.mark.slow  # ~15 s of training on one core (benchmarks/README.md); no timing asserted here
 def test_planted_induction_circuit_is_found():
-    """The k-edge is found by |score|: EAP and EAP-IG both give it the wrong *sign* here (exact drop
-    +9.1, EAP -0.34, EAP-IG -2.4 in one run), the first-order failure at a saturated softmax: the
-    metric vs the edge's weight m is 2.55, 8.84, 11.67, 11.66 at m = 0, 0.5, 0.98, 1, and EAP equals
-    its slope at m = 1 (asserted below), so this is no sign bug."""
-    model = train_planted()
+    found, facts = check_edges(train_planted())
+    # seed 0's k-edge is saturated (not on every seed: benchmarks/bench_planted.py)
+    assert facts["drop"] > 10 * abs(facts["slope"])
+    check_nodes(*found)
+
+
+def check_edges(model):
+    """The k-edge is found by |score| (4th of 110 by EAP-IG): the attribution is small, and EAP-IG's
+    has the wrong *sign* (exact drop +10.5, EAP +0.33, EAP-IG -2.3), the first-order failure at a
+    saturated softmax: the metric vs the edge's weight m is 1.73, 9.94, 12.23, 12.24 at m = 0, 0.5,
+    0.98, 1, and EAP equals its slope at m = 1 (asserted below), so this is no sign bug."""
     # roles from HF eager attention: previous-token head in layer 0, induction head in layer 1
     n = 8
     ids = induction_batch(32, n, seed=99).clean
@@ -81,9 +103,9 @@ def test_planted_induction_circuit_is_found():
         m = g.full_mask()
         m[k_edge] = a
         masks.append(m)
-    full, cut, lo, hi = circuit_metric(g, batches, masks)
+    full, cut, lo, hi = circuit_metric(g, batches, masks)  # cut: the edge fully corrupted
+    facts = {"drop": full - cut, "slope": (hi - lo) / 0.04}  # what cutting the k-edge costs; EAP's slope
     assert float(attribute(g, batches, steps=0)[k_edge]) == pytest.approx((hi - lo) / 0.04, abs=2e-3, rel=2e-2)
-    assert full - cut > 10 * abs(hi - lo) / 0.04
     n_small = g.n_edges // 10  # under 10% of the edges
     top = top_edges_mask(g, scores, n_small)
     assert top[k_edge] == 1.0, "the previous-token -> induction k-edge is among the top edges"
@@ -97,8 +119,12 @@ def test_planted_induction_circuit_is_found():
     # the circuit's faithfulness, checked by exact patching of everything but its edges
     full, empty, circ = circuit_metric(g, batches, [None, g.empty_mask(), top_edges_mask(g, scores, size)])
     assert (circ - empty) / (full - empty) >= 0.9
+    facts["edges"] = size
+    return (g, batches, scores, p, i), facts
 
-    # greedy by node: heads / MLPs added in order of summed |edge score| until faithfulness 0.9
+
+def check_nodes(g, batches, scores, p, i):
+    """Greedy by node: heads / MLPs added in order of summed |edge score| until faithfulness 0.9."""
     n_nodes = len(g.upstream) - 1
     nodes = node_faithfulness_curve(g, batches, scores, sizes=list(range(1, n_nodes + 1)), n_random=10, seed=0)
     k = next(k for k, f in zip(nodes["units"], nodes["faithfulness"]) if f >= 0.9)

@@ -85,11 +85,14 @@ def test_circuit_run_metrics_match_hf_and_report_renders(tiny, tmp_path):
     assert (tmp_path / "r_files").is_dir() and "circuit graph" in md.read_text()
 
 
-def test_a_batch_beyond_memory_is_refused_before_the_run(tiny, tmp_path):
-    """100,000-token prompts: the [H, T, T] attention of one layer alone is hundreds of GB."""
+def test_a_batch_beyond_memory_is_refused_before_the_run(tiny, tmp_path, monkeypatch):
+    """8 pairs of 4,000 tokens in one batch, with 256 MiB said to be free: attribution's estimate
+    (~9 KB per token on this model) is over half of it, so the run stops before it is written."""
+    import headscope.analyses.base as base
+    monkeypatch.setattr(base, "available_memory", lambda device: 256 * 2**20)
     with pytest.raises(HeadscopeError, match="--batch-size"):
         run_analysis("circuit", lm=tiny, probe=Probe(tiny), out=tmp_path / "run", progress=False,
-                     options={"task": "induction", "n_examples": 1, "seq_len": 50_000})
+                     options={"task": "induction", "n_examples": 8, "batch_size": 8, "seq_len": 2_000})
     assert not (tmp_path / "run").exists()
 
 
