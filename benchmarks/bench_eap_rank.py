@@ -26,7 +26,7 @@ def main() -> None:
         "eap_case", Path(__file__).resolve().parents[1] / "tests" / "test_circuit_graph.py")
     case = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(case)
-    from headscope.analyses.circuit_core import attribute
+    from headscope.analyses.circuit_core import attribute, exact_scores
     from headscope.probe.graph import CircuitGraph
 
     rows = []
@@ -34,13 +34,11 @@ def main() -> None:
         for seed in range(args.seeds):
             g = CircuitGraph(case.anisotropic_llama(seed))
             batches = [case.one_token_pairs(seed=100 + s) for s in range(n_prompts // 4)]
-            edges = g.edges()
-            exact = np.abs(case.single_edge_drops(g, batches))
+            exact = np.abs(case.edge_values(g, exact_scores(g, batches)))
             above = exact > 1e-4
             r = [n_prompts, seed]
             for steps in (0, 5):
-                sc = attribute(g, batches, steps=steps)
-                a = np.abs([float(sc[u, d]) for u, d in edges])
+                a = np.abs(case.edge_values(g, attribute(g, batches, steps=steps)))
                 r += [case.spearman(a, exact), case.spearman(a[above], exact[above])]
             rows.append(r)
             print(f"prompts {n_prompts:3d} seed {seed:2d}  all edges: EAP {r[2]:.3f} EAP-IG {r[4]:.3f}   "

@@ -54,7 +54,7 @@ def main() -> None:
 
 
 def free_circuit(case, seed: int) -> None:
-    from headscope.analyses.circuit_core import attribute, circuit_metric, faithfulness_curve
+    from headscope.analyses.circuit_core import attribute, exact_scores, faithfulness_curve
     from headscope.probe.graph import CircuitGraph
 
     model = case.train_planted(steps=1500, seed=seed, freeze=False)
@@ -69,15 +69,7 @@ def free_circuit(case, seed: int) -> None:
           f"induction, layer 1: {[round(float(x), 2) for x in ind]}")
     g = CircuitGraph(model)
     batches = [case.induction_batch(16, n, seed=1), case.induction_batch(16, 6, seed=2)]
-    masks = [None]
-    for u, d in g.edges():
-        m = g.full_mask()
-        m[u, d] = 0.0
-        masks.append(m)
-    vals = circuit_metric(g, batches, masks)
-    exact = torch.zeros(g.valid.shape, dtype=torch.float64)
-    for (u, d), v in zip(g.edges(), vals[1:]):
-        exact[u, d] = vals[0] - v
+    exact = exact_scores(g, batches)
     sizes = list(range(1, g.n_edges // 10 + 1))
     for name, scores in (("exact single-edge", exact), ("EAP-IG", attribute(g, batches, steps=5))):
         curve = faithfulness_curve(g, batches, scores, sizes=sizes, n_random=1, seed=0)

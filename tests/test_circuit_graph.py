@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from headscope.analyses.circuit_core import attribute, circuit_metric
+from headscope.analyses.circuit_core import attribute, circuit_metric, exact_scores
 from headscope.errors import HeadscopeError
 from headscope.probe.graph import Batch, CircuitGraph, logit_diff_metric
 
@@ -150,6 +150,11 @@ def test_patching_an_edge_set_equals_a_hand_written_forward(removed):
     assert (ref - ref_full).abs().max() > 1e-3  # the swapped path changes the output
 
 
+def edge_values(g, scores):
+    """[n_edges] numpy values of a [n_up, n_targets] score matrix, in ``g.edges()`` order."""
+    return np.array([float(scores[u, d]) for u, d in g.edges()])
+
+
 def one_token_pairs(seed, rows=4, T=9):
     """Random prompts with token 3 corrupted; the metric reads the last token (random answer/wrong)."""
     gen = torch.Generator().manual_seed(seed)
@@ -160,17 +165,6 @@ def one_token_pairs(seed, rows=4, T=9):
     return Batch(clean, corrupt, torch.full((rows,), T - 1), answer, wrong)
 
 
-def single_edge_drops(g, batches):
-    """[n_edges] metric drop when each edge of ``g.edges()`` alone carries the corrupted activation."""
-    masks = [None]
-    for u, d in g.edges():
-        m = g.full_mask()
-        m[u, d] = 0.0
-        masks.append(m)
-    vals = circuit_metric(g, batches, masks)
-    return np.array([vals[0] - v for v in vals[1:]])
-
-
 def test_single_edge_patching_equals_the_float64_forward_on_every_edge():
     """Every one of the 110 single-edge patches, as the ranking test below uses them: the float32
     graph's metric drop equals the float64 hand-written forward's within 1e-6, so even the edges
@@ -178,7 +172,7 @@ def test_single_edge_patching_equals_the_float64_forward_on_every_edge():
     model = anisotropic_llama(0)
     g = CircuitGraph(model)
     b = one_token_pairs(seed=100)
-    drop = single_edge_drops(g, [b])
+    drop = edge_values(g, exact_scores(g, [b]))
     _, ref_corrupt = reference(model, b.corrupt, {}, set())
     rows = torch.arange(4)
 
@@ -299,14 +293,13 @@ def test_eap_and_eap_ig_rank_edges_like_exact_single_edge_patching():
         g = CircuitGraph(anisotropic_llama(seed))
         batches = [one_token_pairs(seed=s) for s in (11, 12)]
         edges = g.edges()
-        exact = np.abs(single_edge_drops(g, batches))  # |metric drop| when the edge is corrupted
+        exact = np.abs(edge_values(g, exact_scores(g, batches)))  # |metric drop| when the edge is corrupted
         above = exact > 1e-4
         assert above.sum() > 30 and exact.max() > 1e-2
         eap = attribute(g, batches, steps=0)
         ig = attribute(g, batches, steps=5)
         assert float(eap[~g.valid].abs().max()) == 0.0
-        a_eap = np.abs([float(eap[u, d]) for u, d in edges])
-        a_ig = np.abs([float(ig[u, d]) for u, d in edges])
+        a_eap, a_ig = np.abs(edge_values(g, eap)), np.abs(edge_values(g, ig))
         s_all.append((spearman(a_eap, exact), spearman(a_ig, exact)))
         s_eap.append(spearman(a_eap[above], exact[above]))
         s_ig.append(spearman(a_ig[above], exact[above]))
