@@ -304,3 +304,8 @@ def arr(x) -> np.ndarray:
         a = np.frombuffer(base64.b64decode(x["bdata"]), dtype=np.dtype(x["dtype"]))
         return a.reshape([int(n) for n in str(x.get("shape", len(a))).split(",")])
     return np.asarray(x, dtype=float)
+
+
+def hook_counts(model) -> list[tuple[int, int]]:
+    """Forward (pre-)hooks per module; HF installs some of its own, so tests compare snapshots."""
+    return [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]

@@ -8,7 +8,13 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from headscope.analyses.circuit_core import attribute, circuit_metric, exact_scores
 from headscope.errors import HeadscopeError
+from headscope.kernels import StatsSpec
+from headscope.probe import HeadAblation, Probe
 from headscope.probe.graph import Batch, CircuitGraph, logit_diff_metric
+
+from .helpers import VOCAB as HF_VOCAB
+from .helpers import eager, hook_counts
+from .helpers import tiny_model as hf_tiny_model
 
 VOCAB = 61
 
@@ -208,6 +214,43 @@ def test_edge_names_and_counts():
         g.parse_edge("a1.h0->a0.h0<q>")
     with pytest.raises(HeadscopeError):
         g.mask_from_edges([(g.up_index["a1.h0"], g.target_index["a0.h0<q>"])])
+
+
+def test_capture_and_intervene_work_alongside_the_graph():
+    """Attribution and patched forwards leave the model as they found it: ``Probe.capture``'s
+    statistics equal HF eager's before and after, an intervention gives the same logits before and
+    after, and no attention implementation, hook or parameter gradient is left behind."""
+    model = hf_tiny_model("llama")
+    probe = Probe(model)
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, HF_VOCAB, (2, 12), generator=g)
+    corrupt = ids.clone()
+    corrupt[:, 2:6] = torch.randint(0, HF_VOCAB, (2, 4), generator=g)
+    ref = eager(model, ids)
+    p = torch.stack([a.double() for a in ref.attentions])  # [L, B, H, T, T]
+    ref_entropy = -(p * torch.log(p.clamp_min(1e-300))).sum(-1)  # [L, B, H, T]
+    impl, hooks = model.config._attn_implementation, hook_counts(model)
+
+    def use_probe():
+        with probe.capture(stats=StatsSpec(entropy=True)) as cap:
+            logits = probe.forward(ids).logits
+        with probe.intervene([HeadAblation(1, 2, "zero")]):
+            ablated = probe.forward(ids).logits
+        return logits, torch.stack([cap.stats[l]["entropy"] for l in range(len(p))]), ablated
+
+    before = use_probe()
+    graph = CircuitGraph(model)
+    batch = Batch(ids, corrupt, torch.tensor([11, 11]), ids[:, 0], ids[:, 1])
+    assert attribute(graph, [batch], steps=2).abs().max() > 0
+    circuit_metric(graph, [batch], [graph.empty_mask()])
+    after = use_probe()
+    for got in (before, after):
+        torch.testing.assert_close(got[0], ref.logits, atol=1e-4, rtol=0)
+        torch.testing.assert_close(got[1].double(), ref_entropy, atol=2e-5, rtol=1e-4)
+    assert torch.equal(before[2], after[2]) and (after[2] - after[0]).abs().max() > 1e-3
+    assert model.config._attn_implementation == impl
+    assert hook_counts(model) == hooks
+    assert all(q.grad is None for q in model.parameters())
 
 
 def test_unsupported_family_raises():

@@ -19,7 +19,7 @@ from headscope.kernels import StatsSpec
 from headscope.probe import (HeadAblation, KeyReweight, Patch, Probe, kl_div, logit_diff, sweep_heads_states,
                              target_logprob)
 
-from .helpers import VOCAB, eager, one_thread, tiny_model  # noqa: F401 (fixture)
+from .helpers import VOCAB, eager, hook_counts, one_thread, tiny_model  # noqa: F401 (fixture)
 
 D = 16  # d_head of every tiny model
 
@@ -54,11 +54,6 @@ def zero_query(model, family: str, layer: int, head: int):
             if q.bias is not None:
                 q.bias[rows] = 0
     return m
-
-
-def hook_counts(model) -> list[tuple[int, int]]:
-    """Forward (pre-)hooks per module; HF installs some of its own, so tests compare snapshots."""
-    return [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3", "qwen2", "gpt2"])
