@@ -157,11 +157,33 @@ def facts(c: dict) -> list[dict]:
             {"key": "clean metric (logit diff)", "value": c["clean_metric"]},
             {"key": "corrupted metric", "value": c["corrupted_metric"]},
             {"key": "target faithfulness", "value": c["target_faithfulness"]},
-            {"key": "minimal circuit (edges)", "value": c["minimal_circuit_edges"]},
+            {"key": "minimal circuit (edges)", "value": _minimal(c)},
             {"key": "edges in the graph", "value": c["n_edges_total"]},
-            {"key": "heads in the circuit", "value": ", ".join(n["name"] for n in c["nodes"] if n["name"][0] == "a")}]
+            {"key": "heads in the circuit", "value": circuit_heads(c)}]
     rows += [{"key": f"setting: {k}", "value": v} for k, v in c["settings"].items()]
     return rows
+
+
+def _minimal(c: dict) -> str:
+    n, total = c["minimal_circuit_edges"], c["n_edges_total"]
+    if n is None:
+        return f"none on the curve reaches {c['target_faithfulness']} (the full graph is shown)"
+    return f"{n} (the full graph: no smaller circuit on the curve reaches the target)" if n == total else str(n)
+
+
+def circuit_heads(c: dict, top: int = 15) -> str:
+    """How many heads the shown circuit holds, the ``top`` of them by the |score| of their circuit
+    edges first (a full-graph circuit would otherwise list every head in layer order)."""
+    mass: dict[str, float] = {}
+    for e in c["edges"]:
+        for n in (e["source"], e["target"]):
+            if n.startswith("a"):
+                mass[n] = mass.get(n, 0.0) + abs(e["score"])
+    heads = sorted(mass, key=lambda n: (-mass[n], _order(n)))
+    if not heads:
+        return "none"
+    more = f"; {len(heads) - top} more" if len(heads) > top else ""
+    return f"{len(heads)}, by |edge score| in the circuit: {', '.join(heads[:top])}{more}"
 
 
 def edge_rows(c: dict, n: int = 25) -> list[dict]:

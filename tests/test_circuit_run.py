@@ -212,3 +212,20 @@ def test_shipped_tasks_on_smollm2_are_behaviours(smollm2, task):
                 lg = smollm2.model(torch.tensor([getattr(p, which)])).logits[0, -1]
                 diffs[which].append(float(lg[p.answer] - lg[p.wrong]))
     assert np.mean(diffs["clean"]) > np.mean(diffs["corrupt"]) + 0.5, diffs
+
+
+def test_report_names_circuit_heads_by_edge_mass_and_says_when_the_circuit_is_the_full_graph():
+    from headscope.app.circuit_report import circuit_heads, facts
+    edges = [{"source": "a0.h1", "target": "a1.h0", "score": -2.0}, {"source": "input", "target": "a0.h1", "score": 0.5},
+             {"source": "a1.h0", "target": "logits", "score": 1.0}, {"source": "a0.h0", "target": "logits", "score": 0.25}]
+    c = {"edges": edges, "task": "t", "method": "eap", "clean_metric": 1.0, "corrupted_metric": 0.0,
+         "target_faithfulness": 0.8, "minimal_circuit_edges": 110, "n_edges_total": 110, "settings": {}}
+    # |score| summed per head: a1.h0 2 + 1, a0.h1 2 + 0.5, a0.h0 0.25
+    assert circuit_heads(c, top=2) == "3, by |edge score| in the circuit: a1.h0, a0.h1; 1 more"
+    rows = {r["key"]: r["value"] for r in facts(c)}
+    assert rows["minimal circuit (edges)"].startswith("110 (the full graph")
+    assert rows["minimal circuit (edges)"] != str(110)
+    rows = {r["key"]: r["value"] for r in facts({**c, "minimal_circuit_edges": None})}
+    assert rows["minimal circuit (edges)"].startswith("none on the curve reaches 0.8")
+    rows = {r["key"]: r["value"] for r in facts({**c, "minimal_circuit_edges": 7})}
+    assert rows["minimal circuit (edges)"] == "7"
