@@ -216,8 +216,8 @@ def test_shipped_tasks_on_smollm2_are_behaviours(smollm2, task):
 
 def test_report_names_circuit_heads_by_edge_mass_and_says_when_the_circuit_is_the_full_graph():
     from headscope.app.circuit_report import circuit_heads, facts
-    edges = [{"source": "a0.h1", "target": "a1.h0", "score": -2.0}, {"source": "input", "target": "a0.h1", "score": 0.5},
-             {"source": "a1.h0", "target": "logits", "score": 1.0}, {"source": "a0.h0", "target": "logits", "score": 0.25}]
+    edges = [{"source": s, "target": t, "score": v} for s, t, v in
+             (("a0.h1", "a1.h0", -2.0), ("input", "a0.h1", 0.5), ("a1.h0", "logits", 1.0), ("a0.h0", "logits", 0.25))]
     c = {"edges": edges, "task": "t", "method": "eap", "clean_metric": 1.0, "corrupted_metric": 0.0,
          "target_faithfulness": 0.8, "minimal_circuit_edges": 110, "n_edges_total": 110, "settings": {}}
     # |score| summed per head: a1.h0 2 + 1, a0.h1 2 + 0.5, a0.h0 0.25
