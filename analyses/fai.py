@@ -45,6 +45,7 @@ import torch
 from headscope.errors import HeadscopeError
 from headscope.heads import head_label, top_labels
 from headscope.kernels import StatsSpec
+from headscope.probe.geometry import text_config
 
 from .base import PREPEND_BOS, Analysis, ExampleOutput, Finalized, Option, ScoreMeta, register
 from .datasets import (Encoded, data_examples, encode_record, load_span_records,  # noqa: F401 (re-exported)
@@ -128,8 +129,7 @@ def token_entropy(final: torch.Tensor, model, block: int = 256) -> np.ndarray:
     they would take 1.6 GB per copy. Tests check the result against the model's own logits.
     """
     head = model.get_output_embeddings()
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    cap = getattr(cfg, "final_logit_softcapping", None)
+    cap = getattr(text_config(model.config), "final_logit_softcapping", None)
     w = head.weight
     out = []
     with torch.no_grad():

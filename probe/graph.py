@@ -44,8 +44,9 @@ sums many small products (and HF's norms compute in float32 whatever the model's
 
 Families: Llama, Mistral, Qwen2 and Qwen3 (pre-norm, RoPE, separate q/k/v projections; Qwen3's
 q/k norms are applied per head). Other families (GPT-2's fused c_attn and learned positions,
-Gemma's sandwich norms / embedding scale / softcaps, sliding-window layers) raise ``HeadscopeError``;
-so do prompts longer than a Mistral / Qwen2 sliding window, which this full-causal forward ignores.
+Gemma's sandwich norms / embedding scale / softcaps) and sliding-window layers (as ``Geometry``
+reads them) raise ``HeadscopeError``, except Mistral's window on every layer: there only prompts
+longer than the window raise (within it, attention is full causal, which is what this forward does).
 """
 from __future__ import annotations
 
@@ -59,6 +60,8 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from headscope.errors import HeadscopeError
+
+from .geometry import Geometry
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 QKV = ("q", "k", "v")
@@ -158,25 +161,21 @@ class CircuitGraph(GraphLayout):
 
     def __init__(self, model):
         model = _model_of(model)
-        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        if cfg.model_type not in SUPPORTED:
+        geo = Geometry.of(model.config)
+        if geo.model_type not in SUPPORTED:
             raise HeadscopeError(f"circuit graphs support model types {', '.join(SUPPORTED)}; "
-                                 f"{cfg.model_type!r} is not one of them")
-        if any(t == "sliding_attention" for t in (getattr(cfg, "layer_types", None) or [])) and \
-                getattr(cfg, "use_sliding_window", True):
-            raise HeadscopeError(f"{cfg.model_type!r} with sliding-window layers is not supported by circuit graphs")
+                                 f"{geo.model_type!r} is not one of them")
+        if geo.sliding_layers and geo.model_type != "mistral":
+            raise HeadscopeError(f"{geo.model_type!r} with sliding-window layers is not supported by circuit graphs")
         if next(model.parameters()).dtype != torch.float32:
             raise HeadscopeError("circuit graphs need a float32 model (--dtype float32): attribution sums many "
                                  "small products")
-        uses_window = cfg.model_type == "mistral" or getattr(cfg, "use_sliding_window", False)
-        self.window = getattr(cfg, "sliding_window", None) if uses_window else None
+        self.window = geo.sliding_window  # Mistral: every layer's window; ``forward`` refuses longer prompts
         self.model = model
         self.base = model.model
         self.layers = list(self.base.layers)
-        super().__init__(len(self.layers), cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None))
-        self.d_head = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
-        self.d_model = cfg.hidden_size
-        self.model_type = cfg.model_type
+        super().__init__(geo.n_layers, geo.n_heads, geo.n_kv_heads)
+        self.d_head, self.d_model, self.model_type = geo.d_head, geo.d_model, geo.model_type
 
     # -- the forward ---------------------------------------------------------------------------
     def forward(self, ids: torch.Tensor | None = None, *, embeds: torch.Tensor | None = None,

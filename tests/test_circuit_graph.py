@@ -253,6 +253,27 @@ def test_capture_and_intervene_work_alongside_the_graph():
     assert all(q.grad is None for q in model.parameters())
 
 
+def test_sliding_windows_follow_the_probes_geometry():
+    """Qwen2 with sliding-window layers is refused; a Mistral (window on every layer) runs prompts up
+    to its window, where HF's attention is full causal (the graph equals HF's logits), and refuses longer ones."""
+    from transformers import MistralConfig, Qwen2Config
+    small = dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
+                 num_hidden_layers=2, vocab_size=VOCAB, max_position_embeddings=64)
+    qwen = AutoModelForCausalLM.from_config(Qwen2Config(use_sliding_window=True, sliding_window=8, max_window_layers=0,
+                                                         **small))
+    with pytest.raises(HeadscopeError, match="sliding-window"):
+        CircuitGraph(qwen)
+    torch.manual_seed(0)
+    mistral = AutoModelForCausalLM.from_config(MistralConfig(sliding_window=8, **small), attn_implementation="eager")
+    g = CircuitGraph(mistral)
+    ids = torch.randint(VOCAB, (2, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits, _ = g.forward(ids)
+        torch.testing.assert_close(logits, mistral(ids).logits, atol=1e-5, rtol=0)
+        with pytest.raises(HeadscopeError, match="8-token sliding window"):
+            g.forward(torch.cat([ids, ids[:, :1]], 1))
+
+
 def test_unsupported_family_raises():
     from transformers import GPT2Config
     model = AutoModelForCausalLM.from_config(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=VOCAB))
