@@ -30,21 +30,29 @@ def compare(circuits: dict, ind) -> None:
               f"shared with the induction top-10: {', '.join(h for h in mine if h in top) or 'none'}")
 
 
+def half_corrupted(B: int, T: int, seed: int = 0, lo: int = 1000, hi: int = 20000):
+    """Random prompts [B, T] with the first half corrupted; the metric reads the last token
+    (answer / wrong: the first two tokens). Also used by ``gpu.py``'s circuit section."""
+    from headscope.probe.graph import Batch
+    gen = torch.Generator().manual_seed(seed)
+    clean = torch.randint(lo, hi, (B, T), generator=gen)
+    corrupt = clean.clone()
+    corrupt[:, :T // 2] = torch.randint(lo, hi, (B, T // 2), generator=gen)
+    return Batch(clean, corrupt, torch.full((B,), T - 1), clean[:, 0], clean[:, 1])
+
+
 def attribution_memory(model: str, B: int, T: int) -> None:
     """Wall time and peak RSS of one EAP-IG step (1 interpolation point) on random prompts [B, T]."""
     import resource
 
     from headscope.analyses.circuit_core import attribute
     from headscope.probe import load_model
-    from headscope.probe.graph import Batch, CircuitGraph
+    from headscope.probe.graph import CircuitGraph
     g = CircuitGraph(load_model(model).model)
-    gen = torch.Generator().manual_seed(0)
-    clean = torch.randint(1000, 20000, (B, T), generator=gen)
-    corrupt = clean.clone()
-    corrupt[:, :T // 2] = torch.randint(1000, 20000, (B, T // 2), generator=gen)
+    batch = half_corrupted(B, T)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     t0 = time.time()
-    attribute(g, [Batch(clean, corrupt, torch.full((B,), T - 1), clean[:, 0], clean[:, 1])], steps=1)
+    attribute(g, [batch], steps=1)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     print(f"B={B} T={T}: {time.time() - t0:.1f} s, peak RSS {peak:.2f} GB (model loaded: {before:.2f} GB; "
           f"estimate of attribution's own: {g.attribution_bytes(B, T) / 1e9:.2f} GB)")

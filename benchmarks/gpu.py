@@ -36,6 +36,7 @@ With ``OUT`` set, the log goes to ``$OUT/gpu.log`` and the numbers to ``$OUT/gpu
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import math
@@ -323,19 +324,15 @@ def circuit():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from headscope.analyses.circuit_core import attribute
-    from headscope.probe.graph import Batch, CircuitGraph
+    from bench_circuit import half_corrupted  # this folder is on sys.path when gpu.py runs as a script
+    from headscope.probe.graph import CircuitGraph
 
     cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
                       num_hidden_layers=30, vocab_size=49152, max_position_embeddings=16384)
     torch.manual_seed(0)
     lm = LlamaForCausalLM(cfg).float().eval()
 
-    def pair(T, seed):
-        g = torch.Generator().manual_seed(seed)
-        clean = torch.randint(0, cfg.vocab_size, (1, T), generator=g)
-        corrupt = clean.clone()
-        corrupt[:, :T // 2] = torch.randint(0, cfg.vocab_size, (1, T // 2), generator=g)
-        return Batch(clean, corrupt, torch.tensor([T - 1]), clean[:, 0], clean[:, 1])
+    pair = functools.partial(half_corrupted, 1, lo=0, hi=cfg.vocab_size)  # (T, seed) -> a 1-row Batch
 
     seed = int.from_bytes(os.urandom(4), "little")
     small = pair(64, seed)
