@@ -28,6 +28,7 @@ from .base import (PREPEND_BOS, Analysis, Example, ExampleOutput, Finalized, Opt
                    register)
 from .circuit_core import (attribute, faithfulness_curve, minimal_circuit, node_faithfulness_curve, node_scores,
                            prune_dangling, size_grid, top_edges_mask, top_nodes_mask)
+from .circuit_export import nodes_in_graph
 
 N_SUMMARY_EDGES = 40
 
@@ -114,16 +115,10 @@ class CircuitAnalysis(Analysis):
         chosen = prune_dangling(g, selected)
         in_graph = chosen.bool()
         L, H = g.n_layers, g.n_heads
-        mass = np.zeros((L, H))
-        member = np.zeros((L, H))
+        per_node, in_nodes = node_scores(g, scores), nodes_in_graph(g, in_graph)
+        mass = np.array([[float(per_node[g.up_index[f"a{l}.h{h}"]]) for h in range(H)] for l in range(L)])
+        member = np.array([[float(in_nodes[f"a{l}.h{h}"]) for h in range(H)] for l in range(L)])
         absd = scores.abs()
-        per_node = node_scores(g, scores)
-        for l in range(L):
-            for h in range(H):
-                u = g.up_index[f"a{l}.h{h}"]
-                tgts = [g.target_index[f"a{l}.h{h}<{c}>"] for c in "qkv"]
-                mass[l, h] = float(per_node[u])
-                member[l, h] = float(in_graph[u].any() or in_graph[:, tgts].any())
         order = torch.argsort(torch.where(in_graph, absd, torch.tensor(-1.0, dtype=absd.dtype)).flatten(),
                               descending=True)[:int(in_graph.sum())]
         edges = [{"edge": g.edge_name(*divmod(int(i), absd.shape[1])), "score": float(scores.flatten()[i])}

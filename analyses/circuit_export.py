@@ -23,9 +23,9 @@ from headscope.probe.graph import GraphLayout
 def nodes_in_graph(layout: GraphLayout, in_graph: torch.Tensor) -> dict[str, bool]:
     """A node is in the graph when an in-graph edge leaves or enters it; ``logits`` always is."""
     out = {n: bool(in_graph[i].any()) for i, n in enumerate(layout.upstream)}
-    for d, t in enumerate(layout.targets[:-1]):
+    for d in range(len(layout.targets) - 1):
         if bool(in_graph[:, d].any()):
-            out[t.split("<")[0]] = True
+            out[layout.split_target(d)[0]] = True
     out["logits"] = True
     return out
 
@@ -73,7 +73,7 @@ def read_eapig(path: str | Path):
         raise HeadscopeError(f"cannot read circuit JSON {path}: {e}") from None
 
 
-QKV_COLOURS = {"q": "#1f77b4", "k": "#2ca02c", "v": "#d62728", None: "#555555"}
+EDGE_COLOURS = {"q": "#1f77b4", "k": "#2ca02c", "v": "#d62728", "": "#777777"}  # by the target's input
 
 
 def to_dot(layout: GraphLayout, scores: torch.Tensor, in_graph: torch.Tensor) -> str:
@@ -89,11 +89,10 @@ def to_dot(layout: GraphLayout, scores: torch.Tensor, in_graph: torch.Tensor) ->
     for key, group in by_layer.items():
         lines.append("  { rank=same; " + " ".join(f'"{n}";' for n in group) + " }")
     for u, d in keep:
-        tgt = layout.targets[d]
-        node, qkv = (tgt.split("<")[0], tgt[-2]) if "<" in tgt else (tgt, None)
+        node, qkv = layout.split_target(d)
         s = float(scores[u, d])
         width = 0.5 + 4.5 * abs(s) / top
-        lines.append(f'  "{layout.upstream[u]}" -> "{node}" [penwidth={width:.2f}, color="{QKV_COLOURS[qkv]}", '
-                     f'label="{qkv or ""}", tooltip="{layout.edge_name(u, d)}: {s:.4g}"];')
+        lines.append(f'  "{layout.upstream[u]}" -> "{node}" [penwidth={width:.2f}, color="{EDGE_COLOURS[qkv]}", '
+                     f'label="{qkv}", tooltip="{layout.edge_name(u, d)}: {s:.4g}"];')
     lines.append("}")
     return "\n".join(lines) + "\n"

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from headscope.analyses.circuit_core import prune_dangling, top_edges_mask
+from headscope.analyses.circuit_export import EDGE_COLOURS
 from headscope.probe.graph import GraphLayout
 
-EDGE_COLOURS = {"q": "#1f77b4", "k": "#2ca02c", "v": "#d62728", "": "#777777"}
 MAX_EDGES_DRAWN = 150
 
 
@@ -36,8 +36,7 @@ def edge_circuit(run, roles: dict[str, list[str]], n_edges: int | None = None) -
         chosen = prune_dangling(layout, mask).numpy() > 0
     edges = []
     for u, d in zip(*np.nonzero(chosen)):
-        tgt = layout.targets[d]
-        node, qkv = (tgt.split("<")[0], tgt[-2]) if "<" in tgt else (tgt, "")
+        node, qkv = layout.split_target(d)
         edges.append({"edge": layout.edge_name(u, d), "source": layout.upstream[u], "target": node, "qkv": qkv,
                       "score": float(scores[u, d])})
     edges.sort(key=lambda e: -abs(e["score"]))

@@ -110,13 +110,14 @@ class GraphLayout:
     def n_edges(self) -> int:
         return int(self.valid.sum())
 
+    def split_target(self, d: int) -> tuple[str, str]:
+        """(node, input) of target d: ``a1.h0<k>`` -> ("a1.h0", "k"); ``m0`` -> ("m0", "")."""
+        node, _, qkv = self.targets[d].partition("<")
+        return node, qkv.rstrip(">")
+
     def edge_name(self, u: int, d: int) -> str:
         """EAP-IG's edge name: ``a0.h1->a1.h0<k>``, ``m0->logits``."""
-        tgt = self.targets[d]
-        if "<" in tgt:
-            node, qkv = tgt.split("<")
-            return f"{self.upstream[u]}->{node}<{qkv}"
-        return f"{self.upstream[u]}->{tgt}"
+        return f"{self.upstream[u]}->{self.targets[d]}"
 
     def edges(self) -> list[tuple[int, int]]:
         """Every (upstream index, target index) pair of the graph, row-major."""
@@ -141,9 +142,6 @@ class GraphLayout:
     def parse_edge(self, name: str) -> tuple[int, int]:
         try:
             up, down = name.split("->")
-            if "<" in down:
-                node, qkv = down.split("<")
-                down = f"{node}<{qkv}"
             u, d = self.up_index[up], self.target_index[down]
             if not self.valid[u, d]:
                 raise KeyError(name)
