@@ -890,7 +890,7 @@ def _execute(run: Run, resumed: bool, analysis: Analysis, ctx: RunContext, examp
         bar.close()
         records = run.examples()
         if records and all(r.get("skip") for r in records):
-            reasons = sorted({str(r.get("reason") or r.get("error") or "no reason recorded") for r in records})
+            reasons = sorted({str(r.get("skip_reason") or "no reason recorded") for r in records})
             raise AllSkipped(f"all {len(records)} examples were skipped ({'; '.join(reasons[:3])}): nothing to score; "
                              "fix the data or options and start a new run (resuming would skip them again)")
         fin = analysis.finalize(ctx, agg, records)

@@ -191,7 +191,7 @@ def test_a_run_whose_examples_were_all_skipped_says_so(tmp_path, capsys):
         name = "_toy_skip_all"
 
         def process(self, ctx, ex):
-            return super().process(ctx, ex).__class__(arrays={}, details={"reason": "too short"}, skip=True)
+            return super().process(ctx, ex).__class__(arrays={}, details={"skip_reason": "too short"}, skip=True)
 
     with pytest.raises(HeadscopeError, match=r"all 3 examples were skipped \(too short\)"):
         run_analysis("_toy_skip_all", lm=FAKE_LM, probe=object(), out=tmp_path / "r", progress=False,
