@@ -900,7 +900,7 @@ def _execute(run: Run, resumed: bool, analysis: Analysis, ctx: RunContext, examp
         run.meta["score_meta"] = {k: asdict(v) for k, v in fin.score_meta.items()}
         run.meta["summary"] = fin.summary
         run.meta["n_examples"] = len(done)
-        run.meta["n_used"] = sum(1 for r in run.examples() if not r.get("skip"))
+        run.meta["n_used"] = sum(1 for r in records if not r.get("skip"))
         if arrays:
             atomic_write_npz(run.path / "arrays.npz", {k: np.asarray(v) for k, v in arrays.items()})
             run.meta["arrays"] = "arrays.npz"
