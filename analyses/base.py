@@ -205,6 +205,12 @@ class Aggregator:
     def __contains__(self, name: str) -> bool:
         return name in self.stats
 
+    def add_output(self, res: "ExampleOutput") -> None:
+        """Fold one processed example's arrays (none for a skipped example)."""
+        if not res.skip:
+            for k, v in res.arrays.items():
+                self.add(k, v)
+
     def merge(self, other: "Aggregator") -> None:
         for name, stat in other.stats.items():
             self.stats.setdefault(name, RunningMean()).merge(stat)
@@ -877,16 +883,11 @@ def _execute(run: Run, resumed: bool, analysis: Analysis, ctx: RunContext, examp
         else:
             for i in range(0, len(todo), per):
                 chunk = todo[i:i + per]
-                for (ex, key), res in zip(chunk, processed(analysis, ctx, [ex for ex, _ in chunk])):
-                    if not res.skip:
-                        for k, v in res.arrays.items():
-                            agg.add(k, v)
-                    run.append_example(example_record(ex, res))
-                    done.append(key)
-                run.save_checkpoint(agg.state(), done)
-                bar.update(len(chunk))
-                if on_progress:
-                    on_progress(len(done), len(examples))
+                outs = processed(analysis, ctx, [ex for ex, _ in chunk])
+                for res in outs:
+                    agg.add_output(res)
+                commit_round(run, agg, chunk, [example_record(ex, res) for (ex, _), res in zip(chunk, outs)], done,
+                             bar=bar, on_progress=on_progress, total=len(examples))
         bar.close()
         records = run.examples()
         if records and all(r.get("skip") for r in records):
@@ -938,6 +939,19 @@ def processed(analysis: Analysis, ctx: RunContext, examples: list[Example]) -> l
     if len(outs) != len(examples):
         raise RuntimeError(f"{analysis.name}.process_batch returned {len(outs)} outputs for {len(examples)} examples")
     return outs
+
+
+def commit_round(run: Run, agg: Aggregator, chunk: list, records: list[dict], done: list, *, bar, on_progress,
+                 total: int) -> None:
+    """Append a round's records in order, checkpoint ``agg`` with them, advance the progress
+    (the single-process loop and the distributed lead share it)."""
+    for (_, key), rec in zip(chunk, records):
+        run.append_example(rec)
+        done.append(key)
+    run.save_checkpoint(agg.state(), done)
+    bar.update(len(chunk))
+    if on_progress:
+        on_progress(len(done), total)
 
 
 def example_record(ex: Example, res: ExampleOutput) -> dict:

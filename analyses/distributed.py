@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from headscope.errors import HeadscopeError
 
-from .base import Aggregator, evened, example_record, processed
+from .base import Aggregator, commit_round, evened, example_record, processed
 
 
 def init_from_env(device: str = "cpu") -> "Ranks | None":
@@ -98,21 +98,14 @@ class Ranks:
              on_progress) -> Aggregator:
         """Rank 0: process its share, write each round's records in order and checkpoint the merged
         state; returns the merged Aggregator (``agg`` holds the resumed examples' statistics)."""
-        base = agg
         total = len(done) + len(todo)
         self._start([key for _, key in todo], len(done))
-        merged = base
+        merged = agg
         for chunk, records, reduced in self._rounds(analysis, ctx, todo, per):
             merged = Aggregator()
-            merged.merge(base)
+            merged.merge(agg)
             merged.merge(reduced)
-            for (_, key), rec in zip(chunk, records):
-                run.append_example(rec)
-                done.append(key)
-            run.save_checkpoint(merged.state(), done)
-            bar.update(len(chunk))
-            if on_progress:
-                on_progress(len(done), total)
+            commit_round(run, merged, chunk, records, done, bar=bar, on_progress=on_progress, total=total)
         return merged
 
     def follow(self, analysis, ctx, examples: list, planned: list[tuple[str, str]], *, per: int) -> None:
@@ -167,9 +160,7 @@ class Ranks:
                     user, msg = f
                     raise (HeadscopeError if user else RuntimeError)(f"rank {r}: {msg}")
             for res in outs:
-                if not res.skip:
-                    for k, v in res.arrays.items():
-                        own.add(k, v)
+                own.add_output(res)
             records = [example_record(ex, res) for ex, res in zip(mine, outs)]
             every = [None] * self.world_size if self.rank == 0 else None
             self._call(dist.gather_object, records, every, dst=0)
