@@ -382,6 +382,12 @@ def format_seconds(s: float) -> str:
     return f"{s / 3600:.1f} h"
 
 
+def describe_estimate(work: "Work", seconds: float) -> str:
+    """The sentence the CLI prints and the dashboard shows before a long run."""
+    return (f"estimated time ~{format_seconds(seconds)} on this machine ({work.forwards} forwards, "
+            f"{work.tokens:,.0f} tokens, up to {work.generated} generated tokens)")
+
+
 class _FirstCall(BaseException):
     """Raised by ``_FirstCallProbe`` at the first model call; a BaseException so that an
     analysis's own ``except Exception`` cannot swallow it."""
@@ -782,11 +788,11 @@ def run_analysis(name: str, model="smollm2-135m", *, data: str | Path | None = N
             ctx.options["batch_size"] = plan["batch_size"]
         if on_estimate is not None and writer:
             try:   # an analysis whose examples make no model call (a toy, a stand-in) has no estimate
-                work = analysis.estimate(ctx, examples) + analysis.pattern_work(ctx, examples)
+                estimated = _estimated(analysis, ctx, examples, lm, probe)
             except HeadscopeError as e:
                 log(f"no cost estimate: {e}")
             else:
-                on_estimate(work, calibrate(lm, probe).seconds(work))
+                on_estimate(*estimated)
         planned = [(example_digest(ex.id, ex.data), ex.id) for ex in examples]
         import datetime as _dt
         meta = {
@@ -851,6 +857,11 @@ def estimate_run(name: str, lm, probe, *, data: str | Path | None = None,
     HeadscopeError the run itself would raise for bad options or data."""
     cls, opts = validate_request(name, data, options)
     analysis, ctx, examples, _ = _prepared(cls, opts, lm, probe, data, log=lambda msg: None)
+    return _estimated(analysis, ctx, examples, lm, probe)
+
+
+def _estimated(analysis: Analysis, ctx: RunContext, examples: list[Example], lm, probe) -> tuple[Work, float]:
+    """(work, seconds on this machine) of a prepared run: its examples and the stored example pattern."""
     work = analysis.estimate(ctx, examples) + analysis.pattern_work(ctx, examples)
     return work, calibrate(lm, probe).seconds(work)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
-from headscope.analyses.base import format_seconds
+from headscope.analyses.base import describe_estimate, format_seconds
 from headscope.analyses.store import STATUSES, resolve_run, safe_join, scan_runs
 from headscope.errors import HeadscopeError
 from headscope.fmt import number
@@ -838,9 +838,7 @@ def new_run_page() -> None:
             _error(e)
     if st.session_state.get("nr_pending"):
         p_name, p_model, p_raw, p_data, work, seconds = st.session_state["nr_pending"]
-        st.warning(f"estimated time ~{format_seconds(seconds)} on this machine ({work.forwards} forwards, "
-                   f"{work.tokens:,.0f} tokens, up to {work.generated} generated tokens); lower the limit or "
-                   f"the grid to make it shorter")
+        st.warning(f"{describe_estimate(work, seconds)}; lower the limit or the grid to make it shorter")
         if st.button("launch anyway", key="nr_confirm"):
             st.session_state.pop("nr_pending")
             try:

@@ -78,9 +78,8 @@ def cmd_score(args, extra: dict) -> int:
 
 
 def _print_estimate(work, seconds: float) -> None:
-    from headscope.analyses.base import format_seconds
-    print(f"estimated time ~{format_seconds(seconds)} on this machine ({work.forwards} forwards, "
-          f"{work.tokens:,.0f} tokens, up to {work.generated} generated tokens)", flush=True)
+    from headscope.analyses.base import describe_estimate
+    print(describe_estimate(work, seconds), flush=True)
 
 
 def cmd_runs(args) -> int:
