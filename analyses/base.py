@@ -459,7 +459,7 @@ class Analysis:
         captures (patterns, activations); the auto ``--batch-size`` divides free memory by the
         largest of these. Default: tokens of ``inputs(ctx, ex)``."""
         ids = self.inputs(ctx, ex)                                   # [T] or [B, T]
-        n_tokens = int(np.prod(ids.shape if hasattr(ids, "shape") else np.shape(ids)))
+        n_tokens = int(np.prod(np.shape(ids)))
         return forward_memory(ctx, n_tokens, logits=n_tokens)
 
     def inputs(self, ctx: RunContext, ex: Example):
@@ -481,8 +481,7 @@ class Analysis:
         """The model work of ``process(ctx, ex)``. Default: one forward of ``inputs(ctx, ex)``
         (right for analyses that run each example once); override where ``process`` does more."""
         ids = self.inputs(ctx, ex)                                   # [T] or [B, T]
-        shape = tuple(ids.shape) if hasattr(ids, "shape") else np.shape(ids)
-        return Work.forward(*((1,) + shape)[-2:])
+        return Work.forward(*((1,) + tuple(np.shape(ids)))[-2:])
 
     def estimate(self, ctx: RunContext, examples: list[Example]) -> Work:
         """The whole run's model work, before any forward: the examples' work plus any one-time
