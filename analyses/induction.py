@@ -30,7 +30,7 @@ from headscope.errors import HeadscopeError
 from headscope.heads import top_labels
 from headscope.kernels import StatsSpec
 
-from .base import (PREPEND_BOS, Analysis, Example, ExampleOutput, Finalized, Option, ScoreMeta, check_memory,
+from .base import (PREPEND_BOS, Analysis, Example, ExampleOutput, Finalized, Option, ScoreMeta, Work, check_memory,
                    forward_memory, register)
 
 
@@ -94,8 +94,13 @@ class InductionAnalysis(Analysis):
                choices=("headscope", "transformerlens")),
     )
 
+    @staticmethod
+    def n_tokens(opts, info) -> int:
+        """Tokens of every sequence: (BOS) + 2 x seq_len."""
+        return 2 * opts["seq_len"] + (info.leading_bos(opts["prepend_bos"]) is not None)
+
     def check(self, opts, info):
-        T = 2 * opts["seq_len"] + (info.leading_bos(opts["prepend_bos"]) is not None)
+        T = self.n_tokens(opts, info)
         if info.max_context is not None and T > info.max_context:
             raise HeadscopeError(f"--seq-len {opts['seq_len']}: the sequence ({T} tokens, 2 x seq-len and BOS if any) "
                                  f"exceeds the model's context of {info.max_context}")
@@ -125,8 +130,12 @@ class InductionAnalysis(Analysis):
         """The captured pattern dominates: [L, H, T, T] float32 three times (the kernel's rows,
         the capture's concatenation, the stacked copy), plus full logits [T, vocab] and the
         forward's activations (``forward_memory``)."""
-        T = self.inputs(ctx, ex).shape[-1]
+        T = self.n_tokens(ctx.options, ctx.info)
         return 3 * 4 * ctx.info.n_layers * ctx.info.n_heads * T * T + forward_memory(ctx, T, logits=T)
+
+    def example_work(self, ctx, ex):
+        """One forward of one sequence (the same length for every example: no ids are built)."""
+        return Work.forward(1, self.n_tokens(ctx.options, ctx.info))
 
     def _scored(self, ctx, ids: torch.Tensor) -> list[ExampleOutput]:
         """Outputs of the rows of ``ids`` [B, T] (each (BOS) + r + r), from one captured forward."""
