@@ -15,7 +15,6 @@ from .capture import Capture, ForwardResult, run_forward
 from .generate import Generation, generate
 from .hook import Anatomy, AttnContext, register
 from .intervene import Edits, InterventionSet, intervention_block, patch_sweep, sweep_heads
-from .placement import layer_device
 
 
 class Probe:
@@ -49,7 +48,6 @@ class Probe:
         self.anatomy = Anatomy.of(self.model)
         self.device = next(self.model.parameters()).device   # where inputs go (the embedding's device)
         # where each layer runs: several devices once placed with probe.placement (--device-map)
-        self._layer_devices = [layer_device(a, b) for a, b in zip(self.anatomy.attn, self.anatomy.layers)]
         self.backend = backend
         try:
             resolve_backend(backend, self.device)
@@ -171,9 +169,9 @@ class Probe:
             past = cache.get_seq_length() if cache is not None else 0
             T = ids.shape[1]
 
-            def plan(call):
+            def plan(call, device):
                 spec = capture.spec_for(call) if capture is not None else None
-                return spec, edits.edits_for(call, self._layer_devices[call.layer])
+                return spec, edits.edits_for(call, device)
 
             def hooks(q_start):
                 handles = edits.hooks(q_start)  # patches first: captures see the patched values

@@ -158,7 +158,8 @@ class RowEdit:
 class AttnContext:
     """Per-forward state read by ``headscope_attention``; the probe sets it for each forward.
 
-    ``plan(call) -> (StatsSpec | None, HeadEdits | None)`` decides what to compute.
+    ``plan(call, device) -> (StatsSpec | None, HeadEdits | None)`` decides what to compute; edit
+    tensors are made on ``device``, where the layer's queries are (a placed layer's execution device).
     ``record(call, stats)`` receives the statistics. ``row_edits[layer]`` holds sweep edits.
     ``seen`` collects the layers that went through the registry (see ``Anatomy.check_routed``).
     ``check_finite``: raise when a call that computes statistics gets non-finite q or k. The
@@ -168,7 +169,7 @@ class AttnContext:
 
     layer_of: dict[int, int]                     # id(attention module) -> layer index
     backend: str = "auto"
-    plan: Callable[[LayerCall], tuple[StatsSpec | None, HeadEdits | None]] | None = None
+    plan: Callable[[LayerCall, torch.device], tuple[StatsSpec | None, HeadEdits | None]] | None = None
     record: Callable[[LayerCall, dict], None] | None = None
     row_edits: dict[int, list[RowEdit]] = field(default_factory=dict)
     seen: set[int] = field(default_factory=set)
@@ -274,7 +275,7 @@ def headscope_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
     if layer is not None:
         ctx.seen.add(layer)
         if ctx.plan is not None:
-            spec, edits = ctx.plan(call)
+            spec, edits = ctx.plan(call, query.device)
         # only this call's keys: cached ones were checked when new (or show up as NaN statistics,
         # which the capture rejects); the whole cache each decode step doubled its cost
         if spec is not None and ctx.check_finite and not (torch.isfinite(query).all()

@@ -6,9 +6,8 @@ so a model larger than host RAM never sits whole in it; layers on ``disk`` are r
 model's own safetensors when they run), which the CLI does; ``place`` dispatches a model that is
 already loaded (the dashboard's, or one from Python). Either way accelerate (as TransformerLens,
 inseq and nnsight use it) gives each placed module a hook that moves its inputs to its device (and
-offloaded weights in) before it runs. Build the ``Probe`` after placing: it reads the input device
-from the first parameter, and ``layer_device`` tells it where each layer executes, so edit tensors
-are made there.
+offloaded weights in) before it runs; the probe's attention hook makes edit tensors on the device
+of each layer's queries, so they follow the placement whenever it was made.
 
 Failure modes (one-line ``HeadscopeError`` naming ``--device-map``): JSON that is not an object of
 module name -> device, a device that does not exist here, a map that leaves parameters without a
@@ -93,13 +92,3 @@ def place(model: torch.nn.Module, spec: str, *, offload_dir: str | Path | None =
         raise HeadscopeError(f"{FLAG}: {str(e).splitlines()[0]}") from None
     return {name: str(dev) for name, dev in dmap.items()}
 
-
-def layer_device(*modules: torch.nn.Module) -> torch.device:
-    """Where a layer runs: the execution device of the first accelerate hook among ``modules``
-    (its attention module, then the block; offloaded weights sit on ``meta`` between calls),
-    else the device of the first module's first parameter."""
-    for m in modules:
-        dev = getattr(getattr(m, "_hf_hook", None), "execution_device", None)
-        if dev is not None:
-            return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
-    return next(modules[0].parameters()).device
