@@ -51,20 +51,26 @@ shared memory are checked without a GPU by compiling for sm_90 with Triton's bun
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from .autotune import INTERPRET as _INTERPRET
 from .autotune import tuned
 from .chunked import _col_count, _topk_lowest_index, _visible_counts, attend_chunked
 from .reference import visible_mask
 from .spec import AttnResult, HeadEdits, StatsSpec, check_inputs
 
 MAX_TOPK = 16
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _NO_BAND = 1 << 30
+
+
+def _band_bounds(band: tuple[int, int | None] | None) -> tuple[int, int]:
+    """A column band's (lo, hi) distances for the kernels; no band or an open end -> ``_NO_BAND``."""
+    if band is None:
+        return 0, _NO_BAND
+    return band[0], _NO_BAND if band[1] is None else band[1]
 
 
 def _configs():
@@ -556,8 +562,7 @@ def attend_triton(q, k, v, spec: StatsSpec | None = None, edits: HeadEdits | Non
         _attn_col_mass[grid_c](
             q, k, kv_ok, bias if bias is not None else lse_eff, uni if uni is not None else lse_eff,
             lse_eff, col, *q.stride(), *k.stride(), *common, qk_scale, softcap or 0.0, window or 0,
-            band[0] if band else 0, (band[1] if band[1] is not None else _NO_BAND) if band else _NO_BAND,
-            *buckets, HAS_BAND=band is not None, **flags)
+            *_band_bounds(band), *buckets, HAS_BAND=band is not None, **flags)
         stats["col_mass"] = col
         stats["col_count"] = _col_count(B, Tq, Tk, causal=causal, window=window, band=band, kv_valid=kv_valid,
                                         device=dev)

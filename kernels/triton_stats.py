@@ -53,10 +53,9 @@ import triton.language as tl
 from .autotune import INTERPRET, tuned
 from .chunked import _col_count, _visible_counts
 from .spec import AttnResult, HeadEdits, StatsSpec, check_inputs
-from .triton_attn import (MAX_TOPK, _apply_output_edits, _dense_probs, _fix_topk, _head_bases, _load_key_tile,
-                          _pow2, _tile_logits, attend_triton)
+from .triton_attn import (MAX_TOPK, _apply_output_edits, _band_bounds, _dense_probs, _fix_topk, _head_bases,
+                          _load_key_tile, _pow2, _tile_logits, attend_triton)
 
-_NO_BAND = 1 << 30
 _SPLIT_ALIGN = 256      # key splits are multiples of every BLOCK_N, so no tile straddles two
 _MIN_SPLIT = 1024       # keys per split below which splitting costs more than it fills
 
@@ -260,13 +259,12 @@ def stats_from_lse(q, k, lse, spec: StatsSpec, *, scale: float, causal: bool, wi
     seg_bounds = torch.tensor([x for ab in segs for x in ab], device=dev, dtype=torch.int32) if segs else lse
     kv_ok = kv_valid.to(torch.int8).contiguous() if kv_valid is not None else lse
     band = spec.col_band
-    band_hi = (band[1] if band[1] is not None else _NO_BAND) if band else _NO_BAND
     if n_rows > 1 or k_in or spec.col_mass:  # lse / pattern / long top-k alone need no pass
         _stats_from_lse[(slabs, n_split, B * H)](
             q, k, kv_ok, seg_bounds, lse.contiguous(), row_part, top_v, top_i, col_part,
             *q.stride(), *k.stride(), H, H // H_kv, Tq, Tk, D,
             scale / softcap if softcap is not None else scale, softcap or 0.0, window or 0,
-            float(spec.window_dist or 0), band[0] if band else 0, band_hi, s_len, _pow2(Tq), _pow2(Tk),
+            float(spec.window_dist or 0), *_band_bounds(band), s_len, _pow2(Tq), _pow2(Tk),
             HEAD_DIM=_pow2(D, 16), CAUSAL=causal, HAS_WINDOW=window is not None, SOFTCAP=softcap is not None,
             HAS_KV_VALID=kv_valid is not None, ENTROPY=spec.entropy, WIN_DIST=spec.window_dist is not None,
             MEAN_DIST=spec.mean_dist, NSEG=len(segs), NRP=_pow2(n_rows), TOPK=k_in, TOPKP=_pow2(k_in, 2),
