@@ -165,20 +165,18 @@ def correctness():
         ref = attend_reference(q, k, v, spec, edits, **kw)
         if spec.topk:  # the chosen keys must carry the reported probabilities (ties make indices ambiguous)
             p_ref = attend_reference(q, k, v, StatsSpec(pattern_rows=(0, tq)), edits, **kw).stats["pattern"]
-        for backend in ("triton",):  # delegates to triton-fused for prob edits, softcap, padding, fp32
-            got = attend(q, k, v, spec, edits, backend=backend, **kw)
-            errs = {key: max_err(got.stats[key], ref.stats[key]) for key in ref.stats if key != "topk_idx"}
-            if spec.topk:
-                errs["topk_idx"] = max_err(p_ref.gather(-1, got.stats["topk_idx"]), ref.stats["topk_prob"])
-            out_err = float((got.out.double() - ref.out.double()).abs().max())
-            tol_out = 2e-5 if dt == torch.float32 else 2e-2
-            worst = max(errs, key=errs.get)
-            ok = errs[worst] <= 2e-5 and out_err <= tol_out and set(got.stats) == set(ref.stats)
-            ok_all &= ok
-            rows.append({"case": name, "backend": backend, "ok": ok, "worst": worst, "err": errs[worst],
-                         "out_err": out_err})
-            log(f"{'ok  ' if ok else 'FAIL'} {name:28s} {backend:13s} worst {worst:13s} {errs[worst]:.1e}  "
-                f"out {out_err:.1e}")
+        # backend "triton" delegates to triton-fused for prob edits, softcap, padding, fp32
+        got = attend(q, k, v, spec, edits, backend="triton", **kw)
+        errs = {key: max_err(got.stats[key], ref.stats[key]) for key in ref.stats if key != "topk_idx"}
+        if spec.topk:
+            errs["topk_idx"] = max_err(p_ref.gather(-1, got.stats["topk_idx"]), ref.stats["topk_prob"])
+        out_err = float((got.out.double() - ref.out.double()).abs().max())
+        tol_out = 2e-5 if dt == torch.float32 else 2e-2
+        worst = max(errs, key=errs.get)
+        ok = errs[worst] <= 2e-5 and out_err <= tol_out and set(got.stats) == set(ref.stats)
+        ok_all &= ok
+        rows.append({"case": name, "ok": ok, "worst": worst, "err": errs[worst], "out_err": out_err})
+        log(f"{'ok  ' if ok else 'FAIL'} {name:28s} worst {worst:13s} {errs[worst]:.1e}  out {out_err:.1e}")
     q, k, v = qkv(1, H, HKV, n, n, D, BF16, g)     # column sums without atomics: bitwise repeatable
     runs = [attend(q, k, v, StatsSpec(col_mass=True, entropy=True), backend="triton").stats for _ in range(3)]
     same = all(torch.equal(r[key], runs[0][key]) for r in runs[1:] for key in runs[0])
