@@ -21,15 +21,15 @@ from headscope.probe.graph import GraphLayout
 MAX_EDGES_DRAWN = 150
 
 
-def edge_circuit(run, roles: dict[str, list[str]], n_edges: int | None = None) -> dict:
+def edge_circuit(run, roles: dict[str, list[str]], n_edges: int | None = None, arrays: dict | None = None) -> dict:
     """The circuit section of ``run``; ``roles`` maps ``a{L}.h{H}`` to role names from other runs.
 
     ``n_edges``: show the top-n edges by |score| (dangling ones pruned) instead of the run's
-    minimal circuit (the dashboard's size slider).
+    minimal circuit (the dashboard's size slider). ``arrays``: the run's arrays.npz if already read.
     """
     info = run.meta.get("model", {})
     layout = GraphLayout(int(info["n_layers"]), int(info["n_heads"]), info.get("n_kv_heads"))
-    arrays = run.arrays()
+    arrays = run.arrays() if arrays is None else arrays
     scores, chosen = arrays["edge_scores"], arrays["circuit"] > 0
     if n_edges is not None:
         mask = top_edges_mask(layout, torch.from_numpy(scores), n_edges)

@@ -16,12 +16,12 @@ def circuit_page() -> None:
         return
     run = ui._run_select(runs, "circuit run", "circ_run")
     try:
-        base = circuit_report.edge_circuit(run, {})
-        n_total = base["n_edges_total"]
-        default = len(base["edges"]) or 1
+        arrays = run.arrays()
+        n_total = int(run.meta["summary"]["n_edges_total"])
+        default = int((arrays["circuit"] > 0).sum()) or 1   # the stored circuit's size
         n = st.slider("circuit size (top edges by |score|, dangling edges pruned)", 1, min(n_total, 2000),
                       min(default, 2000), key="circ_n")
-        c = circuit_report.edge_circuit(run, {}, n_edges=n)
+        c = circuit_report.edge_circuit(run, {}, n_edges=n, arrays=arrays)
     except (HeadscopeError, KeyError) as e:
         ui._error(e)
         return

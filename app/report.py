@@ -17,6 +17,7 @@ map per model. A ``circuit`` run adds its edge-level circuit (``circuit_report``
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import html
 import io
 import json
@@ -25,6 +26,7 @@ import re
 import shlex
 import zipfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import plotly.graph_objects as go
@@ -151,14 +153,15 @@ def model_source(info: dict) -> dict:
             "n_params": info.get("n_params"), "dtype": info.get("dtype")}
 
 
-def _spread(run, arrays: dict, name: str, shape: tuple) -> tuple[np.ndarray | None, str | None]:
+def _spread(records: Callable[[], list[dict]], arrays: dict, name: str,
+            shape: tuple) -> tuple[np.ndarray | None, str | None]:
     """(std over examples, where it came from) for score ``name``: the run's ``<name>_std`` array,
-    else the population std of the per-example values its examples.jsonl records; (None, None) when
-    the run keeps neither."""
+    else the population std of the per-example values its examples.jsonl records (``records()``,
+    read when first needed); (None, None) when the run keeps neither."""
     std = arrays.get(f"{name}_std")
     if std is not None and std.shape == shape:
         return np.asarray(std, dtype=np.float64), "stored std array"
-    per = [np.asarray(r[name], dtype=np.float64) for r in run.examples()
+    per = [np.asarray(r[name], dtype=np.float64) for r in records()
            if not r.get("skip") and isinstance(r.get(name), list)]
     per = [p for p in per if p.shape == shape]
     if len(per) >= 2:
@@ -204,14 +207,16 @@ def _headline(entry: dict) -> list[str]:
     return out
 
 
-def _run_entry(run) -> dict:
+def _run_entry(run, arrays: dict) -> dict:
+    """The report's entry of ``run``; ``arrays``: its arrays.npz, read once by the caller (every
+    score's spread, the example pattern and a circuit run's edges come from it)."""
     m = run.meta
-    arrays = run.arrays()   # read arrays.npz once: every score's spread and the example pattern come from it
+    records = functools.cache(run.examples)   # examples.jsonl: read at most once, when a spread needs it
     scores_out = {}
     smeta = m.get("score_meta", {}) or {}
     for name, arr in run.scores().items():
         meta = smeta.get(name, {}) or {}
-        std, spread = _spread(run, arrays, name, arr.shape) if arr.ndim == 2 else (None, None)
+        std, spread = _spread(records, arrays, name, arr.shape) if arr.ndim == 2 else (None, None)
         entry = {"shape": list(arr.shape), "index": meta.get("index", "query_head"),
                  "description": meta.get("description", ""), "higher_is": meta.get("higher_is", ""),
                  "threshold": meta.get("threshold"), "values": _jsonable(arr), "std": _jsonable(std),
@@ -305,17 +310,24 @@ def build_report(runs: list) -> dict:
         info = dict(rs[0].meta.get("model", {}))
         info.setdefault("id", name)
         models.append(_jsonable(info))
+    entries, edge, roles = [], {}, {}
+    for r in runs:
+        arrays = r.arrays()
+        entries.append(_run_entry(r, arrays))
+        if r.analysis == "circuit" and r.status == "complete":
+            name = run_model(r)
+            if name not in roles:
+                roles[name] = _roles_by_node(by_model[name])
+            edge[id(r)] = _jsonable(circuit_report.edge_circuit(r, roles[name], arrays=arrays))
     return {
         "schema": SCHEMA_ID,
         "created": _dt.datetime.now().isoformat(timespec="seconds"),
         "versions": {"headscope": _version()},
         "models": models,
-        "runs": [_run_entry(r) for r in runs],
+        "runs": entries,
         "interventions": [it for r in runs for it in _interventions(r)],
         "circuits": [build_circuit(rs, name) for name, rs in by_model.items()],
-        "edge_circuits": [_jsonable(circuit_report.edge_circuit(r, _roles_by_node(rs)))
-                          for name, rs in by_model.items() for r in rs
-                          if r.analysis == "circuit" and r.status == "complete"],
+        "edge_circuits": [edge[id(r)] for rs in by_model.values() for r in rs if id(r) in edge],
     }
 
 
