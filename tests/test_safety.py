@@ -424,13 +424,13 @@ def test_ships_refusal_metrics_match_independent_runs(tiny, tmp_path):
 
 # ------------------------------------------------------------------------------------------ data and formats
 def test_shipped_sets_are_matched():
-    harm = S.load_prompts(S.shipped("harmful_instructions.jsonl"))
-    safe = S.load_prompts(S.shipped("harmless_instructions.jsonl"))
+    harm = S.load_prompts(S.shipped_data("harmful_instructions.jsonl"))
+    safe = S.load_prompts(S.shipped_data("harmless_instructions.jsonl"))
     assert len(harm) >= 100 and len(safe) >= 100
     words = lambda ps: np.mean([len(p["text"].split()) for p in ps])  # noqa: E731
     assert abs(words(harm) - words(safe)) < 1.5
-    pairs = [json.loads(x) for x in S.shipped("harmful_instructions.jsonl").read_text().splitlines()]
-    by_id = {json.loads(x)["id"]: json.loads(x) for x in S.shipped("harmless_instructions.jsonl").read_text().splitlines()}
+    pairs = [json.loads(x) for x in S.shipped_data("harmful_instructions.jsonl").read_text().splitlines()]
+    by_id = {json.loads(x)["id"]: json.loads(x) for x in S.shipped_data("harmless_instructions.jsonl").read_text().splitlines()}
     assert all(by_id[p["pair"]]["topic"] == p["topic"] for p in pairs)
 
 
