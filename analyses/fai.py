@@ -48,8 +48,7 @@ from headscope.kernels import StatsSpec
 from headscope.probe.geometry import text_config
 
 from .base import PREPEND_BOS, Analysis, ExampleOutput, Finalized, Option, ScoreMeta, register
-from .datasets import (Encoded, data_examples, encode_record, load_span_records,  # noqa: F401 (re-exported)
-                       shipped_data)
+from .datasets import data_examples, encode_record, shipped_data
 
 
 def parse_layers(spec: str, n_layers: int) -> list[int]:

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from headscope.analyses.base import run_analysis
-from headscope.analyses.fai import band_count, encode_record, find_peaks, parse_layers, split_heads
+from headscope.analyses.datasets import encode_record
+from headscope.analyses.fai import band_count, find_peaks, parse_layers, split_heads
 
 from .helpers import make_tiny_lm, random_texts, write_jsonl
 
@@ -142,7 +143,7 @@ def test_fai_matches_eager(tmp_path, opts):
 @pytest.mark.slow
 def test_fai_default_model(smollm2, tmp_path):
     """Shipped chat transcripts on SmolLM2: one transcript's series against eager attention."""
-    from headscope.analyses.fai import load_span_records, shipped_data
+    from headscope.analyses.datasets import load_span_records, shipped_data
     from headscope.probe import Probe
     run = run_analysis("fai", lm=smollm2, probe=Probe(smollm2), out=tmp_path / "run", progress=False,
                        options={"limit": 2})

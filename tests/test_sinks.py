@@ -207,7 +207,7 @@ def test_sinks_default_model(smollm2, tmp_path):
     probe = Probe(smollm2)
     run = run_analysis("sinks", lm=smollm2, probe=probe, out=tmp_path / "nat", progress=False, options={"limit": 4})
     assert run.meta["status"] == "complete" and run.meta["n_used"] == 4
-    from headscope.analyses.fai import load_span_records, shipped_data
+    from headscope.analyses.datasets import load_span_records, shipped_data
     texts = [r["text"] for r in load_span_records(shipped_data("natural_texts.jsonl"))[:4]]
     model = smollm2.model
     prev = model.config._attn_implementation
