@@ -44,6 +44,11 @@ def _same_dir(entry: str, root: str) -> bool:
         return False
 
 
+def _installed_spec(name: str, root: str):
+    """The spec of top-level module ``name`` found on ``sys.path`` without the repository ``root``."""
+    return PathFinder.find_spec(name, [p for p in sys.path if isinstance(p, str) and not _same_dir(p, root)])
+
+
 def give_way(name: str, init_file: str) -> None:
     """Replace the top-level module ``name`` (a repo folder) by the installed package ``name``.
 
@@ -53,8 +58,7 @@ def give_way(name: str, init_file: str) -> None:
     propagates unchanged.
     """
     root = os.path.dirname(os.path.dirname(os.path.abspath(init_file)))
-    path = [p for p in sys.path if isinstance(p, str) and not _same_dir(p, root)]
-    spec = PathFinder.find_spec(name, path)
+    spec = _installed_spec(name, root)
     if spec is None or spec.loader is None:
         raise ModuleNotFoundError(
             f"No module named {name!r} (the folder {os.path.join(root, name)} is headscope.{name}; "
@@ -80,7 +84,7 @@ class _YieldToInstalled:
     def find_spec(self, name, path=None, target=None):
         if path is not None or name not in self.names:
             return None
-        return PathFinder.find_spec(name, [p for p in sys.path if isinstance(p, str) and not _same_dir(p, self.root)])
+        return _installed_spec(name, self.root)
 
 
 def install_finder() -> None:
